@@ -1,0 +1,94 @@
+"""The frozen-teacher wrapper and weight loading shared by every teacher family."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from ega_ray.registry import Registry
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """What a teacher expects of its input, and the width of what it returns."""
+
+    embed_dim: int
+    input_size: int
+    interpolation: str  # "bicubic" | "bilinear" | "nearest"
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+class Teacher(nn.Module):
+    """A frozen image encoder: normalized images at ``spec.input_size`` in, (B, embed_dim) embeddings out.
+
+    Always in eval mode with gradients off; ``train()`` is a no-op so that a parent's ``.train()`` cannot
+    switch BatchNorm/Dropout of the frozen network back on.
+    """
+
+    def __init__(self, encoder: nn.Module, spec: TeacherSpec, name: str) -> None:
+        super().__init__()
+        self.encoder, self.spec, self.name = encoder, spec, name
+        self.encoder.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> Teacher:  # noqa: ARG002 - frozen on purpose
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        param = next(self.encoder.parameters())
+        return self.encoder(x.to(param.dtype)).float()
+
+    def to_device(self, device: torch.device) -> Teacher:
+        """Move to ``device``, in bf16 where the device supports it (frozen weights lose nothing we train)."""
+        dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
+        return self.to(device=device, dtype=dtype)
+
+
+TEACHERS: Registry[Teacher] = Registry("teacher")
+
+
+def is_weights_file(weights: str) -> bool:
+    """Weights values with a path separator or a dot name files; others are hub tags (``openai``, ``DEFAULT``)."""
+    return "/" in weights or "\\" in weights or "." in weights
+
+
+def sha256_of(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_weights_file(path: str | Path, sha256: str | None = None) -> dict:
+    """Load a weights file safely: safetensors, or torch.load(weights_only=True); check SHA-256 if given."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"teacher weights file {str(path)!r} does not exist")
+    if sha256 is not None:
+        actual = sha256_of(path)
+        if actual.lower() != sha256.lower():
+            raise ValueError(f"teacher weights {str(path)!r}: SHA-256 {actual} does not match teacher.sha256 {sha256}")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise ValueError(f"teacher weights {str(path)!r}: expected a state dict, got {type(obj).__name__}")
+    return obj
+
+
+def strip_prefix(state: dict, prefix: str) -> dict:
+    """Keys under ``prefix`` without it, when any key has it; the dict unchanged otherwise."""
+    if any(k.startswith(prefix) for k in state):
+        return {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    return state

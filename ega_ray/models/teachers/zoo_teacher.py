@@ -1,0 +1,24 @@
+"""Any backbone of the student registry as a teacher (``zoo:NAME``, e.g. ``zoo:resnet32x4``).
+
+For CRD-style setups with a CIFAR teacher, and for smoke tests: ``weights`` is a local state dict of the
+backbone; without weights the teacher is randomly initialised (useful only to exercise the pipeline).
+Input: the image at its stored size (32 px), CLIP statistics like the default student view.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+from ega_ray.config import CLIP_MEAN, CLIP_STD
+from ega_ray.models.students import build_student
+from ega_ray.models.teachers.base import TEACHERS, Teacher, TeacherSpec, load_weights_file, strip_prefix
+
+
+@TEACHERS.register("zoo:*")
+def zoo_teacher(arch: str, weights: str | None = None, sha256: str | None = None, input_size: int = 32) -> Teacher:
+    backbone = build_student(arch)
+    if weights is None:
+        warnings.warn(f"teacher zoo:{arch} has no weights: randomly initialised", stacklevel=2)
+    else:
+        backbone.load_state_dict(strip_prefix(load_weights_file(weights, sha256), "backbone."))
+    return Teacher(backbone, TeacherSpec(backbone.feat_dim, input_size, "bilinear", CLIP_MEAN, CLIP_STD), f"zoo:{arch}")
