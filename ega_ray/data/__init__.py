@@ -1,0 +1,1 @@
+"""Data: the Parquet format, preparation of bundled data, and on-device augmentation."""

@@ -1,0 +1,133 @@
+"""Batched augmentation on the worker's device, on uint8 NHWC batches (no per-image PIL work).
+
+Student view: random crop of the zero-padded image + horizontal flip, scaled to [0, 1], resized to the
+student's input size if it differs, normalized. Teacher view (the EGA recipe): an *independent* crop and
+flip of the same image, resized to the teacher's input size with its interpolation, normalized with the
+teacher's statistics. Evaluation views skip crop and flip.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator | None = None) -> Tensor:
+    """Per-sample random crop (after zero padding by ``pad``) and horizontal flip of an NCHW batch."""
+    n, c, h, w = x.shape
+    dev = x.device
+    if pad > 0:
+        xp = F.pad(x, (pad, pad, pad, pad))
+        oy = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
+        ox = torch.randint(0, 2 * pad + 1, (n,), device=dev, generator=generator)
+        rows = (oy[:, None] + torch.arange(h, device=dev))[:, None, :, None]
+        cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, None, :]
+        x = xp[
+            torch.arange(n, device=dev)[:, None, None, None],
+            torch.arange(c, device=dev)[None, :, None, None],
+            rows,
+            cols,
+        ]
+    if flip:
+        mirror = torch.rand(n, device=dev, generator=generator) < 0.5
+        x = torch.where(mirror[:, None, None, None], x.flip(3), x)
+    return x
+
+
+def to_unit_float(images_nhwc: Tensor) -> Tensor:
+    """uint8 NHWC → float32 NCHW in [0, 1]."""
+    return images_nhwc.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def resize(x: Tensor, size: int, interpolation: str) -> Tensor:
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    mode = {"bicubic": "bicubic", "bilinear": "bilinear", "nearest": "nearest"}.get(interpolation, "bilinear")
+    # antialias when shrinking, as PIL does; without it a 2x downscale aliases thin strokes
+    kwargs = {} if mode == "nearest" else {"align_corners": False, "antialias": size < x.shape[-1]}
+    out = F.interpolate(x, size=(size, size), mode=mode, **kwargs)
+    return out.clamp_(0.0, 1.0) if mode == "bicubic" else out
+
+
+class ViewMaker:
+    """Makes the student's and the teacher's views of a uint8 NHWC batch on one device."""
+
+    def __init__(
+        self,
+        *,
+        pad: int,
+        flip: bool,
+        student_size: int,
+        student_mean,
+        student_std,
+        teacher_size: int,
+        teacher_interpolation: str,
+        teacher_mean,
+        teacher_std,
+        device: torch.device,
+        seed: int = 0,
+    ) -> None:
+        self.pad, self.flip = pad, flip
+        self.student_size, self.teacher_size, self.teacher_interpolation = (
+            student_size,
+            teacher_size,
+            teacher_interpolation,
+        )
+        as_t = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)  # noqa: E731
+        self.s_mean, self.s_std = as_t(student_mean), as_t(student_std)
+        self.t_mean, self.t_std = as_t(teacher_mean), as_t(teacher_std)
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+
+    def reseed(self, seed: int) -> None:
+        self.generator.manual_seed(seed)
+
+    def student(self, images: Tensor, train: bool) -> Tensor:
+        x = to_unit_float(images)
+        if train:
+            x = random_crop_flip(x, self.pad, self.flip, self.generator)
+        return (resize(x, self.student_size, "bilinear") - self.s_mean) / self.s_std
+
+    def teacher(self, images: Tensor, train: bool) -> Tensor:
+        x = to_unit_float(images)
+        if train:
+            x = random_crop_flip(x, self.pad, self.flip, self.generator)
+        return (resize(x, self.teacher_size, self.teacher_interpolation) - self.t_mean) / self.t_std
+
+
+def simclr_view(
+    x: Tensor,
+    generator: torch.Generator,
+    *,
+    scale: tuple[float, float] = (0.35, 1.0),
+    max_rotation_deg: float = 15.0,
+    flip: bool = True,
+    jitter: float = 0.4,
+) -> Tensor:
+    """A SimCLR-style random view of a float NCHW batch in [0, 1], all in one batched kernel:
+    random resized crop (area ``scale``) with a small rotation, optional flip, brightness/contrast jitter."""
+    n, dev = x.shape[0], x.device
+    u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, device=dev, generator=generator)  # noqa: E731
+    side = u(*scale).sqrt()  # crop side relative to the image
+    angle = torch.deg2rad(u(-max_rotation_deg, max_rotation_deg))
+    sign = (
+        torch.where(torch.rand(n, device=dev, generator=generator) < 0.5, -1.0, 1.0)
+        if flip
+        else torch.ones(n, device=dev)
+    )
+    cos, sin = angle.cos() * side, angle.sin() * side
+    shift = 1.0 - side
+    theta = torch.stack(
+        [
+            torch.stack([cos * sign, -sin, u(-1, 1) * shift], 1),
+            torch.stack([sin * sign, cos, u(-1, 1) * shift], 1),
+        ],
+        1,
+    )
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    brightness = u(1 - jitter, 1 + jitter)[:, None, None, None]
+    contrast = u(1 - jitter, 1 + jitter)[:, None, None, None]
+    mean = out.mean(dim=(1, 2, 3), keepdim=True)
+    return ((out - mean) * contrast + mean * brightness).clamp_(0.0, 1.0)
