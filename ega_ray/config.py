@@ -1,0 +1,296 @@
+"""The run configuration: YAML validated by pydantic before anything starts.
+
+Every error is raised as :class:`ConfigError` with one line naming the field and what is allowed;
+the CLI prints it without a traceback. Paths are resolved on the driver (Ray Train workers run in
+another working directory).
+"""
+
+from __future__ import annotations
+
+import os
+from itertools import pairwise
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from ega_ray.models.teachers.base import is_weights_file
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+_URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "http://", "https://")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message is one line naming the field."""
+
+
+def is_uri(path: str) -> bool:
+    return path.startswith(_URI_SCHEMES)
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    train: str = Field(description="Parquet folder, s3:// / gs:// URI, or builtin:digits")
+    val: str = Field(description="Parquet folder, URI, or builtin:digits (its validation split)")
+    num_classes: int | None = Field(None, ge=2, description="classes; None reads it from the training labels")
+    label_fraction: float = Field(1.0, gt=0, le=1, description="share of training labels the CE terms see")
+    image_size: int = Field(32, ge=8, description="the student's input size (images are resized to it)")
+    shuffle_buffer: int = Field(10_000, ge=0, description="rows in each worker's local shuffle buffer")
+    materialize: Literal["auto", "always", "never"] = Field(
+        "auto", description="keep decoded splits in Ray's object store (auto: when under 2 GiB decoded)"
+    )
+
+
+class TeacherConfig(_Section):
+    name: str = Field("open_clip:ViT-B-32", description="teacher registry name, see docs/config.md")
+    weights: str | None = Field(None, description="local weights file, or a hub tag (e.g. 'openai')")
+    sha256: str | None = Field(None, description="expected SHA-256 of a local weights file")
+    mode: Literal["online"] = "online"
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from ega_ray.models.teachers import TEACHERS
+
+        if v not in TEACHERS:
+            raise ValueError(f"unknown teacher {v!r}; allowed: {', '.join(TEACHERS.names())}")
+        return v
+
+
+class StudentConfig(_Section):
+    name: str = Field("resnet8x4", description="student registry name, or torchvision:NAME")
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from ega_ray.models.students import STUDENTS
+
+        if v not in STUDENTS:
+            raise ValueError(f"unknown student {v!r}; allowed: {', '.join(STUDENTS.names())}")
+        family, _, model = v.partition(":")
+        if family == "torchvision":
+            import torchvision
+
+            if model not in torchvision.models.list_models():
+                raise ValueError(f"unknown torchvision model {model!r}; see torchvision.models.list_models()")
+        return v
+
+
+class DistillConfig(_Section):
+    method: str = Field("ega", description="distiller registry name")
+    embed_dim: int = Field(256, ge=1, description="joint embedding width of both projection heads")
+    node_weight: float = Field(0.8, ge=0)
+    edge_weight: float = Field(0.24, ge=0)
+    temperature: float | None = Field(None, gt=0, description="None: the paper's hard graph; τ > 0: soft graph")
+    global_graph: bool = Field(True, description="graph over the global batch (all DDP ranks) or per rank")
+    standardize_teacher_features: bool = Field(
+        False, description="parameter-free BatchNorm on teacher features before its projection (see docs/method.md)"
+    )
+    gamma: float = Field(1.0, ge=0, description="weight of the student's cross-entropy")
+    beta: float = Field(1.0, ge=0, description="weight of the distiller")
+    alpha: float = Field(0.0, ge=0, description="weight of KD against the teacher head's logits")
+    kd_temperature: float = Field(4.0, gt=0)
+
+    @field_validator("method")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        from ega_ray.losses import DISTILLERS
+
+        if v not in DISTILLERS:
+            raise ValueError(f"unknown distiller {v!r}; allowed: {', '.join(DISTILLERS.names())}")
+        return v
+
+
+class OptimConfig(_Section):
+    epochs: int = Field(240, ge=1)
+    batch_size: int = Field(64, ge=2, description="global batch, split evenly over the workers")
+    lr: float = Field(0.05, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    milestones: list[int] = Field([150, 180, 210], description="epochs at which the lr is multiplied by lr_decay")
+    lr_decay: float = Field(0.1, gt=0, le=1)
+    teacher_head_lr: float = Field(0.01, gt=0, description="lr of the teacher's projection and classifier")
+    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="scale lr by batch_size / reference")
+    reference_batch_size: int = Field(64, ge=1)
+
+    @field_validator("milestones")
+    @classmethod
+    def _sorted(cls, v: list[int]) -> list[int]:
+        if any(m < 1 for m in v) or any(b <= a for a, b in pairwise(v)):
+            raise ValueError("must be strictly increasing positive epochs")
+        return v
+
+    def scaled_lr(self, base: float) -> float:
+        ratio = self.batch_size / self.reference_batch_size
+        return base * {"none": 1.0, "linear": ratio, "sqrt": ratio**0.5}[self.lr_scaling]
+
+
+class AugmentConfig(_Section):
+    pad: int = Field(4, ge=0, description="zero padding before the random crop")
+    flip: bool = True
+    student_mean: tuple[float, float, float] = CLIP_MEAN
+    student_std: tuple[float, float, float] = CLIP_STD
+
+
+class ScalingSection(_Section):
+    num_workers: int = Field(2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1.0, gt=0, description="fractional values leave CPUs to Ray Data")
+    gpus_per_worker: float = Field(1.0, gt=0)
+
+
+class PretrainConfig(_Section):
+    """SimCLR pretraining of this project's self-supervised teacher (``ega-ray pretrain-teacher``)."""
+
+    arch: str = Field("resnet8", description="backbone from the student registry")
+    image_size: int | None = Field(
+        None, ge=8, description="the teacher's input size (None: data.image_size); small CNNs see more at less"
+    )
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(256, ge=4)
+    lr: float = Field(0.3, gt=0, description="SGD lr, cosine schedule")
+    weight_decay: float = Field(1e-4, ge=0)
+    temperature: float = Field(0.2, gt=0)
+    proj_dim: int = Field(64, ge=1)
+    knn_k: int = Field(10, ge=1)
+
+    @field_validator("arch")
+    @classmethod
+    def _known(cls, v: str) -> str:
+        return StudentConfig._known(v)
+
+
+class RunSection(_Section):
+    name: str = Field("ega", pattern=r"^[A-Za-z0-9_.-]+$")
+    output: str | None = Field(None, description="run folder; default runs/<name>")
+    seed: int = 0
+    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
+    fail_after_epoch: int | None = Field(
+        None, ge=1, description="testing: raise once after this epoch's checkpoint, to exercise recovery"
+    )
+
+
+class Config(_Section):
+    data: DataConfig
+    teacher: TeacherConfig = TeacherConfig()
+    student: StudentConfig = StudentConfig()
+    distill: DistillConfig = DistillConfig()
+    optim: OptimConfig = OptimConfig()
+    augment: AugmentConfig = AugmentConfig()
+    scaling: ScalingSection = ScalingSection()
+    pretrain: PretrainConfig = PretrainConfig()
+    run: RunSection = RunSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_sections(cls, raw: Any) -> Any:
+        """A section left empty in YAML (``teacher:``) means its defaults."""
+        if isinstance(raw, dict):
+            return {k: ({} if v is None and k in cls.model_fields else v) for k, v in raw.items()}
+        return raw
+
+    @model_validator(mode="after")
+    def _batch_divides(self) -> Config:
+        n = self.scaling.num_workers
+        for name, batch in (
+            ("optim.batch_size", self.optim.batch_size),
+            ("pretrain.batch_size", self.pretrain.batch_size),
+        ):
+            if batch % n:
+                raise ValueError(f"{name} {batch} must be a multiple of scaling.num_workers {n}")
+        return self
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output or Path("runs") / self.run.name)
+
+    def resolved(self, check_teacher: bool = True) -> Config:
+        """A copy whose local paths are absolute and exist (checked here, on the driver).
+        ``check_teacher=False`` skips the teacher's weights (pretraining does not use them)."""
+        cfg = self.model_copy(deep=True)
+        for field, split in (("train", "train"), ("val", "val")):
+            value = getattr(cfg.data, field)
+            if value.startswith("builtin:"):
+                from ega_ray.data.digits import builtin_split
+
+                try:
+                    value = builtin_split(value, split)
+                except ValueError as err:
+                    raise ConfigError(f"data.{field}: {err}") from None
+            if not is_uri(value):
+                path = Path(value).expanduser().resolve()
+                if not path.exists():
+                    raise ConfigError(f"data.{field}: {value!r} does not exist (a Parquet folder or s3:// / gs:// URI)")
+                setattr(cfg.data, field, str(path))
+        w = cfg.teacher.weights
+        if check_teacher and w is not None and is_weights_file(w):
+            path = Path(w).expanduser().resolve()
+            if not path.is_file():
+                raise ConfigError(f"teacher.weights: file {w!r} does not exist")
+            cfg.teacher.weights = str(path)
+        cfg.run.output = str(cfg.output_dir.expanduser().resolve())
+        return cfg
+
+
+def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    if first["type"] == "extra_forbidden":
+        parent: Any = model
+        for part in first["loc"][:-1]:
+            parent = parent.model_fields[str(part)].annotation
+        return f"{loc}: unknown field; allowed here: {', '.join(parent.model_fields)}"
+    if first["type"] == "missing":
+        return f"{loc}: required field is missing"
+    msg = first["msg"].removeprefix("Value error, ")
+    got = first.get("input")
+    suffix = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{loc or 'config'}: {msg}{suffix}"
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``section.field=value`` overrides (values parsed as YAML) to a raw config dict."""
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.epochs=10")
+        node = raw
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {key}: {part!r} is not a section")
+        try:
+            node[leaf] = yaml.safe_load(value)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"--set {item!r}: value is not valid YAML: {str(err).splitlines()[0]}") from None
+    return raw
+
+
+def parse_config(raw: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err, Config)) from None
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections")
+    return parse_config(apply_overrides(raw, overrides or []))
