@@ -1,0 +1,114 @@
+"""The embedded default run: everything on one machine, no network, a local Ray.
+
+digits → Parquet; SimCLR teacher (reused when its cached file matches the pretraining settings);
+EGA student on 10% of the labels; the same student with CE only on the same labels; a table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from ega_ray.config import Config, apply_overrides, parse_config
+from ega_ray.train.launch import clear_run, run_distill, run_pretrain
+from ega_ray.train.outputs import write_json
+
+
+def embedded_config(overrides: list[str] | None = None, output: str | None = None) -> Config:
+    raw = yaml.safe_load(resources.files("ega_ray").joinpath("embedded.yaml").read_text())
+    raw = apply_overrides(raw, overrides or [])
+    if output:
+        raw["run"]["output"] = output
+    return parse_config(raw)
+
+
+def _teacher_key(cfg: Config) -> str:
+    """What the cached teacher depends on: pretraining settings, data, seed and view statistics."""
+    parts = [cfg.pretrain.model_dump(), cfg.data.model_dump(), cfg.augment.model_dump(), cfg.run.seed]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _cached_teacher(path: Path, key: str) -> bool:
+    if not path.is_file():
+        return False
+    return torch.load(path, map_location="cpu", weights_only=True).get("key") == key
+
+
+def run_embedded(overrides: list[str] | None = None, output: str | None = None) -> dict[str, Any]:
+    t0 = time.time()
+    base = embedded_config(overrides, output).resolved()
+    root = base.output_dir
+    teacher_dir = root / "teacher"
+    key = _teacher_key(base)
+
+    def stage(name: str, **changes: Any) -> Config:
+        raw = base.model_dump(mode="json")
+        for dotted, value in changes.items():
+            section, field = dotted.split("__")
+            raw[section][field] = value
+        return parse_config(raw)
+
+    print(f"[embedded] 1/3 self-supervised teacher ({base.pretrain.arch}, SimCLR) → {teacher_dir}", flush=True)
+    teacher_file = teacher_dir / "teacher.pt"
+    if _cached_teacher(teacher_file, key):
+        knn = torch.load(teacher_file, map_location="cpu", weights_only=True)["knn_top1"]
+        print(f"[embedded]     reusing the cached teacher (kNN top-1 {knn:.1f}%)", flush=True)
+    else:
+        clear_run(teacher_dir)
+        knn = run_pretrain(stage("pretrain", run__output=str(teacher_dir), run__name="teacher"))["knn_top1"]
+        ckpt = torch.load(teacher_file, map_location="cpu", weights_only=True)
+        ckpt["key"] = key
+        torch.save(ckpt, teacher_file)
+
+    results = {}
+    for i, (label, beta) in enumerate((("ega", base.distill.beta), ("ce", 0.0)), start=2):
+        out = root / label
+        what = "EGA distillation" if label == "ega" else "CE-only baseline"
+        print(
+            f"[embedded] {i}/3 {what} ({base.student.name}, {base.data.label_fraction:.0%} labels) → {out}", flush=True
+        )
+        clear_run(out)
+        cfg = stage(
+            label, run__output=str(out), run__name=label, distill__beta=beta, teacher__weights=str(teacher_file)
+        )
+        results[label] = run_distill(cfg)
+
+    summary = {
+        "teacher_knn_top1": knn,
+        "student_ce_top1": results["ce"]["best_val_top1"],
+        "student_ega_top1": results["ega"]["best_val_top1"],
+        "student_ce_last_top1": results["ce"]["last_val_top1"],
+        "student_ega_last_top1": results["ega"]["last_val_top1"],
+        "label_fraction": base.data.label_fraction,
+        "labeled_train_rows": results["ega"]["labeled_train_rows"],
+        "train_rows": results["ega"]["train_rows"],
+        "student": base.student.name,
+        "teacher": f"ssl:{base.pretrain.arch}",
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    write_json(summary, root / "summary.json")
+    print_table(summary)
+    return summary
+
+
+def print_table(s: dict[str, Any]) -> None:
+    rows = [
+        (f"teacher {s['teacher']} (SimCLR, kNN)", s["teacher_knn_top1"], None),
+        (f"student {s['student']}, CE only", s["student_ce_top1"], s["student_ce_last_top1"]),
+        (f"student {s['student']}, CE + EGA", s["student_ega_top1"], s["student_ega_last_top1"]),
+    ]
+    print(
+        f"\ndigits, {s['labeled_train_rows']}/{s['train_rows']} training labels "
+        f"({s['label_fraction']:.0%}); validation top-1 (%)"
+    )
+    print(f"{'model':<40} {'best':>7} {'last':>7}")
+    for name, best, last in rows:
+        print(f"{name:<40} {best:>7.2f} {'' if last is None else f'{last:7.2f}':>7}")
+    print(f"wall time {s['wall_time_s']:.0f} s\n")

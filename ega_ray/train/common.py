@@ -1,0 +1,103 @@
+"""Pieces every training loop shares: seeding, checkpoint files, progress lines, metric reduction."""
+
+from __future__ import annotations
+
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+
+STATE_FILE = "state.pt"
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The RNG seed of one rank's epoch: resuming at an epoch replays the same randomness."""
+    return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**63
+
+
+def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def load_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def report(metrics: dict, state: dict | None) -> None:
+    """Report metrics; rank 0 attaches a checkpoint holding ``state`` (the others pass None)."""
+    if state is None or ray.train.get_context().get_world_rank() != 0:
+        ray.train.report(metrics, checkpoint=None)
+        return
+    with tempfile.TemporaryDirectory() as d:
+        torch.save(state, Path(d) / STATE_FILE)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+
+
+def maybe_inject_failure(epoch: int, fail_after_epoch: int | None, marker_dir: str) -> None:
+    """Testing aid: raise once (a marker file remembers) after the given epoch's checkpoint."""
+    if fail_after_epoch is None or epoch != fail_after_epoch:
+        return
+    marker = Path(marker_dir) / f".injected-failure-epoch-{epoch}"
+    if ray.train.get_context().get_world_rank() == 0 and not marker.exists():
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+        raise RuntimeError(f"injected failure after epoch {epoch} (run.fail_after_epoch)")
+
+
+class Progress:
+    """One line per epoch (and every ``every_s`` seconds within long epochs) from rank 0, with an ETA."""
+
+    def __init__(self, label: str, total_epochs: int, start_epoch: int, every_s: float = 30.0) -> None:
+        self.label, self.total, self.start_epoch, self.every_s = label, total_epochs, start_epoch, every_s
+        self.t0 = self.last = time.monotonic()
+        self.rank0 = ray.train.get_context().get_world_rank() == 0
+        if self.rank0 and start_epoch > 0:
+            self._print(f"resumed from the checkpoint of epoch {start_epoch}")
+
+    def _print(self, text: str) -> None:
+        print(f"[{self.label}] {text}", file=sys.stdout, flush=True)
+
+    def step(self, epoch: int, step: int, loss: float) -> None:
+        now = time.monotonic()
+        if self.rank0 and now - self.last >= self.every_s:
+            self.last = now
+            self._print(f"epoch {epoch + 1}/{self.total} step {step} loss {loss:.4f}")
+
+    def epoch(self, epoch: int, metrics: dict) -> None:
+        if not self.rank0:
+            return
+        done = epoch + 1 - self.start_epoch
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / done * (self.total - epoch - 1)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
+        self._print(f"epoch {epoch + 1}/{self.total} | {shown} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
+        self.last = time.monotonic()
+
+
+def torch_threads(cpus_per_worker: float) -> None:
+    """Match intra-op threads to the worker's CPU share (Ray sets OMP_NUM_THREADS; torch may not follow)."""
+    n = max(1, int(os.environ.get("OMP_NUM_THREADS", "0") or 0) or int(cpus_per_worker) or 1)
+    torch.set_num_threads(n)

@@ -1,0 +1,218 @@
+"""The distillation loop that runs on every Ray Train worker (``train_func_per_worker``).
+
+Read top to bottom: build models → restore → for each epoch: train on this worker's shard, evaluate,
+report metrics with a checkpoint. Loss of one step:
+
+    student:  γ·CE(student logits, y) + β·distiller(teacher emb, student emb) + α·KD(teacher logits, student logits)
+    teacher head (its own optimizer, lr 0.01):  CE(teacher-head logits, y)
+
+The teacher's embedding is detached inside the distiller, so the teacher head learns from its own CE only
+(as in the EGA code, which zeroes the distiller's gradient on the teacher head before its own step).
+Rows whose label is −1 (the unlabeled part of a reduced label budget) count in the distiller only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray.train
+import ray.train.torch
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ega_ray.config import Config
+from ega_ray.data.augment import ViewMaker
+from ega_ray.losses import DISTILLERS, KDLoss
+from ega_ray.models import EmbeddingHead, StudentClassifier, build_student, build_teacher
+from ega_ray.train.common import (
+    Progress,
+    all_reduce_sum,
+    epoch_seed,
+    load_state,
+    maybe_inject_failure,
+    report,
+    seed_everything,
+    torch_threads,
+    unwrap,
+)
+
+EVAL_BATCH = 256
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean CE over labeled rows (label ≥ 0); 0 (still in the graph, for DDP) when none is labeled."""
+    total = F.cross_entropy(logits.float(), labels, ignore_index=-1, reduction="sum")
+    return total / (labels >= 0).sum().clamp_min(1)
+
+
+def build_distiller(cfg: Config) -> nn.Module:
+    d = cfg.distill
+    return DISTILLERS.build(
+        d.method,
+        node_weight=d.node_weight,
+        edge_weight=d.edge_weight,
+        temperature=d.temperature,
+        global_graph=d.global_graph,
+    )
+
+
+def train_func_per_worker(config: dict[str, Any]) -> None:
+    cfg = Config.model_validate(config["cfg"])
+    num_classes: int = config["num_classes"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    torch_threads(cfg.scaling.cpus_per_worker)
+    seed_everything(cfg.run.seed)  # identical initial weights on every rank
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    # --- models: frozen teacher, student + its head, the teacher's trainable head
+    teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256).to_device(device)
+    student = build_student(cfg.student.name)
+    s_head = EmbeddingHead(student.feat_dim, cfg.distill.embed_dim, num_classes)
+    t_head = EmbeddingHead(
+        teacher.spec.embed_dim, cfg.distill.embed_dim, num_classes, standardize=cfg.distill.standardize_teacher_features
+    )
+    student_net = ray.train.torch.prepare_model(StudentClassifier(student, s_head))
+    t_head = ray.train.torch.prepare_model(t_head)
+    o = cfg.optim
+    opt_s = torch.optim.SGD(
+        student_net.parameters(), lr=o.scaled_lr(o.lr), momentum=o.momentum, weight_decay=o.weight_decay
+    )
+    opt_t = torch.optim.SGD(
+        t_head.parameters(), lr=o.scaled_lr(o.teacher_head_lr), momentum=o.momentum, weight_decay=o.weight_decay
+    )
+    sched_s = torch.optim.lr_scheduler.MultiStepLR(opt_s, o.milestones, o.lr_decay)
+    sched_t = torch.optim.lr_scheduler.MultiStepLR(opt_t, o.milestones, o.lr_decay)
+    distiller, kd = build_distiller(cfg), KDLoss(cfg.distill.kd_temperature)
+    d = cfg.distill
+    spec = teacher.spec
+    views = ViewMaker(
+        pad=cfg.augment.pad,
+        flip=cfg.augment.flip,
+        student_size=cfg.data.image_size,
+        student_mean=cfg.augment.student_mean,
+        student_std=cfg.augment.student_std,
+        teacher_size=spec.input_size,
+        teacher_interpolation=spec.interpolation,
+        teacher_mean=spec.mean,
+        teacher_std=spec.std,
+        device=device,
+    )
+
+    # --- restore
+    start_epoch, history, best, restarts = 0, [], {"val_top1": -1.0, "epoch": 0}, 0
+    state = load_state(ray.train.get_checkpoint())
+    if state is not None:
+        unwrap(student_net).load_state_dict(state["student"])
+        unwrap(t_head).load_state_dict(state["teacher_head"])
+        for obj, key in ((opt_s, "opt_s"), (opt_t, "opt_t"), (sched_s, "sched_s"), (sched_t, "sched_t")):
+            obj.load_state_dict(state[key])
+        start_epoch, history, best = state["epoch"], state["history"], state["best"]
+        restarts = state["restarts"] + 1  # how many times this run was restored from a checkpoint
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_data = ray.train.get_dataset_shard("val")
+    per_worker = o.batch_size // world
+    progress = Progress(f"distill {cfg.run.name}", o.epochs, start_epoch)
+
+    for epoch in range(start_epoch, o.epochs):
+        # --- train one epoch on this worker's shard
+        views.reseed(epoch_seed(cfg.run.seed, epoch, rank))
+        student_net.train()
+        t_head.train()
+        sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, distill, teacher-head ce
+        steps = 0
+        for step, batch in enumerate(
+            train_shard.iter_torch_batches(
+                batch_size=per_worker,
+                drop_last=True,
+                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                device=device,
+            )
+        ):
+            images, labels = batch["image"], batch["label"]
+            x_s, x_t = views.student(images, train=True), views.teacher(images, train=True)
+            with autocast:
+                feat_t = teacher(x_t)
+                emb_s, logits_s = student_net(x_s)
+                emb_t, logits_t = t_head(feat_t)
+            loss_ce = masked_cross_entropy(logits_s, labels)
+            loss_distill = distiller(emb_t.detach(), emb_s) if d.beta > 0 else torch.zeros((), device=device)
+            loss = d.gamma * loss_ce + d.beta * loss_distill
+            if d.alpha > 0:
+                loss = loss + d.alpha * kd(logits_t.detach(), logits_s)
+            loss_t = masked_cross_entropy(logits_t, labels)
+            opt_s.zero_grad(set_to_none=True)
+            opt_t.zero_grad(set_to_none=True)
+            (loss + loss_t).backward()
+            opt_s.step()
+            opt_t.step()
+            sums += torch.stack([loss.detach(), loss_ce.detach(), loss_distill.detach(), loss_t.detach()]).double()
+            steps += 1
+            progress.step(epoch, step, loss.item() if step % 20 == 0 else float("nan"))
+        lr = opt_s.param_groups[0]["lr"]
+        sched_s.step()
+        sched_t.step()
+        if steps == 0:
+            raise RuntimeError(
+                f"worker {rank} got no full batch of {per_worker} rows: the training split is "
+                f"smaller than optim.batch_size {o.batch_size}"
+            )
+
+        # --- evaluate on the validation split (rows index % world == rank, summed over ranks)
+        student_net.eval()
+        t_head.eval()
+        counts = [0.0, 0.0, 0.0, 0.0]  # student top-1, top-5, teacher-head top-1, rows
+        with torch.no_grad(), autocast:
+            for batch in val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device):
+                mine = batch["index"] % world == rank
+                images, labels = batch["image"][mine], batch["label"][mine]
+                if len(labels) == 0:
+                    continue
+                _, logits_s = unwrap(student_net)(views.student(images, False))
+                _, logits_t = unwrap(t_head)(teacher(views.teacher(images, False)))
+                top5 = logits_s.float().topk(min(5, num_classes), dim=1).indices
+                counts[0] += (top5[:, 0] == labels).sum().item()
+                counts[1] += (top5 == labels[:, None]).any(1).sum().item()
+                counts[2] += (logits_t.argmax(1) == labels).sum().item()
+                counts[3] += len(labels)
+        c1, c5, ct, n = all_reduce_sum(counts, device)
+        loss_sums = all_reduce_sum((sums / steps).tolist(), device)
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sums[0] / world,
+            "train_ce": loss_sums[1] / world,
+            "train_distill": loss_sums[2] / world,
+            "train_teacher_ce": loss_sums[3] / world,
+            "val_top1": 100.0 * c1 / n,
+            "val_top5": 100.0 * c5 / n,
+            "val_teacher_top1": 100.0 * ct / n,
+            "lr": lr,
+            "restarts": restarts,
+        }
+        history.append(metrics)
+        is_best = metrics["val_top1"] > best["val_top1"]
+        if is_best:
+            best = {"val_top1": metrics["val_top1"], "epoch": epoch + 1}
+        metrics |= {"best_val_top1": best["val_top1"], "best_epoch": best["epoch"]}
+        progress.epoch(epoch, metrics)
+
+        # --- checkpoint every epoch: everything needed to resume exactly here
+        state = {
+            "epoch": epoch + 1,
+            "history": history,
+            "best": best,
+            "num_classes": num_classes,
+            "restarts": restarts,
+            "student": unwrap(student_net).state_dict(),
+            "teacher_head": unwrap(t_head).state_dict(),
+            "opt_s": opt_s.state_dict(),
+            "opt_t": opt_t.state_dict(),
+            "sched_s": sched_s.state_dict(),
+            "sched_t": sched_t.state_dict(),
+            "seed": cfg.run.seed,
+        }
+        report(metrics, state)
+        maybe_inject_failure(epoch + 1, cfg.run.fail_after_epoch, cfg.output_dir)

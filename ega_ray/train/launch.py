@@ -1,0 +1,244 @@
+"""The driver side: validate inputs, connect to Ray, assemble the TorchTrainer, write the run's outputs.
+
+Everything that can be checked without a cluster (config, data splits, labels, teacher weights) is
+checked before Ray starts.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import ray.data
+import torch
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ega_ray.config import Config, ConfigError
+from ega_ray.data.parquet import check_split, decode_images, mask_labels, read_columns, stratified_label_mask
+from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
+
+
+@dataclass
+class PreparedData:
+    num_classes: int
+    keep: np.ndarray  # which training rows keep their label (by index)
+    num_train: int
+    num_val: int
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    """Check both splits and the labels on the driver; choose the labeled subset. No Ray needed."""
+    try:
+        n_train = check_split(cfg.data.train, "data.train")
+        n_val = check_split(cfg.data.val, "data.val")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    table = read_columns(cfg.data.train, ["label", "index"])
+    labels, index = table["label"].to_numpy(), table["index"].to_numpy()
+    if len(np.unique(index)) != len(index) or index.min() < 0:
+        raise ConfigError(f"data.train: {cfg.data.train!r} has negative or repeated values in column 'index'")
+    val_labels = read_columns(cfg.data.val, ["label"])["label"].to_numpy()
+    seen = int(max(labels.max(), val_labels.max())) + 1
+    num_classes = cfg.data.num_classes or seen
+    if seen > num_classes:
+        raise ConfigError(f"data.num_classes: {num_classes} but the data has label {seen - 1} (labels are 0..C-1)")
+    if (val_labels < 0).any():
+        raise ConfigError(f"data.val: {cfg.data.val!r} has unlabeled rows (label -1); validation needs labels")
+    keep = stratified_label_mask(labels, index, cfg.data.label_fraction, cfg.run.seed)
+    return PreparedData(num_classes, keep, n_train, n_val)
+
+
+def connect_ray(cfg: Config) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), or start a local Ray.
+
+    A local Ray is told of at least enough logical CPUs for the workers plus one for Ray Data: on a
+    2-core machine two 1-CPU workers would otherwise leave Ray Data no CPU and the run would hang.
+    """
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"])
+        return
+    s = cfg.scaling
+    needed = math.ceil(s.num_workers * s.cpus_per_worker) + 1
+    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def _scaling(cfg: Config) -> ScalingConfig:
+    s = cfg.scaling
+    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
+    if s.use_gpu:
+        resources["GPU"] = s.gpus_per_worker
+    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
+
+
+MATERIALIZE_AUTO_BYTES = 2 << 30
+
+
+def _datasets(cfg: Config, data: PreparedData) -> dict[str, ray.data.Dataset]:
+    """Decoded, label-masked splits. Small splits are materialized once: re-reading and decoding them every
+    epoch costs seconds of Ray Data start-up per epoch, more than training on them."""
+    size = cfg.data.image_size
+    train = (
+        ray.data.read_parquet(cfg.data.train)
+        .map_batches(decode_images, fn_kwargs={"image_size": size}, batch_format="numpy")
+        .map_batches(mask_labels, fn_kwargs={"keep": data.keep}, batch_format="numpy")
+    )
+    val = ray.data.read_parquet(cfg.data.val).map_batches(
+        decode_images, fn_kwargs={"image_size": size}, batch_format="numpy"
+    )
+    decoded_bytes = (data.num_train + data.num_val) * size * size * 3
+    if cfg.data.materialize == "always" or (cfg.data.materialize == "auto" and decoded_bytes < MATERIALIZE_AUTO_BYTES):
+        train, val = train.materialize(), val.materialize()
+    return {"train": train, "val": val}
+
+
+def _fit(cfg: Config, train_fn, datasets: dict, extra: dict[str, Any], score: str | None) -> ray.train.Result:
+    out = cfg.output_dir
+    trainer = TorchTrainer(
+        train_fn,
+        train_loop_config={"cfg": cfg.model_dump(mode="json"), **extra},
+        scaling_config=_scaling(cfg),
+        run_config=RunConfig(
+            name=out.name,
+            storage_path=str(out.parent),
+            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            # the latest checkpoint is always kept too: best + latest
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=1, checkpoint_score_attribute=score, checkpoint_score_order="max"
+            )
+            if score
+            else CheckpointConfig(num_to_keep=1),
+        ),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    return trainer.fit()
+
+
+def _load(checkpoint: ray.train.Checkpoint) -> dict:
+    with checkpoint.as_directory() as d:
+        return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
+
+
+def run_distill(cfg: Config) -> dict[str, Any]:
+    """Validate, train with Ray Train, write the run folder; returns the summary."""
+    from ega_ray.train.distill import train_func_per_worker
+
+    cfg = cfg.resolved()
+    data = prepare_data(cfg)
+    _check_teacher(cfg)
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out)
+    t0 = time.time()
+    connect_ray(cfg)
+    result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), {"num_classes": data.num_classes}, "val_top1")
+    last = _load(result.checkpoint)
+    best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
+    best = _load(best_ckpt) if best_ckpt is not None else last
+    history = last["history"]
+    write_metrics_csv(history, out / "metrics.csv")
+    plot_curves(
+        history,
+        out / "learning_curves.png",
+        f"{cfg.run.name}: {cfg.distill.method} (β={cfg.distill.beta}) {cfg.teacher.name} → {cfg.student.name}",
+    )
+    export_student(cfg, last, out, "student_last")
+    export_student(cfg, best, out, "student_best")
+    final = history[-1]
+    summary = {
+        "name": cfg.run.name,
+        "method": cfg.distill.method if cfg.distill.beta > 0 else "ce-only",
+        "teacher": cfg.teacher.name,
+        "student": cfg.student.name,
+        "epochs": final["epoch"],
+        "num_workers": cfg.scaling.num_workers,
+        "global_batch": cfg.optim.batch_size,
+        "labeled_train_rows": int(data.keep.sum()),
+        "train_rows": data.num_train,
+        "val_rows": data.num_val,
+        "best_val_top1": last["best"]["val_top1"],
+        "best_epoch": last["best"]["epoch"],
+        "last_val_top1": final["val_top1"],
+        "last_val_top5": final["val_top5"],
+        "teacher_head_top1": final["val_teacher_top1"],
+        "seed": cfg.run.seed,
+        "wall_time_s": round(time.time() - t0, 1),
+        "output": str(out),
+    }
+    write_json(summary, out / "summary.json")
+    return summary
+
+
+def run_pretrain(cfg: Config) -> dict[str, Any]:
+    """SimCLR-pretrain the self-supervised teacher; writes ``<output>/teacher.pt`` (loadable as ``ssl``)."""
+    from ega_ray.models.students import build_student
+    from ega_ray.models.teachers.ssl_teacher import save_ssl_teacher
+    from ega_ray.train.pretrain import pretrain_func_per_worker, teacher_input_size
+
+    cfg = cfg.resolved(check_teacher=False)
+    data = prepare_data(cfg)
+    out = cfg.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+    write_config(cfg, out)
+    t0 = time.time()
+    connect_ray(cfg)
+    datasets = _datasets(cfg, data)
+    datasets["knn_train"] = datasets["train"]
+    result = _fit(cfg, pretrain_func_per_worker, datasets, {}, None)
+    state = _load(result.checkpoint)
+    history = state["history"]
+    write_metrics_csv(history, out / "metrics.csv")
+    plot_curves(history, out / "learning_curves.png", f"{cfg.run.name}: SimCLR {cfg.pretrain.arch}")
+    knn = next(row["knn_top1"] for row in reversed(history) if "knn_top1" in row)
+    backbone = build_student(cfg.pretrain.arch)
+    backbone.load_state_dict(
+        {k.removeprefix("backbone."): v for k, v in state["net"].items() if k.startswith("backbone.")}
+    )
+    save_ssl_teacher(
+        out / "teacher.pt",
+        cfg.pretrain.arch,
+        backbone,
+        teacher_input_size(cfg),
+        cfg.augment.student_mean,
+        cfg.augment.student_std,
+        knn_top1=knn,
+        epochs=state["epoch"],
+    )
+    summary = {
+        "name": cfg.run.name,
+        "arch": cfg.pretrain.arch,
+        "epochs": state["epoch"],
+        "knn_top1": knn,
+        "teacher": str(out / "teacher.pt"),
+        "wall_time_s": round(time.time() - t0, 1),
+    }
+    write_json(summary, out / "summary.json")
+    return summary
+
+
+def _check_teacher(cfg: Config) -> None:
+    """Build the teacher once on the driver, so that bad weights fail before workers start."""
+    from ega_ray.models import build_teacher
+
+    try:
+        build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
+        raise ConfigError(
+            f"teacher: {cfg.teacher.name} with weights {cfg.teacher.weights!r}: {str(err).splitlines()[0]}"
+        ) from None
+
+
+def clear_run(path: Path) -> None:
+    """Remove a run folder, so that the next run with its name starts fresh instead of resuming."""
+    shutil.rmtree(path, ignore_errors=True)

@@ -1,0 +1,101 @@
+"""What a run writes to its folder: resolved config, metrics.csv, learning-curve PNG, student exports,
+summary.json. Written by the driver from the checkpoints Ray Train reported."""
+
+from __future__ import annotations
+
+import csv
+import json
+import warnings
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from ega_ray.config import Config  # noqa: E402
+from ega_ray.models import EmbeddingHead, StudentClassifier, build_student  # noqa: E402
+
+
+def write_config(cfg: Config, out: Path) -> None:
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def write_metrics_csv(history: list[dict], path: Path) -> None:
+    keys: list[str] = []
+    for row in history:
+        keys += [k for k in row if k not in keys]
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def plot_curves(history: list[dict], path: Path, title: str) -> None:
+    """Training losses (left) and validation accuracies (right) per epoch."""
+    epochs = [row["epoch"] for row in history]
+    fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "train_ce", "train_distill", "train_teacher_ce"):
+        if key in history[0]:
+            ax_l.plot(epochs, [row[key] for row in history], label=key.removeprefix("train_"))
+    ax_l.set(xlabel="epoch", ylabel="loss", title="training loss")
+    ax_l.legend()
+    for key, label in (
+        ("val_top1", "student top-1"),
+        ("val_top5", "student top-5"),
+        ("val_teacher_top1", "teacher head top-1"),
+        ("knn_top1", "kNN top-1"),
+    ):
+        rows = [row for row in history if key in row]
+        if rows:
+            xs, ys = [r["epoch"] for r in rows], [r[key] for r in rows]
+            ax_a.plot(xs, ys, marker="." if len(rows) < 30 else None, label=label)
+    ax_a.set(xlabel="epoch", ylabel="%", title="validation")
+    if ax_a.lines:
+        ax_a.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def export_student(cfg: Config, state: dict, out: Path, stem: str) -> None:
+    """``<stem>.pt`` (state dict + what rebuilds it) and ``<stem>.torchscript.pt`` (images → logits)."""
+    num_classes = state["num_classes"]
+    backbone = build_student(cfg.student.name)
+    model = StudentClassifier(backbone, EmbeddingHead(backbone.feat_dim, cfg.distill.embed_dim, num_classes))
+    model.load_state_dict(state["student"])
+    model.eval()
+    torch.save(
+        {
+            "student": cfg.student.name,
+            "num_classes": num_classes,
+            "embed_dim": cfg.distill.embed_dim,
+            "image_size": cfg.data.image_size,
+            "mean": list(cfg.augment.student_mean),
+            "std": list(cfg.augment.student_std),
+            "epoch": state["epoch"],
+            "state_dict": model.state_dict(),
+        },
+        out / f"{stem}.pt",
+    )
+    example = torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # TorchScript is deprecated upstream but still the portable format
+        traced = torch.jit.trace(_Logits(model), example)
+        traced.save(str(out / f"{stem}.torchscript.pt"))
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model: StudentClassifier) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[1]
+
+
+def write_json(data: dict, path: Path) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
