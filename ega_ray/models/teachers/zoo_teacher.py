@@ -9,9 +9,16 @@ from __future__ import annotations
 
 import warnings
 
-from ega_ray.config import CLIP_MEAN, CLIP_STD
 from ega_ray.models.students import build_student
-from ega_ray.models.teachers.base import TEACHERS, Teacher, TeacherSpec, load_weights_file, strip_prefix
+from ega_ray.models.teachers.base import (
+    CLIP_MEAN,
+    CLIP_STD,
+    TEACHERS,
+    Teacher,
+    TeacherSpec,
+    load_weights_file,
+    strip_prefix,
+)
 
 
 @TEACHERS.register("zoo:*")
