@@ -195,12 +195,8 @@ class Config(_Section):
     @model_validator(mode="after")
     def _batch_divides(self) -> Config:
         n = self.scaling.num_workers
-        for name, batch in (
-            ("optim.batch_size", self.optim.batch_size),
-            ("pretrain.batch_size", self.pretrain.batch_size),
-        ):
-            if batch % n:
-                raise ValueError(f"{name} {batch} must be a multiple of scaling.num_workers {n}")
+        if self.optim.batch_size % n:
+            raise ValueError(f"optim.batch_size {self.optim.batch_size} must be a multiple of scaling.num_workers {n}")
         return self
 
     @property

@@ -100,3 +100,13 @@ def test_ssl_teacher_rejects_other_files(tmp_path):
         build_teacher("ssl", weights=str(tmp_path / "other.pt"))
     with pytest.raises(FileNotFoundError):
         build_teacher("ssl", weights=str(tmp_path / "missing.pt"))
+
+
+@pytest.mark.parametrize(("name", "width"), [("RN50", 1024), ("RN101", 512), ("ViT-B-32", 512), ("ViT-B-16", 512)])
+def test_the_papers_clip_teachers_build_and_embed(name, width, tmp_path):
+    torch.manual_seed(0)
+    visual = open_clip.create_model(name, pretrained=None).visual
+    torch.save(visual.state_dict(), tmp_path / "visual.pt")  # the image tower alone also loads
+    teacher = build_teacher(f"open_clip:{name}", weights=str(tmp_path / "visual.pt"))
+    assert teacher.spec.embed_dim == width and teacher.spec.input_size == 224
+    assert teacher(torch.randn(1, 3, 224, 224)).shape == (1, width)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ from ray.train import TrainingFailedError
 from ega_ray.config import load_config
 from ega_ray.train.launch import run_distill
 
-from .conftest import REPO
+REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.slow
 
@@ -31,7 +32,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, local_ray):
     with pytest.raises(TrainingFailedError):
         run_distill(cfg)
     run_dir = tmp_path / "run"
-    first = sorted(run_dir.glob("checkpoint_*"))
+    first = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(first) == 1, "the failed run keeps the checkpoint of epoch 1"
     state = torch.load(first[0] / "state.pt", weights_only=True)
     assert state["epoch"] == 1
@@ -76,3 +77,37 @@ def test_run_writes_its_outputs(tmp_path, local_ray):
     assert scripted(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
     exported = torch.load(run_dir / "student_best.pt", weights_only=True)
     assert exported["student"] == "resnet8" and exported["num_classes"] == 10
+
+
+def test_pretrain_teacher_writes_a_loadable_ssl_teacher(tmp_path, local_ray):
+    from ega_ray.models import build_teacher
+    from ega_ray.train.launch import run_pretrain
+
+    cfg = smoke(tmp_path, "pretrain.epochs=2", "pretrain.batch_size=128", "pretrain.image_size=16")
+    summary = run_pretrain(cfg)
+    teacher_file = tmp_path / "run" / "teacher.pt"
+    assert summary["teacher"] == str(teacher_file) and 0.0 <= summary["knn_top1"] <= 100.0
+    teacher = build_teacher("ssl", weights=str(teacher_file))
+    assert teacher.spec.input_size == 16 and teacher.spec.embed_dim == 64
+    rows = read_metrics(tmp_path / "run")
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and rows[-1]["knn_top1"] != ""
+
+
+def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):
+    """The README's main command with one epoch per stage: teacher, EGA, CE-only, table, summary.json."""
+    from ega_ray.embedded import run_embedded
+
+    overrides = ["pretrain.epochs=1", "optim.epochs=1", "optim.milestones=[1]"]
+    summary = run_embedded(overrides, output=str(tmp_path / "embedded"))
+    out = capsys.readouterr().out
+    assert "CE + EGA" in out and "CE only" in out
+    saved = json.loads((tmp_path / "embedded" / "summary.json").read_text())
+    assert saved == summary
+    for key in ("teacher_knn_top1", "student_ce_top1", "student_ega_top1", "wall_time_s"):
+        assert 0.0 <= saved[key] and (key == "wall_time_s" or saved[key] <= 100.0)
+    assert saved["labeled_train_rows"] < 0.15 * saved["train_rows"]
+    assert (tmp_path / "embedded" / "ega" / "metrics.csv").is_file()
+    teacher_file = tmp_path / "embedded" / "teacher" / "teacher.pt"
+    mtime = teacher_file.stat().st_mtime
+    run_embedded(overrides + ["optim.epochs=1"], output=str(tmp_path / "embedded"))
+    assert teacher_file.stat().st_mtime == mtime, "the cached teacher is reused when its settings match"

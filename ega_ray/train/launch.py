@@ -187,6 +187,11 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     from ega_ray.train.pretrain import pretrain_func_per_worker, teacher_input_size
 
     cfg = cfg.resolved(check_teacher=False)
+    if cfg.pretrain.batch_size % cfg.scaling.num_workers:
+        raise ConfigError(
+            f"pretrain.batch_size {cfg.pretrain.batch_size} must be a multiple of "
+            f"scaling.num_workers {cfg.scaling.num_workers}"
+        )
     data = prepare_data(cfg)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
