@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 STATE_FILE = "state.pt"
+logger = logging.getLogger(__name__)
 
 
 def seed_everything(seed: int) -> None:
@@ -78,7 +79,8 @@ class Progress:
             self._print(f"resumed from the checkpoint of epoch {start_epoch}")
 
     def _print(self, text: str) -> None:
-        print(f"[{self.label}] {text}", file=sys.stdout, flush=True)
+        # through logging: Ray Train's worker print() patch would emit a print to sys.stdout twice
+        logger.info("[%s] %s", self.label, text)
 
     def step(self, epoch: int, step: int, loss: float) -> None:
         now = time.monotonic()
