@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--output", help="run folder; the teacher file is <output>/teacher.pt")
 
+    c = sub.add_parser("cache-teacher", help="embed K random teacher views of every training image once")
+    c.add_argument("--config", required=True)
+    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    c.add_argument("--views", type=int, default=4, help="random teacher views per image (K)")
+    c.add_argument("--output", required=True, help="cache folder: embeddings/ (Parquet) and manifest.json")
+
     r = sub.add_parser("prepare", help="convert a dataset into ega-ray's Parquet format")
     r.add_argument("name", choices=["digits"])
     r.add_argument("--out", required=True, help="folder that receives train/ and val/")
@@ -51,6 +57,12 @@ def main(argv: list[str] | None = None) -> int:
             run_embedded(args.overrides, args.output)
             return 0
         # JSON-quoted: a folder named like a number or a mapping stays a string when parsed as YAML
+        if args.command == "cache-teacher":
+            from ega_ray.train.teacher_cache import build_cache
+
+            summary = build_cache(load_config(args.config, args.overrides), args.views, args.output)
+            print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+            return 0
         overrides = args.overrides + ([f"run.output={json.dumps(args.output)}"] if args.output else [])
         cfg = load_config(args.config, overrides)
         if args.command == "distill":

@@ -48,7 +48,22 @@ class TeacherConfig(_Section):
     name: str = Field("open_clip:ViT-B-32", description="teacher registry name, see docs/config.md")
     weights: str | None = Field(None, description="local weights file, or a hub tag (e.g. 'openai')")
     sha256: str | None = Field(None, description="expected SHA-256 of a local weights file")
-    mode: Literal["online"] = "online"
+    mode: Literal["online", "cached", "pipeline"] = Field(
+        "online",
+        description="online: in each training worker; cached: embeddings from `ega-ray cache-teacher`; "
+        "pipeline: a Ray Data actor stage between reader and training workers",
+    )
+    cache: str | None = Field(None, description="folder written by `ega-ray cache-teacher` (mode cached)")
+    actors: int = Field(1, ge=1, description="teacher actors of the Ray Data stage (cached build, pipeline)")
+    actor_cpus: float = Field(1.0, gt=0, description="CPUs per teacher actor")
+    actor_gpus: float = Field(1.0, gt=0, description="GPUs per teacher actor when scaling.use_gpu")
+    batch_size: int = Field(256, ge=1, description="images per teacher forward in the Ray Data stage")
+
+    @model_validator(mode="after")
+    def _cache_given(self) -> TeacherConfig:
+        if self.mode == "cached" and not self.cache:
+            raise ValueError("cache is required when mode is cached (the folder `ega-ray cache-teacher` writes)")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -106,6 +121,7 @@ class DistillConfig(_Section):
 
 class OptimConfig(_Section):
     epochs: int = Field(240, ge=1)
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cut epochs short (benchmarks, smoke runs)")
     batch_size: int = Field(64, ge=2, description="global batch, split evenly over the workers")
     lr: float = Field(0.05, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
@@ -227,6 +243,13 @@ class Config(_Section):
             if not path.is_file():
                 raise ConfigError(f"teacher.weights: file {w!r} does not exist")
             cfg.teacher.weights = str(path)
+        if cfg.teacher.mode == "cached":
+            cache = Path(str(cfg.teacher.cache)).expanduser().resolve()
+            if not (cache / "manifest.json").is_file():
+                raise ConfigError(
+                    f"teacher.cache: {cfg.teacher.cache!r} holds no manifest.json (run ega-ray cache-teacher)"
+                )
+            cfg.teacher.cache = str(cache)
         cfg.run.output = str(cfg.output_dir.expanduser().resolve())
         return cfg
 

@@ -13,6 +13,7 @@ from PIL import Image
 from ega_ray.data.augment import ViewMaker, random_crop_flip, resize, simclr_view
 from ega_ray.data.digits import digits_images, prepare_digits
 from ega_ray.data.parquet import check_split, decode_images, mask_labels, stratified_label_mask, write_split
+from ega_ray.models.teachers.base import TeacherSpec
 
 
 def test_digits_preparation_is_pixel_exact_and_complete(tmp_path):
@@ -97,17 +98,15 @@ def test_crop_and_flip():
 
 def test_views_have_the_teachers_geometry_and_statistics():
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
+    spec = TeacherSpec(512, 224, "bicubic", (0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
     views = ViewMaker(
         pad=4,
         flip=True,
         student_size=32,
         student_mean=(0.5,) * 3,
         student_std=(0.25,) * 3,
-        teacher_size=224,
-        teacher_interpolation="bicubic",
-        teacher_mean=(0.4, 0.4, 0.4),
-        teacher_std=(0.2, 0.2, 0.2),
         device=torch.device("cpu"),
+        teacher=spec,
     )
     s, t = views.student(images, train=True), views.teacher(images, train=True)
     assert s.shape == (4, 3, 32, 32) and t.shape == (4, 3, 224, 224)

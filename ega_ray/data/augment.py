@@ -8,9 +8,15 @@ teacher's statistics. Evaluation views skip crop and flip.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from ega_ray.config import Config
+    from ega_ray.models.teachers.base import TeacherSpec
 
 
 def random_crop_flip(x: Tensor, pad: int, flip: bool, generator: torch.Generator | None = None) -> Tensor:
@@ -51,7 +57,11 @@ def resize(x: Tensor, size: int, interpolation: str) -> Tensor:
 
 
 class ViewMaker:
-    """Makes the student's and the teacher's views of a uint8 NHWC batch on one device."""
+    """Makes the student's and the teacher's views of a uint8 NHWC batch on one device.
+
+    ``teacher`` is the teacher's spec (input size, interpolation, statistics); without it (the teacher
+    runs elsewhere) only student views are made.
+    """
 
     def __init__(
         self,
@@ -61,24 +71,31 @@ class ViewMaker:
         student_size: int,
         student_mean,
         student_std,
-        teacher_size: int,
-        teacher_interpolation: str,
-        teacher_mean,
-        teacher_std,
         device: torch.device,
+        teacher: TeacherSpec | None = None,
         seed: int = 0,
     ) -> None:
-        self.pad, self.flip = pad, flip
-        self.student_size, self.teacher_size, self.teacher_interpolation = (
-            student_size,
-            teacher_size,
-            teacher_interpolation,
-        )
+        self.pad, self.flip, self.student_size, self.teacher_spec = pad, flip, student_size, teacher
         as_t = lambda v: torch.tensor(v, dtype=torch.float32, device=device).view(1, 3, 1, 1)  # noqa: E731
         self.s_mean, self.s_std = as_t(student_mean), as_t(student_std)
-        self.t_mean, self.t_std = as_t(teacher_mean), as_t(teacher_std)
+        if teacher is not None:
+            self.t_mean, self.t_std = as_t(teacher.mean), as_t(teacher.std)
         self.generator = torch.Generator(device=device)
         self.generator.manual_seed(seed)
+
+    @classmethod
+    def from_config(cls, cfg: Config, device: torch.device, teacher: TeacherSpec | None = None) -> ViewMaker:
+        a = cfg.augment
+        return cls(
+            pad=a.pad,
+            flip=a.flip,
+            student_size=cfg.data.image_size,
+            student_mean=a.student_mean,
+            student_std=a.student_std,
+            device=device,
+            teacher=teacher,
+            seed=cfg.run.seed,
+        )
 
     def reseed(self, seed: int) -> None:
         self.generator.manual_seed(seed)
@@ -90,10 +107,13 @@ class ViewMaker:
         return (resize(x, self.student_size, "bilinear") - self.s_mean) / self.s_std
 
     def teacher(self, images: Tensor, train: bool) -> Tensor:
+        spec = self.teacher_spec
+        if spec is None:
+            raise RuntimeError("this ViewMaker was built without a teacher spec")
         x = to_unit_float(images)
         if train:
             x = random_crop_flip(x, self.pad, self.flip, self.generator)
-        return (resize(x, self.teacher_size, self.teacher_interpolation) - self.t_mean) / self.t_std
+        return (resize(x, spec.input_size, spec.interpolation) - self.t_mean) / self.t_std
 
 
 def simclr_view(

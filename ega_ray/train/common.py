@@ -82,11 +82,11 @@ class Progress:
         # through logging: Ray Train's worker print() patch would emit a print to sys.stdout twice
         logger.info("[%s] %s", self.label, text)
 
-    def step(self, epoch: int, step: int, loss: float) -> None:
+    def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
         now = time.monotonic()
         if self.rank0 and now - self.last >= self.every_s:
             self.last = now
-            self._print(f"epoch {epoch + 1}/{self.total} step {step} loss {loss:.4f}")
+            self._print(f"epoch {epoch + 1}/{self.total} step {step} loss {loss.item():.4f}")
 
     def epoch(self, epoch: int, metrics: dict) -> None:
         if not self.rank0:
@@ -97,6 +97,29 @@ class Progress:
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         self._print(f"epoch {epoch + 1}/{self.total} | {shown} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
         self.last = time.monotonic()
+
+
+class StepTimer:
+    """Training throughput of one epoch, from the end of the ``warmup``-th step (start-up, first-batch
+    latency and compilation excluded) to the last step; the whole epoch when it is shorter."""
+
+    def __init__(self, device: torch.device, warmup: int = 3) -> None:
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        self.warmup, self.steps, self.t0 = warmup, 0, time.perf_counter()
+        self.start, self.start_step = self.t0, 0
+
+    def step(self) -> None:
+        self.steps += 1
+        if self.steps == self.warmup:
+            self.sync()
+            self.start, self.start_step = time.perf_counter(), self.steps
+
+    def images_per_s(self, batch_size: int) -> float:
+        self.sync()
+        counted = self.steps - self.start_step
+        if counted <= 0:
+            self.start, counted = self.t0, self.steps
+        return batch_size * counted / max(time.perf_counter() - self.start, 1e-9)
 
 
 def torch_threads(cpus_per_worker: float) -> None:

@@ -23,10 +23,12 @@ from torch import nn
 
 from ega_ray.config import Config
 from ega_ray.data.augment import ViewMaker
+from ega_ray.data.teacher_stage import TEACHER_EMB, view_for
 from ega_ray.losses import DISTILLERS, KDLoss
 from ega_ray.models import EmbeddingHead, StudentClassifier, build_student, build_teacher
 from ega_ray.train.common import (
     Progress,
+    StepTimer,
     all_reduce_sum,
     epoch_seed,
     load_state,
@@ -67,12 +69,15 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
-    # --- models: frozen teacher, student + its head, the teacher's trainable head
-    teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256).to_device(device)
+    # --- models: frozen teacher (online mode only), student + its head, the teacher's trainable head
+    online = cfg.teacher.mode == "online"
+    teacher = (
+        build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256).to_device(device) if online else None
+    )
     student = build_student(cfg.student.name)
     s_head = EmbeddingHead(student.feat_dim, cfg.distill.embed_dim, num_classes)
     t_head = EmbeddingHead(
-        teacher.spec.embed_dim, cfg.distill.embed_dim, num_classes, standardize=cfg.distill.standardize_teacher_features
+        config["teacher_dim"], cfg.distill.embed_dim, num_classes, standardize=cfg.distill.standardize_teacher_features
     )
     student_net = ray.train.torch.prepare_model(StudentClassifier(student, s_head))
     t_head = ray.train.torch.prepare_model(t_head)
@@ -87,19 +92,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     sched_t = torch.optim.lr_scheduler.MultiStepLR(opt_t, o.milestones, o.lr_decay)
     distiller, kd = build_distiller(cfg), KDLoss(cfg.distill.kd_temperature)
     d = cfg.distill
-    spec = teacher.spec
-    views = ViewMaker(
-        pad=cfg.augment.pad,
-        flip=cfg.augment.flip,
-        student_size=cfg.data.image_size,
-        student_mean=cfg.augment.student_mean,
-        student_std=cfg.augment.student_std,
-        teacher_size=spec.input_size,
-        teacher_interpolation=spec.interpolation,
-        teacher_mean=spec.mean,
-        teacher_std=spec.std,
-        device=device,
-    )
+    views = ViewMaker.from_config(cfg, device, teacher.spec if online else None)
 
     # --- restore
     start_epoch, history, best, restarts = 0, [], {"val_top1": -1.0, "epoch": 0}, 0
@@ -117,13 +110,24 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     per_worker = o.batch_size // world
     progress = Progress(f"distill {cfg.run.name}", o.epochs, start_epoch)
 
+    def teacher_features(batch: dict[str, torch.Tensor], epoch: int, train: bool) -> torch.Tensor:
+        """Online: the teacher on its own view. Cached / pipeline: the embedding that came with the batch
+        (cached: one of K views per image, chosen per epoch)."""
+        if online:
+            return teacher(views.teacher(batch["image"], train=train))
+        emb = batch[TEACHER_EMB]
+        if emb.shape[1] == 1:
+            return emb[:, 0].float()
+        chosen = view_for(batch["index"], epoch, cfg.run.seed, emb.shape[1])
+        return emb[torch.arange(len(chosen), device=emb.device), chosen].float()
+
     for epoch in range(start_epoch, o.epochs):
         # --- train one epoch on this worker's shard
         views.reseed(epoch_seed(cfg.run.seed, epoch, rank))
         student_net.train()
         t_head.train()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, distill, teacher-head ce
-        steps = 0
+        steps, timer = 0, StepTimer(device)
         for step, batch in enumerate(
             train_shard.iter_torch_batches(
                 batch_size=per_worker,
@@ -132,11 +136,12 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
                 device=device,
             )
         ):
-            images, labels = batch["image"], batch["label"]
-            x_s, x_t = views.student(images, train=True), views.teacher(images, train=True)
+            if step == o.max_steps_per_epoch:
+                break
+            labels = batch["label"]
             with autocast:
-                feat_t = teacher(x_t)
-                emb_s, logits_s = student_net(x_s)
+                feat_t = teacher_features(batch, epoch, train=True)
+                emb_s, logits_s = student_net(views.student(batch["image"], train=True))
                 emb_t, logits_t = t_head(feat_t)
             loss_ce = masked_cross_entropy(logits_s, labels)
             loss_distill = distiller(emb_t.detach(), emb_s) if d.beta > 0 else torch.zeros((), device=device)
@@ -151,7 +156,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             opt_t.step()
             sums += torch.stack([loss.detach(), loss_ce.detach(), loss_distill.detach(), loss_t.detach()]).double()
             steps += 1
-            progress.step(epoch, step, loss.item() if step % 20 == 0 else float("nan"))
+            timer.step()
+            progress.step(epoch, step, loss)
         lr = opt_s.param_groups[0]["lr"]
         sched_s.step()
         sched_t.step()
@@ -168,11 +174,12 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         with torch.no_grad(), autocast:
             for batch in val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device):
                 mine = batch["index"] % world == rank
-                images, labels = batch["image"][mine], batch["label"][mine]
+                batch = {k: v[mine] for k, v in batch.items()}
+                labels = batch["label"]
                 if len(labels) == 0:
                     continue
-                _, logits_s = unwrap(student_net)(views.student(images, False))
-                _, logits_t = unwrap(t_head)(teacher(views.teacher(images, False)))
+                _, logits_s = unwrap(student_net)(views.student(batch["image"], False))
+                _, logits_t = unwrap(t_head)(teacher_features(batch, epoch, train=False))
                 top5 = logits_s.float().topk(min(5, num_classes), dim=1).indices
                 counts[0] += (top5[:, 0] == labels).sum().item()
                 counts[1] += (top5 == labels[:, None]).any(1).sum().item()
@@ -190,6 +197,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             "val_top5": 100.0 * c5 / n,
             "val_teacher_top1": 100.0 * ct / n,
             "lr": lr,
+            "train_img_per_s": timer.images_per_s(per_worker) * world,
             "restarts": restarts,
         }
         history.append(metrics)

@@ -23,13 +23,17 @@ from ray.train.torch import TorchTrainer
 
 from ega_ray.config import Config, ConfigError
 from ega_ray.data.parquet import check_split, decode_images, mask_labels, read_columns, stratified_label_mask
+from ega_ray.data.teacher_stage import TeacherEmbedder, attach_cached
+from ega_ray.models import Teacher, build_teacher
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
+from ega_ray.train.teacher_cache import check_manifest, load_cached_embeddings, teacher_stage_args
 
 
 @dataclass
 class PreparedData:
     num_classes: int
     keep: np.ndarray  # which training rows keep their label (by index)
+    indices: np.ndarray  # the training split's index column
     num_train: int
     num_val: int
 
@@ -53,7 +57,7 @@ def prepare_data(cfg: Config) -> PreparedData:
     if (val_labels < 0).any():
         raise ConfigError(f"data.val: {cfg.data.val!r} has unlabeled rows (label -1); validation needs labels")
     keep = stratified_label_mask(labels, index, cfg.data.label_fraction, cfg.run.seed)
-    return PreparedData(num_classes, keep, n_train, n_val)
+    return PreparedData(num_classes, keep, index, n_train, n_val)
 
 
 def connect_ray(cfg: Config) -> None:
@@ -67,8 +71,9 @@ def connect_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"])
         return
-    s = cfg.scaling
-    needed = math.ceil(s.num_workers * s.cpus_per_worker) + 1
+    s, t = cfg.scaling, cfg.teacher
+    teacher_actor_cpus = 0.0 if s.use_gpu else t.actors * t.actor_cpus
+    needed = math.ceil(s.num_workers * s.cpus_per_worker + teacher_actor_cpus) + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, needed))
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -86,7 +91,12 @@ MATERIALIZE_AUTO_BYTES = 2 << 30
 
 def _datasets(cfg: Config, data: PreparedData) -> dict[str, ray.data.Dataset]:
     """Decoded, label-masked splits. Small splits are materialized once: re-reading and decoding them every
-    epoch costs seconds of Ray Data start-up per epoch, more than training on them."""
+    epoch costs seconds of Ray Data start-up per epoch, more than training on them.
+
+    Teacher modes: ``cached`` attaches the cached embeddings by index; ``pipeline`` runs the teacher as an
+    actor stage after the (materialized) decode, so every epoch streams fresh views through it. In both,
+    the validation split gets its teacher embeddings (evaluation view) once.
+    """
     size = cfg.data.image_size
     train = (
         ray.data.read_parquet(cfg.data.train)
@@ -99,6 +109,22 @@ def _datasets(cfg: Config, data: PreparedData) -> dict[str, ray.data.Dataset]:
     decoded_bytes = (data.num_train + data.num_val) * size * size * 3
     if cfg.data.materialize == "always" or (cfg.data.materialize == "auto" and decoded_bytes < MATERIALIZE_AUTO_BYTES):
         train, val = train.materialize(), val.materialize()
+    mode = cfg.teacher.mode
+    if mode != "online":
+        stage = teacher_stage_args(cfg)
+        model = cfg.model_dump(mode="json")
+        val = val.map_batches(
+            TeacherEmbedder, fn_constructor_kwargs={"cfg": model, "views": 1, "attach": True, "augment": False}, **stage
+        ).materialize()
+        if mode == "cached":
+            table, position = load_cached_embeddings(str(cfg.teacher.cache), data.indices)
+            train = train.map_batches(
+                attach_cached, fn_kwargs={"table": table, "position": position}, batch_format="numpy"
+            )
+        else:
+            train = train.map_batches(
+                TeacherEmbedder, fn_constructor_kwargs={"cfg": model, "views": 1, "attach": True}, **stage
+            )
     return {"train": train, "val": val}
 
 
@@ -136,13 +162,15 @@ def run_distill(cfg: Config) -> dict[str, Any]:
 
     cfg = cfg.resolved()
     data = prepare_data(cfg)
-    _check_teacher(cfg)
+    spec = check_teacher(cfg).spec
+    views = check_manifest(cfg, spec)["views"] if cfg.teacher.mode == "cached" else 1
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out)
     t0 = time.time()
     connect_ray(cfg)
-    result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), {"num_classes": data.num_classes}, "val_top1")
+    extra = {"num_classes": data.num_classes, "teacher_dim": spec.embed_dim, "teacher_views": views}
+    result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), extra, "val_top1")
     last = _load(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
     best = _load(best_ckpt) if best_ckpt is not None else last
@@ -160,6 +188,7 @@ def run_distill(cfg: Config) -> dict[str, Any]:
         "name": cfg.run.name,
         "method": cfg.distill.method if cfg.distill.beta > 0 else "ce-only",
         "teacher": cfg.teacher.name,
+        "teacher_mode": cfg.teacher.mode,
         "student": cfg.student.name,
         "epochs": final["epoch"],
         "num_workers": cfg.scaling.num_workers,
@@ -232,12 +261,10 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     return summary
 
 
-def _check_teacher(cfg: Config) -> None:
+def check_teacher(cfg: Config) -> Teacher:
     """Build the teacher once on the driver, so that bad weights fail before workers start."""
-    from ega_ray.models import build_teacher
-
     try:
-        build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256)
+        return build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256)
     except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
         raise ConfigError(
             f"teacher: {cfg.teacher.name} with weights {cfg.teacher.weights!r}: {str(err).splitlines()[0]}"

@@ -130,7 +130,7 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
             opt.step()
             total += loss.item()
             steps += 1
-            progress.step(epoch, step, loss.item())
+            progress.step(epoch, step, loss)
         lr = opt.param_groups[0]["lr"]
         sched.step()
         if steps == 0:

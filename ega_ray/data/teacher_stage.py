@@ -1,0 +1,79 @@
+"""The frozen teacher as a Ray Data stage, for the ``cached`` and ``pipeline`` teacher modes.
+
+``TeacherEmbedder`` is a callable class that Ray Data runs on an actor pool (GPU actors when the run uses
+GPUs): each actor builds the teacher once, then embeds batches of uint8 images under the teacher's own
+random views (crop + flip of the padded image, resized and normalized as the teacher expects), exactly the
+view the online mode makes inside the training worker.
+
+- ``cached``: K views of every training image, written once as Parquet rows (index, view, embedding) by
+  ``ega-ray cache-teacher``; training looks embeddings up by ``index`` and samples one view per image per
+  epoch (:func:`view_for`).
+- ``pipeline``: one fresh view per image per epoch, attached to the streamed batch as ``teacher_emb``
+  between the reader and the training workers, so the training devices run only the student.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+TEACHER_EMB = "teacher_emb"
+
+
+def view_for(index: torch.Tensor, epoch: int, seed: int, views: int) -> torch.Tensor:
+    """Which of ``views`` cached views each image uses in ``epoch``: a fixed hash of (index, epoch, seed),
+    so a resumed epoch picks the same views, and every view is used about equally often."""
+    h = index.long() * 0x9E3779B1 + (epoch * 0x85EBCA77 + seed * 0xC2B2AE3D)
+    h = (h ^ (h >> 15)) * 0x2C1B3C6D
+    return (h ^ (h >> 12)).remainder(views)
+
+
+class TeacherEmbedder:
+    """Ray Data actor: teacher embeddings of ``views`` random teacher views per image.
+
+    ``attach=False`` returns one row per (image, view): ``index``, ``view``, ``embedding`` (float16).
+    ``attach=True`` keeps the batch and adds ``teacher_emb`` of shape (rows, views, D) (float16).
+    ``augment=False`` embeds the evaluation view (no crop or flip), as for the validation split.
+    """
+
+    def __init__(self, cfg: dict[str, Any], views: int, attach: bool, seed: int = 0, augment: bool = True) -> None:
+        from ega_ray.config import Config
+        from ega_ray.data.augment import ViewMaker
+        from ega_ray.models import build_teacher
+
+        config = Config.model_validate(cfg)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        t = config.teacher
+        self.teacher = build_teacher(t.name, t.weights, t.sha256).to_device(self.device)
+        self.views = ViewMaker.from_config(config, self.device, self.teacher.spec)
+        self.num_views, self.attach, self.seed, self.augment = views, attach, seed, augment
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        index = batch["index"]
+        embs = []
+        for v in range(self.num_views):
+            # the views of a cache are reproducible: seeded by (seed, view, first index of the batch)
+            if not self.attach:
+                self.views.reseed(self.seed * 1_000_003 + v * 7_919 + int(index[0]))
+            x = self.views.teacher(images, train=self.augment)
+            embs.append(self.teacher(x).to(torch.float16).cpu().numpy())
+        stacked = np.stack(embs, axis=1)  # (rows, views, D)
+        if self.attach:
+            batch[TEACHER_EMB] = stacked
+            return batch
+        n = len(index)
+        return {
+            "index": np.repeat(index, self.num_views),
+            "view": np.tile(np.arange(self.num_views, dtype=np.int64), n),
+            "embedding": stacked.reshape(n * self.num_views, -1),
+        }
+
+
+def attach_cached(batch: dict[str, np.ndarray], table: np.ndarray, position: np.ndarray) -> dict[str, np.ndarray]:
+    """Ray Data batch transform: the cached (views, D) embeddings of each row, looked up by ``index``."""
+    batch[TEACHER_EMB] = table[position[batch["index"]]]
+    return batch
