@@ -15,7 +15,7 @@ demo: $(STAMP)  ## the embedded default: digits, SimCLR teacher, EGA vs CE-only,
 	$(VENV)/bin/ega-ray distill
 
 test: $(STAMP)  ## the whole test suite (slow multi-process tests included)
-	$(VENV)/bin/ruff check ega_ray tests jobs
+	$(VENV)/bin/ruff check ega_ray tests jobs bench
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=10 tests
 
 clean:

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ega_ray.config import ConfigError, load_config
+from ega_ray.data.prepare import add_prepare_parser, run_prepare
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -36,9 +37,7 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--views", type=int, default=4, help="random teacher views per image (K)")
     c.add_argument("--output", required=True, help="cache folder: embeddings/ (Parquet) and manifest.json")
 
-    r = sub.add_parser("prepare", help="convert a dataset into ega-ray's Parquet format")
-    r.add_argument("name", choices=["digits"])
-    r.add_argument("--out", required=True, help="folder that receives train/ and val/")
+    add_prepare_parser(sub)
     return p
 
 
@@ -46,11 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         if args.command == "prepare":
-            from ega_ray.data.digits import prepare_digits
-
-            for split, path in prepare_digits(args.out).items():
-                print(f"{split}: {path}")
-            return 0
+            return run_prepare(args)
         if args.command == "distill" and args.config is None:
             from ega_ray.embedded import run_embedded
 

@@ -1,5 +1,6 @@
-"""The on-disk format: sharded Parquet with columns ``image`` (PNG bytes), ``label`` (int64, −1 for
-unlabeled), ``index`` (int64, 0..N−1 within the split, stable). Read back through Ray Data."""
+"""The on-disk format: sharded Parquet with columns ``image`` (encoded PNG or JPEG bytes), ``label`` (int64,
+−1 for unlabeled), ``index`` (int64, 0..N−1 within the split, stable). Read back through Ray Data.
+See docs/data.md; ``ega_ray.data.prepare`` converts the official dataset formats into it."""
 
 from __future__ import annotations
 
@@ -23,6 +24,103 @@ def encode_png(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
+
+
+class ShardWriter:
+    """Stream rows (encoded image bytes, label) into ``folder/part-NNNNN.parquet``.
+
+    Rows get ``index`` 0, 1, 2, … in the order they are added. A file holds at most ``rows_per_file`` rows;
+    rows are buffered and written as a row group when the file is full or the buffer holds
+    ``row_group_bytes`` of images, so memory stays bounded however long the split is. The same rows always
+    give the same files, byte for byte."""
+
+    def __init__(self, folder: str | Path, rows_per_file: int = 10_000, row_group_bytes: int = 64 << 20):
+        if rows_per_file < 1:
+            raise ValueError(f"rows_per_file must be >= 1, got {rows_per_file}")
+        self.folder = Path(folder)
+        self.rows_per_file = rows_per_file
+        self.row_group_bytes = row_group_bytes
+        self.rows = 0  # rows added so far
+        self.files: list[Path] = []
+        self._images: list[bytes] = []
+        self._labels: list[int] = []
+        self._bytes = 0
+        self._written = 0  # rows already in files
+        self._in_file = 0  # rows (written or buffered) in the current file
+        self._writer: pq.ParquetWriter | None = None
+
+    def add(self, image: bytes, label: int) -> None:
+        self._images.append(bytes(image))
+        self._labels.append(int(label))
+        self._bytes += len(image)
+        self.rows += 1
+        self._in_file += 1
+        if self._in_file == self.rows_per_file or self._bytes >= self.row_group_bytes:
+            self._flush()
+            if self._in_file == self.rows_per_file:
+                self._close_file()
+
+    def _flush(self) -> None:
+        if not self._images:
+            return
+        if self._writer is None:
+            path = self.folder / f"part-{len(self.files):05d}.parquet"
+            self._writer = pq.ParquetWriter(path, SCHEMA)
+            self.files.append(path)
+        n = len(self._images)
+        table = pa.table(
+            {
+                "image": pa.array(self._images, type=pa.binary()),
+                "label": pa.array(self._labels, type=pa.int64()),
+                "index": pa.array(np.arange(self._written, self._written + n), type=pa.int64()),
+            },
+            schema=SCHEMA,
+        )
+        self._writer.write_table(table)
+        self._written += n
+        self._images, self._labels, self._bytes = [], [], 0
+
+    def _close_file(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        self._in_file = 0
+
+    def close(self) -> int:
+        """Write what is buffered and close the last file; return the number of rows."""
+        self._flush()
+        self._close_file()
+        return self.rows
+
+    def __enter__(self) -> ShardWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        elif self._writer is not None:  # failing: release the file, the caller discards the folder
+            self._writer.close()
+            self._writer = None
+
+
+def replace_dir(new: Path, dest: Path) -> None:
+    """Move the finished folder ``new`` to ``dest``, replacing an older ``dest``. The old folder is moved
+    aside first and put back if the final rename fails, so ``dest`` is never left half-written."""
+    old = None
+    if dest.exists():
+        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
+        dest.rename(old)
+    try:
+        new.rename(dest)
+    except BaseException:
+        if old is not None:
+            old.rename(dest)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def write_split(out_dir: str | Path, images: np.ndarray, labels: np.ndarray, rows_per_file: int = 10_000) -> Path:
     """Write one split atomically: into a temporary sibling folder, renamed into place at the end."""
     out_dir = Path(out_dir)
@@ -33,19 +131,10 @@ def write_split(out_dir: str | Path, images: np.ndarray, labels: np.ndarray, row
     tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
     try:
-        for part, start in enumerate(range(0, len(images), rows_per_file)):
-            stop = min(start + rows_per_file, len(images))
-            table = pa.table(
-                {
-                    "image": pa.array([encode_png(im) for im in images[start:stop]], type=pa.binary()),
-                    "label": pa.array(labels[start:stop], type=pa.int64()),
-                    "index": pa.array(np.arange(start, stop), type=pa.int64()),
-                }
-            )
-            pq.write_table(table, tmp / f"part-{part:05d}.parquet")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
+        with ShardWriter(tmp, rows_per_file) as writer:
+            for image, label in zip(images, labels, strict=True):
+                writer.add(encode_png(image), int(label))
+        replace_dir(tmp, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
