@@ -31,12 +31,14 @@ SHARED_BENCH = REPO.parent / "shared" / "bench"
 MAX_ROWS = 51_200
 
 
-def seed_baseline(x: np.ndarray, y: np.ndarray, device: str, batch: int, workers: int, seconds: float) -> float:
-    sys.path.insert(0, str(SHARED_BENCH))
+def seed_baseline(
+    recipe: Path, x: np.ndarray, y: np.ndarray, device: str, batch: int, workers: int, seconds: float
+) -> float:
+    sys.path.insert(0, str(recipe.parent))
     try:
         from seed_recipe import seed_throughput
     except ImportError as err:
-        raise SystemExit(f"bench: cannot import seed_throughput from {SHARED_BENCH}: {err}") from None
+        raise SystemExit(f"bench: cannot import seed_throughput from {recipe}: {err}") from None
     return seed_throughput(x, y, device=device, batch=batch, workers=workers, seconds=seconds, warmup_steps=3)
 
 
@@ -72,6 +74,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--seed-workers", type=int, default=min(8, os.cpu_count() or 1), help="the seed's loader workers")
     ap.add_argument("--json", type=Path, help="write the figures here")
+    ap.add_argument("--seed-recipe", type=Path, default=SHARED_BENCH / "seed_recipe.py", help="the paper's loop")
     args = ap.parse_args()
 
     from ega_ray.data.parquet import write_split
@@ -84,7 +87,7 @@ def main() -> int:
     n_seed = max(args.batch * 20, 1280)
     x = rng.integers(0, 256, (n_seed, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 100, n_seed)
-    seed_ips = seed_baseline(x, y, args.device, args.batch, args.seed_workers, args.seconds)
+    seed_ips = seed_baseline(args.seed_recipe, x, y, args.device, args.batch, args.seed_workers, args.seconds)
     print(f"[bench] seed loop: {seed_ips:.1f} img/s", flush=True)
 
     figures: dict[str, float] = {"seed_img_per_s": seed_ips}
