@@ -8,7 +8,9 @@ report metrics with a checkpoint. Loss of one step:
 
 The teacher's embedding is detached inside the distiller, so the teacher head learns from its own CE only
 (as in the EGA code, which zeroes the distiller's gradient on the teacher head before its own step).
-Rows whose label is −1 (the unlabeled part of a reduced label budget) count in the distiller only.
+Rows whose label is −1 (the unlabeled part of a reduced label budget) count in the distiller and KD only.
+The teacher's embedding comes from the teacher on its own view (``online``) or with the batch, computed by
+a Ray Data stage (``pipeline``) or looked up in a K-view cache (``cached``).
 """
 
 from __future__ import annotations

@@ -163,13 +163,14 @@ def run_distill(cfg: Config) -> dict[str, Any]:
     cfg = cfg.resolved()
     data = prepare_data(cfg)
     spec = check_teacher(cfg).spec
-    views = check_manifest(cfg, spec)["views"] if cfg.teacher.mode == "cached" else 1
+    if cfg.teacher.mode == "cached":
+        check_manifest(cfg, spec)
     out = cfg.output_dir
     out.mkdir(parents=True, exist_ok=True)
     write_config(cfg, out)
     t0 = time.time()
     connect_ray(cfg)
-    extra = {"num_classes": data.num_classes, "teacher_dim": spec.embed_dim, "teacher_views": views}
+    extra = {"num_classes": data.num_classes, "teacher_dim": spec.embed_dim}
     result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), extra, "val_top1")
     last = _load(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
