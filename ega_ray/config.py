@@ -39,6 +39,7 @@ class DataConfig(_Section):
     label_fraction: float = Field(1.0, gt=0, le=1, description="share of training labels the CE terms see")
     image_size: int = Field(32, ge=8, description="the student's input size (images are resized to it)")
     shuffle_buffer: int = Field(10_000, ge=0, description="rows in each worker's local shuffle buffer")
+    prefetch_batches: int = Field(2, ge=0, description="batches each worker prefetches while it trains")
     materialize: Literal["auto", "always", "never"] = Field(
         "auto", description="keep decoded splits in Ray's object store (auto: when under 2 GiB decoded)"
     )

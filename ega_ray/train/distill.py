@@ -136,6 +136,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
                 drop_last=True,
                 local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
                 device=device,
+                prefetch_batches=cfg.data.prefetch_batches,
+                pin_memory=device.type == "cuda",  # faster, asynchronous host-to-device copies
             )
         ):
             if step == o.max_steps_per_epoch:
