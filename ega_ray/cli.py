@@ -31,6 +31,13 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--output", help="run folder; the teacher file is <output>/teacher.pt")
 
+    u = sub.add_parser("tune", help="search temperature, loss weights and lr with Ray Tune (ASHA)")
+    u.add_argument("--config", help="YAML config with an optional tune: section; without it, the embedded default")
+    u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    u.add_argument("--num-samples", type=int, help="trials (overrides tune.num_samples)")
+    u.add_argument("--output", default="runs/tune", help="search folder: trials.csv, best.yaml, search.png, trials/")
+    u.add_argument("--resume", action="store_true", help="continue the interrupted search in --output")
+
     c = sub.add_parser("cache-teacher", help="embed K random teacher views of every training image once")
     c.add_argument("--config", required=True)
     c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -52,6 +59,20 @@ def main(argv: list[str] | None = None) -> int:
             run_embedded(args.overrides, args.output)
             return 0
         # JSON-quoted: a folder named like a number or a mapping stays a string when parsed as YAML
+        if args.command == "tune":
+            from ega_ray.tune.search import run_search
+
+            overrides = args.overrides + ([f"tune.num_samples={args.num_samples}"] if args.num_samples else [])
+            if args.resume:
+                cfg = None
+            elif args.config is None:
+                from ega_ray.embedded import embedded_tune_config
+
+                cfg = embedded_tune_config(overrides, args.output)
+            else:
+                cfg = load_config(args.config, overrides)
+            run_search(cfg, args.output, resume=args.resume)
+            return 0
         if args.command == "cache-teacher":
             from ega_ray.train.teacher_cache import build_cache
 

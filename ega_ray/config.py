@@ -180,6 +180,58 @@ class PretrainConfig(_Section):
         return StudentConfig._known(v)
 
 
+class SpaceEntry(_Section):
+    """One searched config field: a range (uniform / loguniform / int) or a list of values (choice / grid)."""
+
+    type: Literal["uniform", "loguniform", "int", "choice", "grid"]
+    low: float | None = None
+    high: float | None = None
+    values: list[Any] | None = None
+    include_none: bool = Field(False, description="also try None (for distill.temperature: the paper's hard graph)")
+
+    @model_validator(mode="after")
+    def _well_formed(self) -> SpaceEntry:
+        if self.type in ("choice", "grid"):
+            if not self.values:
+                raise ValueError(f"{self.type} needs a non-empty 'values' list")
+        else:
+            if self.low is None or self.high is None:
+                raise ValueError(f"{self.type} needs 'low' and 'high'")
+            if not self.low < self.high:
+                raise ValueError(f"empty range: low {self.low} must be below high {self.high}")
+            if self.type == "loguniform" and self.low <= 0:
+                raise ValueError(f"loguniform needs low > 0, got {self.low}")
+        return self
+
+    def bounds(self) -> list[Any]:
+        """The values whose validity stands for the whole entry: the ends of a range, or every listed value."""
+        return list(self.values) if self.type in ("choice", "grid") else [self.low, self.high]
+
+
+DEFAULT_SPACE: dict[str, dict[str, Any]] = {
+    "distill.temperature": {"type": "loguniform", "low": 0.03, "high": 1.0, "include_none": True},
+    "distill.node_weight": {"type": "uniform", "low": 0.1, "high": 2.0},
+    "distill.edge_weight": {"type": "uniform", "low": 0.05, "high": 1.0},
+    "distill.beta": {"type": "uniform", "low": 0.25, "high": 2.0},
+    "optim.lr": {"type": "loguniform", "low": 0.0125, "high": 0.2},
+}
+
+
+class TuneSection(_Section):
+    """``ega-ray tune``: the searched fields and how trials are scheduled (see docs/tuning.md)."""
+
+    num_samples: int = Field(8, ge=1, description="trials to sample (grid entries multiply them)")
+    metric: str = Field("val_top1", description="validation metric to maximise")
+    search: Literal["random", "optuna"] = Field("random", description="optuna needs the optional extra [tune]")
+    grace_period: int = Field(3, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
+    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor of trials at each rung")
+    max_concurrent: int | None = Field(None, ge=1, description="None: as many as the cluster's CPUs/GPUs hold")
+    space: dict[str, SpaceEntry] = Field(
+        default_factory=lambda: {k: SpaceEntry(**v) for k, v in DEFAULT_SPACE.items()},
+        description="dotted config field → search entry; replaces the default space when given",
+    )
+
+
 class RunSection(_Section):
     name: str = Field("ega", pattern=r"^[A-Za-z0-9_.-]+$")
     output: str | None = Field(None, description="run folder; default runs/<name>")
@@ -199,6 +251,7 @@ class Config(_Section):
     augment: AugmentConfig = AugmentConfig()
     scaling: ScalingSection = ScalingSection()
     pretrain: PretrainConfig = PretrainConfig()
+    tune: TuneSection = TuneSection()
     run: RunSection = RunSection()
 
     @model_validator(mode="before")
@@ -214,6 +267,26 @@ class Config(_Section):
         n = self.scaling.num_workers
         if self.optim.batch_size % n:
             raise ValueError(f"optim.batch_size {self.optim.batch_size} must be a multiple of scaling.num_workers {n}")
+        return self
+
+    @model_validator(mode="after")
+    def _space_fields_exist(self) -> Config:
+        """Every searched key names a config field outside tune/run, and its values are valid for that field."""
+        sections = [name for name in type(self).model_fields if name not in ("tune", "run")]
+        for key, entry in self.tune.space.items():
+            section, _, field = key.partition(".")
+            if section not in sections or field not in type(getattr(self, section)).model_fields:
+                raise ValueError(
+                    f"tune.space: {key!r} is not a searchable config field (section.field, sections: "
+                    f"{', '.join(sections)})"
+                )
+            current = getattr(self, section)
+            for value in entry.bounds():
+                try:
+                    type(current).model_validate({**current.model_dump(), field: value})
+                except ValidationError as err:
+                    msg = err.errors()[0]["msg"].removeprefix("Value error, ")
+                    raise ValueError(f"tune.space.{key}: value {value!r} is not allowed: {msg}") from None
         return self
 
     @property
@@ -268,7 +341,7 @@ def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
     msg = first["msg"].removeprefix("Value error, ")
     got = first.get("input")
     suffix = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{loc or 'config'}: {msg}{suffix}"
+    return f"{loc}: {msg}{suffix}" if loc else f"{msg}{suffix}"
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -41,12 +41,30 @@ def _cached_teacher(path: Path, key: str) -> bool:
     return torch.load(path, map_location="cpu", weights_only=True).get("key") == key
 
 
+def ensure_teacher(base: Config, teacher_dir: Path) -> tuple[Path, float]:
+    """The embedded default's SimCLR teacher file and its kNN top-1: reused when its settings match,
+    pretrained on Ray Train otherwise."""
+    key = _teacher_key(base)
+    teacher_file = teacher_dir / "teacher.pt"
+    if _cached_teacher(teacher_file, key):
+        knn = torch.load(teacher_file, map_location="cpu", weights_only=True)["knn_top1"]
+        print(f"[embedded]     reusing the cached teacher (kNN top-1 {knn:.1f}%)", flush=True)
+        return teacher_file, knn
+    clear_run(teacher_dir)
+    raw = base.model_dump(mode="json")
+    raw["run"] |= {"output": str(teacher_dir), "name": "teacher"}
+    knn = run_pretrain(parse_config(raw))["knn_top1"]
+    ckpt = torch.load(teacher_file, map_location="cpu", weights_only=True)
+    ckpt["key"] = key
+    torch.save(ckpt, teacher_file)
+    return teacher_file, knn
+
+
 def run_embedded(overrides: list[str] | None = None, output: str | None = None) -> dict[str, Any]:
     t0 = time.time()
     base = embedded_config(overrides, output).resolved()
     root = base.output_dir
     teacher_dir = root / "teacher"
-    key = _teacher_key(base)
 
     def stage(name: str, **changes: Any) -> Config:
         raw = base.model_dump(mode="json")
@@ -56,16 +74,7 @@ def run_embedded(overrides: list[str] | None = None, output: str | None = None) 
         return parse_config(raw)
 
     print(f"[embedded] 1/3 self-supervised teacher ({base.pretrain.arch}, SimCLR) → {teacher_dir}", flush=True)
-    teacher_file = teacher_dir / "teacher.pt"
-    if _cached_teacher(teacher_file, key):
-        knn = torch.load(teacher_file, map_location="cpu", weights_only=True)["knn_top1"]
-        print(f"[embedded]     reusing the cached teacher (kNN top-1 {knn:.1f}%)", flush=True)
-    else:
-        clear_run(teacher_dir)
-        knn = run_pretrain(stage("pretrain", run__output=str(teacher_dir), run__name="teacher"))["knn_top1"]
-        ckpt = torch.load(teacher_file, map_location="cpu", weights_only=True)
-        ckpt["key"] = key
-        torch.save(ckpt, teacher_file)
+    teacher_file, knn = ensure_teacher(base, teacher_dir)
 
     results = {}
     for i, (label, beta) in enumerate((("ega", base.distill.beta), ("ce", 0.0)), start=2):
@@ -96,6 +105,15 @@ def run_embedded(overrides: list[str] | None = None, output: str | None = None) 
     write_json(summary, root / "summary.json")
     print_table(summary)
     return summary
+
+
+def embedded_tune_config(overrides: list[str] | None, output: str) -> Config:
+    """The embedded default as a search: its teacher (pretrained or reused under ``output``) and data."""
+    base = embedded_config(overrides, output).resolved()
+    teacher_file, _ = ensure_teacher(base, base.output_dir / "teacher")
+    raw = base.model_dump(mode="json")
+    raw["teacher"]["weights"] = str(teacher_file)
+    return parse_config(raw)
 
 
 def print_table(s: dict[str, Any]) -> None:

@@ -95,7 +95,7 @@ def test_pretrain_teacher_writes_a_loadable_ssl_teacher(tmp_path, local_ray):
 
 def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):
     """The README's main command with one epoch per stage: teacher, EGA, CE-only, table, summary.json."""
-    from ega_ray.embedded import run_embedded
+    from ega_ray.embedded import embedded_config, ensure_teacher, run_embedded
 
     overrides = ["pretrain.epochs=1", "optim.epochs=1", "optim.milestones=[1]"]
     summary = run_embedded(overrides, output=str(tmp_path / "embedded"))
@@ -109,5 +109,6 @@ def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):
     assert (tmp_path / "embedded" / "ega" / "metrics.csv").is_file()
     teacher_file = tmp_path / "embedded" / "teacher" / "teacher.pt"
     mtime = teacher_file.stat().st_mtime
-    run_embedded(overrides + ["optim.epochs=1"], output=str(tmp_path / "embedded"))
+    base = embedded_config(overrides, output=str(tmp_path / "embedded")).resolved()
+    assert ensure_teacher(base, teacher_file.parent)[0] == teacher_file
     assert teacher_file.stat().st_mtime == mtime, "the cached teacher is reused when its settings match"

@@ -128,7 +128,9 @@ def _datasets(cfg: Config, data: PreparedData) -> dict[str, ray.data.Dataset]:
     return {"train": train, "val": val}
 
 
-def _fit(cfg: Config, train_fn, datasets: dict, extra: dict[str, Any], score: str | None) -> ray.train.Result:
+def _fit(
+    cfg: Config, train_fn, datasets: dict, extra: dict[str, Any], score: str | None, callbacks: list | None = None
+) -> ray.train.Result:
     out = cfg.output_dir
     trainer = TorchTrainer(
         train_fn,
@@ -138,6 +140,7 @@ def _fit(cfg: Config, train_fn, datasets: dict, extra: dict[str, Any], score: st
             name=out.name,
             storage_path=str(out.parent),
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            callbacks=callbacks,
             # the latest checkpoint is always kept too: best + latest
             checkpoint_config=CheckpointConfig(
                 num_to_keep=1, checkpoint_score_attribute=score, checkpoint_score_order="max"
@@ -156,8 +159,9 @@ def _load(checkpoint: ray.train.Checkpoint) -> dict:
         return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
 
 
-def run_distill(cfg: Config) -> dict[str, Any]:
-    """Validate, train with Ray Train, write the run folder; returns the summary."""
+def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
+    """Validate, train with Ray Train, write the run folder; returns the summary. ``callbacks``: Ray Train
+    callbacks (a Tune trial passes the one that forwards metrics to Tune)."""
     from ega_ray.train.distill import train_func_per_worker
 
     cfg = cfg.resolved()
@@ -171,7 +175,7 @@ def run_distill(cfg: Config) -> dict[str, Any]:
     t0 = time.time()
     connect_ray(cfg)
     extra = {"num_classes": data.num_classes, "teacher_dim": spec.embed_dim}
-    result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), extra, "val_top1")
+    result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), extra, "val_top1", callbacks)
     last = _load(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
     best = _load(best_ckpt) if best_ckpt is not None else last

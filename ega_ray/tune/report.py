@@ -1,0 +1,132 @@
+"""What a search writes: trials.csv, best.yaml, plots, and the best trial printed as a table."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from ega_ray.config import Config  # noqa: E402
+from ega_ray.tune.search import NONE_SUFFIX, apply_params, effective_params  # noqa: E402
+
+
+def _column(key: str, keys: list[str]) -> str:
+    """Columns are named after the searched field (``temperature``), dotted only if two sections share it."""
+    leaf = key.split(".", 1)[1]
+    return leaf if sum(k.split(".", 1)[1] == leaf for k in keys) == 1 else key
+
+
+def trial_history(trial_dir: Path, reported: pd.DataFrame | None) -> pd.DataFrame | None:
+    """A trial's epochs: from its latest Ray Train checkpoint when it has one (complete across restarts of
+    an interrupted search, even when the resumed trial had nothing left to report), else from Tune."""
+    checkpoints = sorted(p for p in trial_dir.glob("checkpoint_*") if p.is_dir())
+    if checkpoints:
+        state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=True)
+        saved = pd.DataFrame(state["history"])
+        if reported is None or "epoch" not in reported or len(saved) >= reported["epoch"].max():
+            return saved
+    return reported
+
+
+def trial_rows(results, cfg: Config, output: Path) -> list[dict[str, Any]]:
+    keys = list(cfg.tune.space)
+    rows = []
+    for r in results:
+        params = effective_params({k: v for k, v in r.config.items() if k in keys or k.endswith(NONE_SUFFIX)})
+        trial_id = (r.metrics or {}).get("trial_id") or "_".join(Path(r.path).name.split("_")[2:4])
+        history = trial_history(output / "trials" / trial_id, r.metrics_dataframe)
+        epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
+        if r.error is not None:
+            status = "ERROR"
+        elif epochs >= cfg.optim.epochs:
+            status = "COMPLETED"
+        else:
+            status = "STOPPED"  # by ASHA, or an unfinished trial of an interrupted search
+        row = {"trial_id": trial_id, "status": status}
+        for key in keys:
+            row[_column(key, keys)] = params.get(key)
+        row |= {
+            "best_top1": float(history["val_top1"].max()) if epochs else math.nan,
+            "last_top1": float(history["val_top1"].iloc[-1]) if epochs else math.nan,
+            "epochs": epochs,
+        }
+        rows.append((row, params, history))
+    return rows
+
+
+def write_report(results, cfg: Config, output: Path, wall_time_s: float) -> dict[str, Any]:
+    rows = trial_rows(results, cfg, output)
+    if not rows:
+        raise RuntimeError("the search produced no trials")
+    with open(output / "trials.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0][0]))
+        writer.writeheader()
+        writer.writerows(r[0] for r in rows)
+    finished = [r for r in rows if r[0]["epochs"] > 0]
+    best_row, best_params, _ = max(finished, key=lambda r: r[0]["best_top1"])
+    best = apply_params(cfg.model_dump(mode="json"), best_params)
+    best["run"] |= {"name": "best", "output": None, "fail_after_epoch": None}
+    (output / "best.yaml").write_text(
+        f"# ega-ray tune: the best of {len(rows)} trials (val top-1 {best_row['best_top1']:.2f}); "
+        f"run with: ega-ray distill --config best.yaml\n" + yaml.safe_dump(best, sort_keys=False)
+    )
+    plot_search(rows, cfg, output / "search.png")
+    print_best(best_row, len(rows), wall_time_s)
+    return best_row | {"trials": len(rows), "wall_time_s": round(wall_time_s, 1)}
+
+
+def plot_search(rows, cfg: Config, path: Path) -> None:
+    """Three panels: top-1 against temperature (hard graph apart), node vs edge weight coloured by top-1,
+    learning curves of the best trials."""
+    done = [r for r in rows if r[0]["epochs"] > 0]
+    fig, (ax_t, ax_w, ax_c) = plt.subplots(1, 3, figsize=(15, 4.2))
+    soft = [
+        (r[1].get("distill.temperature"), r[0]["best_top1"])
+        for r in done
+        if r[1].get("distill.temperature") is not None
+    ]
+    hard = [r[0]["best_top1"] for r in done if "distill.temperature" in r[1] and r[1]["distill.temperature"] is None]
+    if soft:
+        ax_t.scatter(*zip(*soft, strict=True), label="soft graph (τ)")
+        ax_t.set_xscale("log")
+    if hard:
+        x = min((t for t, _ in soft), default=1.0) / 2
+        ax_t.scatter([x] * len(hard), hard, marker="s", color="C3", label="hard graph (paper)")
+    ax_t.set(xlabel="graph temperature τ", ylabel="best val top-1 (%)", title="top-1 against temperature")
+    if soft or hard:
+        ax_t.legend()
+    pts = [
+        (r[1]["distill.node_weight"], r[1]["distill.edge_weight"], r[0]["best_top1"])
+        for r in done
+        if "distill.node_weight" in r[1] and "distill.edge_weight" in r[1]
+    ]
+    if pts:
+        xs, ys, cs = zip(*pts, strict=True)
+        sc = ax_w.scatter(xs, ys, c=cs, cmap="viridis", s=60)
+        fig.colorbar(sc, ax=ax_w, label="best val top-1 (%)")
+    ax_w.set(xlabel="node weight", ylabel="edge weight", title="loss weights")
+    for row, _, history in sorted(done, key=lambda r: -r[0]["best_top1"])[:5]:
+        ax_c.plot(history["epoch"], history["val_top1"], label=f"{row['trial_id']} ({row['best_top1']:.1f})")
+    ax_c.set(xlabel="epoch", ylabel="val top-1 (%)", title="best trials")
+    if done:
+        ax_c.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def print_best(row: dict[str, Any], trials: int, wall_time_s: float) -> None:
+    print(f"\nbest of {trials} trials ({wall_time_s:.0f} s):")
+    width = max(len(k) for k in row)
+    for k, v in row.items():
+        shown = f"{v:.4g}" if isinstance(v, float) else str(v)
+        print(f"  {k:<{width}}  {shown}")

@@ -1,0 +1,145 @@
+"""``ega-ray tune``: search graph temperature, loss weights and learning rate with Ray Tune.
+
+Each trial is a function trainable that builds the trial's config and runs ``run_distill`` — a full
+TorchTrainer with its own ScalingConfig — with ``TuneReportCallback`` forwarding every epoch's metrics to
+Tune (Ray 2.60's Train V2 integration). ASHA stops weak trials at its rungs. A trial's run folder is
+``<output>/trials/<trial_id>``, so a resumed search continues unfinished trials from their last Ray Train
+checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.data
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
+from ega_ray.train.launch import check_teacher, connect_ray, prepare_data, run_distill
+
+NONE_SUFFIX = "|none"  # a boolean companion parameter: the field takes None (hard graph for the temperature)
+SEARCH_DIR = "search"
+TRIAL_DRIVER_CPU = 0.1
+
+
+def tune_space(space: dict[str, SpaceEntry]) -> dict[str, Any]:
+    """Ray Tune's param_space for the configured entries (flat dotted keys)."""
+    out: dict[str, Any] = {}
+    for key, e in space.items():
+        if e.type == "uniform":
+            out[key] = tune.uniform(e.low, e.high)
+        elif e.type == "loguniform":
+            out[key] = tune.loguniform(e.low, e.high)
+        elif e.type == "int":
+            out[key] = tune.randint(int(e.low), int(e.high) + 1)
+        elif e.type == "choice":
+            out[key] = tune.choice(e.values)
+        else:
+            out[key] = tune.grid_search(e.values)
+        if e.include_none:
+            out[key + NONE_SUFFIX] = tune.choice([False, True])
+    return out
+
+
+def effective_params(params: dict[str, Any]) -> dict[str, Any]:
+    """The config values a trial runs with: companions ``key|none`` turn their field to None."""
+    return {k: (None if params.get(k + NONE_SUFFIX) else v) for k, v in params.items() if not k.endswith(NONE_SUFFIX)}
+
+
+def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    raw = copy.deepcopy(base)
+    for key, value in effective_params(params).items():
+        section, field = key.split(".", 1)
+        raw[section][field] = value
+    return raw
+
+
+def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
+    """One trial: the base config with this trial's values, as a full distillation run."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # trial actors: Tune's table is the display
+    trial_id = tune.get_context().get_trial_id()
+    raw = apply_params(base, params)
+    raw["run"] |= {"name": trial_id, "output": str(Path(root) / "trials" / trial_id)}
+    run_distill(parse_config(raw), callbacks=[TuneReportCallback()])
+
+
+def trial_concurrency(cfg: Config) -> int:
+    """How many trials the cluster holds at once: CPUs (and GPUs) over what one trial takes (its workers,
+    its driver's token share, and half a CPU left to its Ray Data reads)."""
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    s, res = cfg.scaling, ray.cluster_resources()
+    by_cpu = res.get("CPU", 1) / (s.num_workers * s.cpus_per_worker + 0.5 + TRIAL_DRIVER_CPU)
+    by_gpu = res.get("GPU", 0) / (s.num_workers * s.gpus_per_worker) if s.use_gpu else math.inf
+    return max(1, int(min(by_cpu, by_gpu)))
+
+
+def _searcher(cfg: Config):
+    if cfg.tune.search == "random":
+        return None  # Tune's BasicVariantGenerator: random sampling, grid entries expanded
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as err:  # pragma: no cover - depends on the optional extra
+        raise ConfigError(f"tune.search: optuna needs `pip install ega-ray[tune]` ({err})") from None
+    return OptunaSearch()
+
+
+def run_search(cfg: Config | None, output: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the search; writes trials.csv, best.yaml and plots to ``output``; returns the best row."""
+    from ega_ray.tune.report import write_report
+
+    output = Path(output).expanduser().resolve()
+    saved = output / "search_config.yaml"
+    if resume:
+        if not saved.is_file():
+            raise ConfigError(f"--resume: {str(output)!r} holds no search to resume (no search_config.yaml)")
+        cfg = parse_config(yaml.safe_load(saved.read_text()))
+    else:
+        cfg = cfg.resolved()
+        if cfg.tune.search == "optuna":
+            _searcher(cfg)  # fail before Ray starts when the extra is missing
+    prepare_data(cfg)
+    check_teacher(cfg)
+    output.mkdir(parents=True, exist_ok=True)
+    base = cfg.model_dump(mode="json")
+    saved.write_text(yaml.safe_dump(base, sort_keys=False))
+    t0 = time.time()
+    connect_ray(cfg)
+    # the trial's own actor only drives its TorchTrainer: a token CPU share; the workers ask for their own
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base, root=str(output)), {"CPU": TRIAL_DRIVER_CPU}
+    )
+    search_path = str(output / SEARCH_DIR)
+    if resume and tune.Tuner.can_restore(search_path):
+        tuner = tune.Tuner.restore(search_path, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        t = cfg.tune
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.optim.epochs + 1,  # no rung at the last epoch: finished trials write their run folder
+            grace_period=min(t.grace_period, cfg.optim.epochs),
+            reduction_factor=t.reduction_factor,
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=tune_space(t.space),
+            tune_config=tune.TuneConfig(
+                metric=t.metric,
+                mode="max",
+                scheduler=scheduler,
+                search_alg=_searcher(cfg),
+                num_samples=t.num_samples,
+                max_concurrent_trials=trial_concurrency(cfg),
+            ),
+            run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=str(output)),
+        )
+    results = tuner.fit()
+    return write_report(results, cfg, output, wall_time_s=time.time() - t0)
