@@ -52,7 +52,7 @@ class TeacherEmbedder:
 
     @torch.no_grad()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        images = torch.from_numpy(np.ascontiguousarray(batch["image"])).to(self.device)
+        images = torch.from_numpy(np.array(batch["image"], dtype=np.uint8)).to(self.device)  # a writable copy
         index = batch["index"]
         embs = []
         for v in range(self.num_views):

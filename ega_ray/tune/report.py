@@ -27,13 +27,11 @@ def _column(key: str, keys: list[str]) -> str:
 
 def trial_history(trial_dir: Path, reported: pd.DataFrame | None) -> pd.DataFrame | None:
     """A trial's epochs: from its latest Ray Train checkpoint when it has one (complete across restarts of
-    an interrupted search, even when the resumed trial had nothing left to report), else from Tune."""
+    an interrupted search), else what Tune received."""
     checkpoints = sorted(p for p in trial_dir.glob("checkpoint_*") if p.is_dir())
     if checkpoints:
         state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=True)
-        saved = pd.DataFrame(state["history"])
-        if reported is None or "epoch" not in reported or len(saved) >= reported["epoch"].max():
-            return saved
+        return pd.DataFrame(state["history"])
     return reported
 
 

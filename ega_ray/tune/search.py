@@ -17,6 +17,7 @@ from typing import Any
 
 import ray
 import ray.data
+import torch
 import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -68,7 +69,21 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
     trial_id = tune.get_context().get_trial_id()
     raw = apply_params(base, params)
     raw["run"] |= {"name": trial_id, "output": str(Path(root) / "trials" / trial_id)}
-    run_distill(parse_config(raw), callbacks=[TuneReportCallback()])
+    cfg = parse_config(raw)
+    finished = finished_history(cfg.output_dir, cfg.optim.epochs)
+    run_distill(cfg, callbacks=[TuneReportCallback()])  # resumes from the trial's latest checkpoint, if any
+    if finished:
+        # rescheduled after an interruption with every epoch already done: nothing was trained or reported now
+        tune.report(finished[-1])
+
+
+def finished_history(run_dir: Path, epochs: int) -> list[dict[str, Any]] | None:
+    """The metric history of a run folder whose latest checkpoint already holds the last epoch."""
+    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    if not checkpoints:
+        return None
+    state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=True)
+    return state["history"] if state["epoch"] >= epochs else None
 
 
 def trial_concurrency(cfg: Config) -> int:
