@@ -31,7 +31,7 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
         "--config",
         str(REPO / "configs" / "smoke.yaml"),
         "--num-samples",
-        "3",
+        "2",
         "--output",
         str(out),
         "--set",
@@ -59,7 +59,7 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     best = run_search(None, out, resume=True)
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and best["trials"] == 3
+    assert len(rows) == 2 and best["trials"] == 2
     for column in ("temperature", "node_weight", "edge_weight", "lr", "best_top1", "last_top1", "epochs", "status"):
         assert column in rows[0]
     assert all(r["status"] == "COMPLETED" and r["epochs"] == "2" for r in rows), rows
