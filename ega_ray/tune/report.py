@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -96,6 +97,7 @@ def plot_search(rows, cfg: Config, path: Path) -> None:
     if soft:
         ax_t.scatter(*zip(*soft, strict=True), label="soft graph (τ)")
         ax_t.set_xscale("log")
+        ax_t.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels overlap
     if hard:
         x = min((t for t, _ in soft), default=1.0) / 2
         ax_t.scatter([x] * len(hard), hard, marker="s", color="C3", label="hard graph (paper)")
