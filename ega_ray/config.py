@@ -71,9 +71,7 @@ class TeacherConfig(_Section):
     def _known(cls, v: str) -> str:
         from ega_ray.models.teachers import TEACHERS
 
-        if v not in TEACHERS:
-            raise ValueError(f"unknown teacher {v!r}; allowed: {', '.join(TEACHERS.names())}")
-        return v
+        return TEACHERS.check(v)
 
 
 class StudentConfig(_Section):
@@ -84,9 +82,7 @@ class StudentConfig(_Section):
     def _known(cls, v: str) -> str:
         from ega_ray.models.students import STUDENTS
 
-        if v not in STUDENTS:
-            raise ValueError(f"unknown student {v!r}; allowed: {', '.join(STUDENTS.names())}")
-        family, _, model = v.partition(":")
+        family, _, model = STUDENTS.check(v).partition(":")
         if family == "torchvision":
             import torchvision
 
@@ -115,9 +111,7 @@ class DistillConfig(_Section):
     def _known(cls, v: str) -> str:
         from ega_ray.losses import DISTILLERS
 
-        if v not in DISTILLERS:
-            raise ValueError(f"unknown distiller {v!r}; allowed: {', '.join(DISTILLERS.names())}")
-        return v
+        return DISTILLERS.check(v)
 
 
 class OptimConfig(_Section):

@@ -38,6 +38,12 @@ class Registry(Generic[T]):
             return self._entries[f"{family}:*"], rest
         raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
 
+    def check(self, name: str) -> str:
+        """``name`` if it is registered; a ValueError naming it and the known names otherwise."""
+        if name not in self:
+            raise ValueError(f"unknown {self.kind} {name!r}; allowed: {', '.join(self.names())}")
+        return name
+
     def __contains__(self, name: str) -> bool:
         try:
             self.resolve(name)
