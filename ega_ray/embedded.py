@@ -107,9 +107,14 @@ def run_embedded(overrides: list[str] | None = None, output: str | None = None) 
     return summary
 
 
+# A search trial on the embedded default trains 10 epochs, not 30: 8 trials with ASHA then fit in about
+# 12 minutes on two cores (docs/tuning.md); --set overrides these like any field.
+TUNE_BUDGET = ["optim.epochs=10", "optim.milestones=[7, 9]", "tune.grace_period=2"]
+
+
 def embedded_tune_config(overrides: list[str] | None, output: str) -> Config:
     """The embedded default as a search: its teacher (pretrained or reused under ``output``) and data."""
-    base = embedded_config(overrides, output).resolved()
+    base = embedded_config(TUNE_BUDGET + (overrides or []), output).resolved()
     teacher_file, _ = ensure_teacher(base, base.output_dir / "teacher")
     raw = base.model_dump(mode="json")
     raw["teacher"]["weights"] = str(teacher_file)
