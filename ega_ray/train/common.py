@@ -47,6 +47,14 @@ def load_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
+def latest_state(run_dir: Path) -> dict | None:
+    """The state of the newest checkpoint folder in a run folder (None without one), read on the driver."""
+    checkpoints = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+    if not checkpoints:
+        return None
+    return torch.load(checkpoints[-1] / STATE_FILE, map_location="cpu", weights_only=True)
+
+
 def report(metrics: dict, state: dict | None) -> None:
     """Report metrics; rank 0 attaches a checkpoint holding ``state`` (the others pass None)."""
     if state is None or ray.train.get_context().get_world_rank() != 0:

@@ -17,7 +17,6 @@ from typing import Any
 import numpy as np
 import ray
 import ray.data
-import torch
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
@@ -25,6 +24,7 @@ from ega_ray.config import Config, ConfigError
 from ega_ray.data.parquet import check_split, decode_images, mask_labels, read_columns, stratified_label_mask
 from ega_ray.data.teacher_stage import TeacherEmbedder, attach_cached
 from ega_ray.models import Teacher, build_teacher
+from ega_ray.train.common import load_state
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
 from ega_ray.train.teacher_cache import check_manifest, load_cached_embeddings, teacher_stage_args
 
@@ -154,11 +154,6 @@ def _fit(
     return trainer.fit()
 
 
-def _load(checkpoint: ray.train.Checkpoint) -> dict:
-    with checkpoint.as_directory() as d:
-        return torch.load(Path(d) / "state.pt", map_location="cpu", weights_only=True)
-
-
 def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     """Validate, train with Ray Train, write the run folder; returns the summary. ``callbacks``: Ray Train
     callbacks (a Tune trial passes the one that forwards metrics to Tune)."""
@@ -176,9 +171,9 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     connect_ray(cfg)
     extra = {"num_classes": data.num_classes, "teacher_dim": spec.embed_dim}
     result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), extra, "val_top1", callbacks)
-    last = _load(result.checkpoint)
+    last = load_state(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
-    best = _load(best_ckpt) if best_ckpt is not None else last
+    best = load_state(best_ckpt) if best_ckpt is not None else last
     history = last["history"]
     write_metrics_csv(history, out / "metrics.csv")
     plot_curves(
@@ -235,7 +230,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     datasets = _datasets(cfg, data)
     datasets["knn_train"] = datasets["train"]
     result = _fit(cfg, pretrain_func_per_worker, datasets, {}, None)
-    state = _load(result.checkpoint)
+    state = load_state(result.checkpoint)
     history = state["history"]
     write_metrics_csv(history, out / "metrics.csv")
     plot_curves(history, out / "learning_curves.png", f"{cfg.run.name}: SimCLR {cfg.pretrain.arch}")

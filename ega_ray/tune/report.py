@@ -13,10 +13,10 @@ import matplotlib.ticker
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
+from ega_ray.train.common import latest_state  # noqa: E402
 from ega_ray.tune.search import NONE_SUFFIX, apply_params, effective_params  # noqa: E402
 
 
@@ -29,11 +29,8 @@ def _column(key: str, keys: list[str]) -> str:
 def trial_history(trial_dir: Path, reported: pd.DataFrame | None) -> pd.DataFrame | None:
     """A trial's epochs: from its latest Ray Train checkpoint when it has one (complete across restarts of
     an interrupted search), else what Tune received."""
-    checkpoints = sorted(p for p in trial_dir.glob("checkpoint_*") if p.is_dir())
-    if checkpoints:
-        state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=True)
-        return pd.DataFrame(state["history"])
-    return reported
+    state = latest_state(trial_dir)
+    return pd.DataFrame(state["history"]) if state is not None else reported
 
 
 def trial_rows(results, cfg: Config, output: Path) -> list[dict[str, Any]]:

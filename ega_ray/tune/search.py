@@ -17,13 +17,13 @@ from typing import Any
 
 import ray
 import ray.data
-import torch
 import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
+from ega_ray.train.common import latest_state
 from ega_ray.train.launch import check_teacher, connect_ray, prepare_data, run_distill
 
 NONE_SUFFIX = "|none"  # a boolean companion parameter: the field takes None (hard graph for the temperature)
@@ -79,11 +79,8 @@ def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
 
 def finished_history(run_dir: Path, epochs: int) -> list[dict[str, Any]] | None:
     """The metric history of a run folder whose latest checkpoint already holds the last epoch."""
-    checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    if not checkpoints:
-        return None
-    state = torch.load(checkpoints[-1] / "state.pt", map_location="cpu", weights_only=True)
-    return state["history"] if state["epoch"] >= epochs else None
+    state = latest_state(run_dir)
+    return state["history"] if state is not None and state["epoch"] >= epochs else None
 
 
 def trial_concurrency(cfg: Config) -> int:
