@@ -48,6 +48,12 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def commands() -> list[str]:
+    """The CLI's verbs (each has an entry script in jobs/ for `ray job submit`)."""
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return list(sub.choices)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:

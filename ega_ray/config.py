@@ -229,7 +229,15 @@ class TuneSection(_Section):
 class RunSection(_Section):
     name: str = Field("ega", pattern=r"^[A-Za-z0-9_.-]+$")
     output: str | None = Field(None, description="run folder; default runs/<name>")
+    storage: str | None = Field(
+        None,
+        description="where Ray Train keeps checkpoints: s3://, gs:// or a folder every node mounts; "
+        "default: inside the run folder (single-node only)",
+    )
     seed: int = 0
+    progress_bar: bool | None = Field(
+        None, description="Ray's progress bar over the run's steps; default: when the driver runs in a terminal"
+    )
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
     fail_after_epoch: int | None = Field(
         None, ge=1, description="testing: raise once after this epoch's checkpoint, to exercise recovery"
@@ -287,6 +295,11 @@ class Config(_Section):
     def output_dir(self) -> Path:
         return Path(self.run.output or Path("runs") / self.run.name)
 
+    @property
+    def checkpoint_root(self) -> str:
+        """Ray Train's storage_path; the run's checkpoints are in ``<checkpoint_root>/<output folder name>``."""
+        return self.run.storage or str(self.output_dir.parent)
+
     def resolved(self, check_teacher: bool = True) -> Config:
         """A copy whose local paths are absolute and exist (checked here, on the driver).
         ``check_teacher=False`` skips the teacher's weights (pretraining does not use them)."""
@@ -319,6 +332,8 @@ class Config(_Section):
                 )
             cfg.teacher.cache = str(cache)
         cfg.run.output = str(cfg.output_dir.expanduser().resolve())
+        if cfg.run.storage is not None and not is_uri(cfg.run.storage):
+            cfg.run.storage = str(Path(cfg.run.storage).expanduser().resolve())
         return cfg
 
 

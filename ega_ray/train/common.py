@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import random
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow.fs
 import ray.train
 import torch
 import torch.distributed as dist
@@ -29,11 +31,21 @@ def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**63
 
 
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
+def all_reduce_sum(values: list[float], device: torch.device, op: str = "sum") -> list[float]:
+    """Element-wise sum (or ``op="max"``) of ``values`` over the workers."""
     t = torch.tensor(values, dtype=torch.float64, device=device)
     if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
     return t.tolist()
+
+
+def peak_gpu_memory_gib(device: torch.device) -> float:
+    """Peak memory this process allocated on its GPU since the last call (0 on CPU), then reset."""
+    if device.type != "cuda":
+        return 0.0
+    peak = torch.cuda.max_memory_allocated(device) / 2**30
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -47,12 +59,21 @@ def load_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
         return torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=True)
 
 
-def latest_state(run_dir: Path) -> dict | None:
-    """The state of the newest checkpoint folder in a run folder (None without one), read on the driver."""
-    checkpoints = sorted(p for p in Path(run_dir).glob("checkpoint_*") if p.is_dir())
+def latest_state(storage: str, name: str) -> dict | None:
+    """The state of run ``name``'s newest checkpoint under Ray Train's ``storage`` (a folder, s3:// or
+    gs://), read on the driver; None when it has none."""
+    if "://" in storage:
+        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
+    else:
+        fs, root = pyarrow.fs.LocalFileSystem(), storage
+    found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
+    checkpoints = sorted(
+        i.path for i in found if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
+    )
     if not checkpoints:
         return None
-    return torch.load(checkpoints[-1] / STATE_FILE, map_location="cpu", weights_only=True)
+    with fs.open_input_file(f"{checkpoints[-1]}/{STATE_FILE}") as f:
+        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
 
 
 def report(metrics: dict, state: dict | None) -> None:
@@ -77,12 +98,28 @@ def maybe_inject_failure(epoch: int, fail_after_epoch: int | None, marker_dir: s
 
 
 class Progress:
-    """One line per epoch (and every ``every_s`` seconds within long epochs) from rank 0, with an ETA."""
+    """What rank 0 shows while a run trains: Ray's distributed progress bar (``ray.experimental.tqdm_ray``,
+    drawn by the driver) over the run's steps, and one log line per epoch (and every ``every_s`` seconds
+    within long epochs) with an ETA, which is what job logs and Tune trials keep."""
 
-    def __init__(self, label: str, total_epochs: int, start_epoch: int, every_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        label: str,
+        total_epochs: int,
+        start_epoch: int,
+        steps_per_epoch: int | None = None,
+        bar: bool = True,
+        every_s: float = 30.0,
+    ) -> None:
         self.label, self.total, self.start_epoch, self.every_s = label, total_epochs, start_epoch, every_s
         self.t0 = self.last = time.monotonic()
         self.rank0 = ray.train.get_context().get_world_rank() == 0
+        self.bar = None
+        if self.rank0 and bar and steps_per_epoch:
+            from ray.experimental.tqdm_ray import tqdm
+
+            remaining = total_epochs - start_epoch
+            self.bar = tqdm(total=steps_per_epoch * remaining, desc=f"{label} epoch {start_epoch + 1}/{total_epochs}")
         if self.rank0 and start_epoch > 0:
             self._print(f"resumed from the checkpoint of epoch {start_epoch}")
 
@@ -91,8 +128,12 @@ class Progress:
         logger.info("[%s] %s", self.label, text)
 
     def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
+        if not self.rank0:
+            return
+        if self.bar is not None:
+            self.bar.update(1)
         now = time.monotonic()
-        if self.rank0 and now - self.last >= self.every_s:
+        if now - self.last >= self.every_s:
             self.last = now
             self._print(f"epoch {epoch + 1}/{self.total} step {step} loss {loss.item():.4f}")
 
@@ -105,6 +146,11 @@ class Progress:
         shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
         self._print(f"epoch {epoch + 1}/{self.total} | {shown} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
         self.last = time.monotonic()
+        if self.bar is not None:
+            if epoch + 1 < self.total:
+                self.bar.set_description(f"{self.label} epoch {epoch + 2}/{self.total}")
+            else:
+                self.bar.close()
 
 
 class StepTimer:

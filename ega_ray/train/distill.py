@@ -35,6 +35,7 @@ from ega_ray.train.common import (
     epoch_seed,
     load_state,
     maybe_inject_failure,
+    peak_gpu_memory_gib,
     report,
     seed_everything,
     torch_threads,
@@ -110,7 +111,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     per_worker = o.batch_size // world
-    progress = Progress(f"distill {cfg.run.name}", o.epochs, start_epoch)
+    steps_per_epoch = min(config["num_train"] // o.batch_size, o.max_steps_per_epoch or config["num_train"])
+    progress = Progress(f"distill {cfg.run.name}", o.epochs, start_epoch, steps_per_epoch, config["bar"])
 
     def teacher_features(batch: dict[str, torch.Tensor], epoch: int, train: bool) -> torch.Tensor:
         """Online: the teacher on its own view. Cached / pipeline: the embedding that came with the batch
@@ -191,6 +193,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
                 counts[3] += len(labels)
         c1, c5, ct, n = all_reduce_sum(counts, device)
         loss_sums = all_reduce_sum((sums / steps).tolist(), device)
+        img_per_s = all_reduce_sum([timer.images_per_s(per_worker)], device)[0]  # summed over workers
+        gpu_mem = all_reduce_sum([peak_gpu_memory_gib(device)], device, op="max")[0]
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sums[0] / world,
@@ -201,7 +205,9 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             "val_top5": 100.0 * c5 / n,
             "val_teacher_top1": 100.0 * ct / n,
             "lr": lr,
-            "train_img_per_s": timer.images_per_s(per_worker) * world,
+            "train_img_per_s": img_per_s,
+            "train_img_per_s_per_worker": img_per_s / world,
+            "gpu_mem_peak_gib": gpu_mem,  # the largest over workers; 0 on CPU
             "restarts": restarts,
         }
         history.append(metrics)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,7 +139,7 @@ def _fit(
         scaling_config=_scaling(cfg),
         run_config=RunConfig(
             name=out.name,
-            storage_path=str(out.parent),
+            storage_path=cfg.checkpoint_root,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
             callbacks=callbacks,
             # the latest checkpoint is always kept too: best + latest
@@ -169,7 +170,8 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     write_config(cfg, out)
     t0 = time.time()
     connect_ray(cfg)
-    extra = {"num_classes": data.num_classes, "teacher_dim": spec.embed_dim}
+    bar = cfg.run.progress_bar if cfg.run.progress_bar is not None else sys.stderr.isatty()  # not in job logs
+    extra = {"num_classes": data.num_classes, "teacher_dim": spec.embed_dim, "num_train": data.num_train, "bar": bar}
     result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), extra, "val_top1", callbacks)
     last = load_state(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None

@@ -17,7 +17,7 @@ import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
 from ega_ray.train.common import latest_state  # noqa: E402
-from ega_ray.tune.search import NONE_SUFFIX, apply_params, effective_params  # noqa: E402
+from ega_ray.tune.search import NONE_SUFFIX, apply_params, effective_params, trial_storage  # noqa: E402
 
 
 def _column(key: str, keys: list[str]) -> str:
@@ -26,10 +26,10 @@ def _column(key: str, keys: list[str]) -> str:
     return leaf if sum(k.split(".", 1)[1] == leaf for k in keys) == 1 else key
 
 
-def trial_history(trial_dir: Path, reported: pd.DataFrame | None) -> pd.DataFrame | None:
+def trial_history(storage: str, trial_id: str, reported: pd.DataFrame | None) -> pd.DataFrame | None:
     """A trial's epochs: from its latest Ray Train checkpoint when it has one (complete across restarts of
     an interrupted search), else what Tune received."""
-    state = latest_state(trial_dir)
+    state = latest_state(storage, trial_id)
     return pd.DataFrame(state["history"]) if state is not None else reported
 
 
@@ -39,7 +39,7 @@ def trial_rows(results, cfg: Config, output: Path) -> list[dict[str, Any]]:
     for r in results:
         params = effective_params({k: v for k, v in r.config.items() if k in keys or k.endswith(NONE_SUFFIX)})
         trial_id = (r.metrics or {}).get("trial_id") or "_".join(Path(r.path).name.split("_")[2:4])
-        history = trial_history(output / "trials" / trial_id, r.metrics_dataframe)
+        history = trial_history(trial_storage(cfg.run.storage, output), trial_id, r.metrics_dataframe)
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
         if r.error is not None:
             status = "ERROR"

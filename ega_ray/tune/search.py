@@ -63,23 +63,34 @@ def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]
     return raw
 
 
+def trial_storage(storage: str | None, output: Path) -> str:
+    """Where the trials' Ray Train checkpoints go: ``<output>/trials``, or under ``run.storage`` when set."""
+    return f"{storage.rstrip('/')}/{output.name}/trials" if storage else str(output / "trials")
+
+
 def run_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
     """One trial: the base config with this trial's values, as a full distillation run."""
     ray.data.DataContext.get_current().enable_progress_bars = False  # trial actors: Tune's table is the display
     trial_id = tune.get_context().get_trial_id()
     raw = apply_params(base, params)
-    raw["run"] |= {"name": trial_id, "output": str(Path(root) / "trials" / trial_id)}
+    output = Path(root)
+    raw["run"] |= {
+        "name": trial_id,
+        "output": str(output / "trials" / trial_id),
+        "storage": trial_storage(base["run"]["storage"], output),
+        "progress_bar": False,  # Tune's trial table is the display; a bar per trial would garble it
+    }
     cfg = parse_config(raw)
-    finished = finished_history(cfg.output_dir, cfg.optim.epochs)
+    finished = finished_history(cfg, cfg.optim.epochs)
     run_distill(cfg, callbacks=[TuneReportCallback()])  # resumes from the trial's latest checkpoint, if any
     if finished:
         # rescheduled after an interruption with every epoch already done: nothing was trained or reported now
         tune.report(finished[-1])
 
 
-def finished_history(run_dir: Path, epochs: int) -> list[dict[str, Any]] | None:
-    """The metric history of a run folder whose latest checkpoint already holds the last epoch."""
-    state = latest_state(run_dir)
+def finished_history(cfg: Config, epochs: int) -> list[dict[str, Any]] | None:
+    """The metric history of a run whose latest checkpoint already holds the last epoch."""
+    state = latest_state(cfg.checkpoint_root, cfg.output_dir.name)
     return state["history"] if state is not None and state["epoch"] >= epochs else None
 
 
@@ -129,7 +140,8 @@ def run_search(cfg: Config | None, output: str | Path, resume: bool = False) -> 
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, base=base, root=str(output)), {"CPU": TRIAL_DRIVER_CPU}
     )
-    search_path = str(output / SEARCH_DIR)
+    search_root = f"{cfg.run.storage.rstrip('/')}/{output.name}" if cfg.run.storage else str(output)
+    search_path = f"{search_root}/{SEARCH_DIR}"
     if resume and tune.Tuner.can_restore(search_path):
         tuner = tune.Tuner.restore(search_path, trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -151,7 +163,7 @@ def run_search(cfg: Config | None, output: str | Path, resume: bool = False) -> 
                 num_samples=t.num_samples,
                 max_concurrent_trials=trial_concurrency(cfg),
             ),
-            run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=str(output)),
+            run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=search_root),
         )
     results = tuner.fit()
     return write_report(results, cfg, output, wall_time_s=time.time() - t0)

@@ -1,0 +1,276 @@
+"""Cluster operations on real Ray clusters: `ray job submit` with token auth, the fake-multinode autoscaler,
+node loss, and the autoscaler config's validation. Each test starts its own cluster and stops only it."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from ray_processes import RAY, Head, free_port, make_token, ray_head
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.slow
+def test_ray_job_submit_to_an_autoscaling_cluster_with_token_auth(tmp_path):
+    """The docs' `ray job submit` command against a head that trains nothing (0 CPUs) on Ray's fake
+    multi-node autoscaler (worker type: 1 CPU, min 0, max 2), token auth on: the 2-worker smoke run makes
+    the cluster scale up, succeeds, writes its outputs, and the idle nodes go away afterwards."""
+    auth = make_token(tmp_path / "home")
+    port = free_port()
+    config = tmp_path / "autoscaler.yaml"
+    config.write_text(yaml.safe_dump(fake_autoscaling_config(f"127.0.0.1:{port}", idle_timeout_minutes=0.05)))
+    fake = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    path_env = {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}  # the job's `python` is this environment's
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | path_env | auth
+    out = tmp_path / "smoke-job"
+    with ray_head(
+        0, env=auth, port=port, extra_args=(f"--autoscaling-config={config}",), extra_env=fake | path_env
+    ) as head:
+        wait_for(lambda: alive_nodes(head) == 1, 60, "the head node never showed up")  # and nothing else
+        without_token = {k: v for k, v in env.items() if k != "RAY_AUTH_TOKEN_PATH"} | {"HOME": str(tmp_path)}
+        refused = subprocess.run(
+            [RAY, "job", "list", "--address", head.dashboard_url],
+            env=without_token, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert refused.returncode != 0, "the job server answered a client without the token"
+        # the exact command of docs/cluster.md
+        with open(tmp_path / "submit.log", "w") as log:
+            submit = subprocess.Popen(
+                [RAY, "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
+                 "--runtime-env", "jobs/runtime_env.yaml", "--",
+                 "python", "jobs/distill.py", "--config", "configs/smoke.yaml", "--output", str(out)],
+                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
+            )  # fmt: skip
+        peak, deadline = 1, time.monotonic() + 420
+        while submit.poll() is None:
+            assert time.monotonic() < deadline, "the job did not finish in 7 minutes"
+            peak = max(peak, alive_nodes(head))
+            time.sleep(1)
+        text = (tmp_path / "submit.log").read_text()
+        assert submit.returncode == 0, text[-3000:]
+        assert peak >= 2, "the autoscaler added no worker node"
+        job_id = next(line.split("'")[1] for line in text.splitlines() if "submitted successfully" in line)
+        status = subprocess.run(
+            [RAY, "job", "status", "--address", head.dashboard_url, job_id],
+            env=env, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
+        assert f"Job '{job_id}' succeeded" in plain, plain
+        wait_for(lambda: alive_nodes(head) == 1, 120, "the idle worker nodes were not removed")
+    # what a run writes
+    rows = read_metrics(out)
+    assert [row["epoch"] for row in rows] == ["1", "2"]
+    assert all(float(r["train_img_per_s"]) == pytest.approx(2 * float(r["train_img_per_s_per_worker"])) for r in rows)
+    assert all(float(r["gpu_mem_peak_gib"]) == 0.0 for r in rows)  # CPU run
+    assert list(out.glob("checkpoint_*/state.pt")), "no checkpoint in the run folder"
+    for name in ("config.yaml", "learning_curves.png", "student_last.pt", "student_best.torchscript.pt"):
+        assert (out / name).is_file(), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["epochs"] == 2 and summary["num_workers"] == 2 and 0.0 <= summary["last_val_top1"] <= 100.0
+    assert summary["labeled_train_rows"] == pytest.approx(0.5 * summary["train_rows"], abs=10)  # label_fraction
+    assert (out / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
+    scripted = torch.jit.load(str(out / "student_best.torchscript.pt"))
+    assert scripted(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+    exported = torch.load(out / "student_last.pt", weights_only=True)
+    assert exported["student"] == "resnet8" and exported["num_classes"] == 10
+
+
+def test_runtime_env_carries_no_credentials_and_leaves_local_folders_behind():
+    env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
+    assert {".venv/", "runs/", "data/", ".git/"} <= set(env["excludes"])
+    secret_words = ("key", "secret", "token", "password", "credential")
+    for name in env.get("env_vars", {}):
+        assert not any(w in name.lower() for w in secret_words), name
+
+
+def test_every_cluster_verb_has_a_job_script():
+    from ega_ray.cli import commands
+
+    verbs = set(commands())
+    scripts = {p.stem.replace("_", "-") for p in (REPO / "jobs").glob("*.py")}
+    assert verbs <= scripts, f"no jobs/ script for {sorted(verbs - scripts)}"
+
+
+def test_job_scripts_pass_their_arguments_to_the_cli(tmp_path):
+    """A job script is the CLI verb: a bad config is refused the same way, before Ray starts."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("data: {train: builtin:digits, val: builtin:digits}\noptim: {epochs: 0}\n")
+    done = subprocess.run(
+        [sys.executable, "jobs/distill.py", "--config", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 2
+    assert "optim.epochs" in done.stderr
+
+
+def distill_driver(cfg_args: list[str], address: str, log: Path, env: dict | None = None) -> subprocess.Popen:
+    """`python jobs/distill.py ...` as the driver of the cluster at ``address`` (as a job's driver runs);
+    its output goes to ``log``."""
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            [sys.executable, "jobs/distill.py", *cfg_args],
+            cwd=REPO, env={**os.environ, **(env or {}), "RAY_ADDRESS": address}, stdout=f, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+
+def train_worker_nodes(address: str) -> set[str]:
+    """IDs of the nodes that host a live Ray Train worker (public state API)."""
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return {a.node_id for a in actors}
+
+
+def registered_epoch(run_dir: Path) -> int:
+    """The newest epoch whose checkpoint Ray Train's controller has registered (what a restart restores
+    from); a checkpoint folder on disk alone is not registered yet. Reads Ray's checkpoint-manager snapshot."""
+    try:
+        snapshot = json.loads((run_dir / "checkpoint_manager_snapshot.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return 0
+    return max((r["metrics"]["epoch"] for r in snapshot["checkpoint_results"]), default=0)
+
+
+@pytest.mark.slow
+def test_losing_a_worker_node_resumes_from_the_last_checkpoint(tmp_path):
+    """Head with 0 CPUs, two 1-CPU worker nodes; the node of the Train workers is removed without grace
+    after the first checkpoint and a replacement added: the run restarts from its checkpoint and finishes
+    every epoch, each counted once."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0})
+    try:
+        workers = [cluster.add_node(num_cpus=1) for _ in range(2)]
+        out = tmp_path / "node-loss"
+        epochs = 4
+        driver = distill_driver(
+            ["--config", "configs/smoke.yaml", "--output", str(out), "--set", f"optim.epochs={epochs}",
+             "--set", "optim.milestones=[3]", "--set", "run.max_failures=2"],
+            cluster.address,
+            log := tmp_path / "driver.log",
+        )  # fmt: skip
+        deadline = time.monotonic() + 300
+        while (lost_after_epoch := registered_epoch(out)) < 1:
+            assert driver.poll() is None, log.read_text()[-3000:]
+            assert time.monotonic() < deadline, "no registered checkpoint within 5 minutes"
+            time.sleep(0.2)
+        hosts = train_worker_nodes(cluster.address)
+        victim = next(n for n in workers if n.node_id in hosts)
+        cluster.remove_node(victim, allow_graceful=False)
+        cluster.add_node(num_cpus=1)
+        assert driver.wait(timeout=480) == 0, log.read_text()[-3000:]
+    finally:
+        cluster.shutdown()
+    assert lost_after_epoch < epochs, "the run finished before the node was removed"
+    rows = read_metrics(out)
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # none lost, none twice
+    restarts = [int(r["restarts"]) for r in rows]
+    assert restarts[:lost_after_epoch] == [0] * lost_after_epoch
+    assert min(restarts[lost_after_epoch:]) >= 1
+
+
+def fake_autoscaling_config(gcs_address: str, idle_timeout_minutes: float) -> dict:
+    """Autoscaler v1 config for Ray's fake multi-node provider (this Ray wheel lacks its example.yaml):
+    a head with 0 CPUs and a 1-CPU worker type, min 0, max 2. Every key the monitor reads is spelled out."""
+    return {
+        "cluster_name": "ega-ray-fake",
+        "max_workers": 2,
+        "upscaling_speed": 1.0,
+        "idle_timeout_minutes": idle_timeout_minutes,
+        "provider": {
+            "type": "fake_multinode",
+            "gcs_address": gcs_address,
+            "use_node_id_as_ip": True,  # fake nodes share one IP
+            "disable_node_updaters": True,  # nothing to set up over SSH
+            "disable_launch_config_check": True,
+        },
+        "auth": {"ssh_user": "ubuntu"},
+        "available_node_types": {
+            "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+            "cpu_1": {"resources": {"CPU": 1}, "node_config": {}, "min_workers": 0, "max_workers": 2},
+        },
+        "head_node_type": "ray.head.default",
+        "file_mounts": {},
+        "cluster_synced_files": [],
+        "file_mounts_sync_continuously": False,
+        "rsync_exclude": [],
+        "rsync_filter": [],
+        "initialization_commands": [],
+        "setup_commands": [],
+        "head_setup_commands": [],
+        "worker_setup_commands": [],
+        "head_start_ray_commands": [],
+        "worker_start_ray_commands": [],
+    }
+
+
+def alive_nodes(head: Head) -> int:
+    """Live nodes, from the dashboard's state endpoint (token in the header, as any HTTP client sends it)."""
+    token = Path(head.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
+    request = urllib.request.Request(f"{head.dashboard_url}/api/v0/nodes", headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        nodes = json.loads(r.read())["data"]["result"]["result"]
+    return sum(n["state"] == "ALIVE" for n in nodes)
+
+
+def wait_for(condition, timeout_s: float, message: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, message
+        time.sleep(1)
+
+
+AWS_INSTANCE = re.compile(r"^[a-z][a-z0-9-]*\.[0-9]*[a-z]+$")  # family.size: m5.2xlarge, p4d.24xlarge
+GCP_MACHINE = re.compile(r"^[a-z][a-z0-9]*-[a-z]+-[0-9]+[a-z]?$")  # n2-standard-8, a2-highgpu-1g
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in REPO.glob("cluster*.yaml")))
+def test_cluster_yaml_passes_ray_validation_and_our_checks(path):
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / path).read_text())
+    config = prepare_config(raw)
+    validate_config(config)  # Ray's own schema check, no cloud credentials needed
+    provider = config["provider"]
+    types = config["available_node_types"]
+    # what Ray's validation lets through
+    assert provider.get("region"), "no region"
+    head = types[config["head_node_type"]]
+    assert head["resources"].get("CPU") == 0 and head["max_workers"] == 0, "the head must not train"
+    gpu_types = {name: t for name, t in types.items() if t["resources"].get("GPU")}
+    assert sorted(t["resources"]["GPU"] for t in gpu_types.values()) == [1, 8]
+    assert any(t["resources"].get("CPU") and not t["resources"].get("GPU") for n, t in types.items() if t is not head)
+    for name, t in types.items():
+        assert 0 <= t.get("min_workers", 0) <= t["max_workers"] <= config["max_workers"], name
+        node = t["node_config"]
+        if provider["type"] == "aws":
+            assert AWS_INSTANCE.match(node["InstanceType"]), node["InstanceType"]
+            if name in gpu_types:
+                assert node["InstanceMarketOptions"]["MarketType"] == "spot", name
+        else:
+            assert GCP_MACHINE.match(node["machineType"]), node["machineType"]
+            if name in gpu_types:
+                assert node["scheduling"]["provisioningModel"] == "SPOT", name
+    assert config["idle_timeout_minutes"] > 0
+    assert "0.0.0.0" not in yaml.safe_dump(raw), "nothing may bind to all interfaces"
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "RAY_AUTH_MODE=token" in head_start
+    assert all("RAY_AUTH_MODE=token" in c for c in config["worker_start_ray_commands"] if "ray start" in c)
+    installs = " ".join(config["setup_commands"])
+    assert "ray[default,train,tune,data]==2.60.0" in installs and "torch==2.14.1" in installs
