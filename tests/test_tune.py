@@ -40,6 +40,8 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
         "tune.max_concurrent=1",
         "--set",
         "tune.grace_period=2",
+        "--set",
+        "tune.search=optuna",  # the optional extra's searcher (in dev), resumed with its state
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.Popen(
@@ -57,6 +59,7 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
         proc.wait()
 
     best = run_search(None, out, resume=True)
+    assert list((out / "search").glob("searcher-state-*.pkl")), "OptunaSearch saved no state"
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and best["trials"] == 2
