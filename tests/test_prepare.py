@@ -149,6 +149,11 @@ def test_cifar100_malformed_pickles_stop_with_the_file_name(tmp_path):
         pickle.dump({b"data": np.zeros((3, 3072), np.uint8), b"fine_labels": [1, 2]}, f, protocol=2)
     with pytest.raises(PrepareError, match=r"test: 3 images but 2 fine labels"):
         prepare("cifar100", src, tmp_path / "out", log=None)
+    with open(src / "test", "wb") as f:  # a crafted pickle that would run a command when loaded
+        f.write(b"cos\nsystem\n(S'touch " + str(tmp_path / "pwned").encode() + b"'\ntR.")
+    with pytest.raises(PrepareError, match=r"test: cannot be unpickled .*refusing os.system"):
+        prepare("cifar100", src, tmp_path / "out", log=None)
+    assert not (tmp_path / "pwned").exists()
     (src / "meta").unlink()
     with pytest.raises(PrepareError, match=r"meta: not found; cifar100 expects .*cifar-100-python"):
         prepare("cifar100", src, tmp_path / "out", log=None)

@@ -168,10 +168,28 @@ def _array_rows(chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], r
 # ---------------------------------------------------------------- CIFAR-100
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """CIFAR's pickles hold dicts, lists, strings, bytes and NumPy arrays; anything else a pickle names (a function to
+    call, as a crafted file would) is refused, so converting a downloaded file cannot run code."""
+
+    ALLOWED = {
+        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
+        ("numpy", "ndarray"),
+        ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"),
+        ("numpy._core.multiarray", "_reconstruct"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name}: only NumPy arrays may appear in a CIFAR pickle")
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> Any:
     try:
         with open(path, "rb") as f:
-            return pickle.load(f, encoding="bytes")
+            return _ArraysOnlyUnpickler(f, encoding="bytes").load()
     except Exception as err:  # truncated: EOFError / UnpicklingError; garbage: many kinds
         raise PrepareError(
             f"{path}: cannot be unpickled ({type(err).__name__}: {err}); the file is truncated or not a CIFAR pickle"
