@@ -10,6 +10,7 @@ checkpoint.
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
 from ega_ray.train.common import latest_state
 from ega_ray.train.launch import check_teacher, connect_ray, prepare_data, run_distill
 
+logger = logging.getLogger(__name__)
 NONE_SUFFIX = "|none"  # a boolean companion parameter: the field takes None (hard graph for the temperature)
 SEARCH_DIR = "search"
 TRIAL_DRIVER_CPU = 0.1
@@ -100,6 +102,11 @@ def trial_concurrency(cfg: Config) -> int:
     if cfg.tune.max_concurrent:
         return cfg.tune.max_concurrent
     s, res = cfg.scaling, ray.cluster_resources()
+    if s.use_gpu and not res.get("GPU"):
+        logger.warning(
+            "the cluster has no GPUs yet: trials run one at a time until the autoscaler adds some; "
+            "set tune.max_concurrent to the number of trials your GPU nodes can hold at full size"
+        )
     by_cpu = res.get("CPU", 1) / (s.num_workers * s.cpus_per_worker + 0.5 + TRIAL_DRIVER_CPU)
     by_gpu = res.get("GPU", 0) / (s.num_workers * s.gpus_per_worker) if s.use_gpu else math.inf
     return max(1, int(min(by_cpu, by_gpu)))
