@@ -44,6 +44,14 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--views", type=int, default=4, help="random teacher views per image (K)")
     c.add_argument("--output", required=True, help="cache folder: embeddings/ (Parquet) and manifest.json")
 
+    b = sub.add_parser("benchmark", help="every distiller (and CE only) on the same data, teacher, student, seeds")
+    b.add_argument("--config", help="YAML config; without it, the embedded default")
+    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    b.add_argument("--methods", default="ega,kd,hint,rkd,pkt,crd,nce,ccl", help="comma-separated distillers")
+    b.add_argument("--seeds", type=int, default=3, help="runs per method, seeds 0..N-1")
+    b.add_argument("--output", default="runs/benchmark", help="results.csv, results.md, results.png, trials/")
+    b.add_argument("--resume", action="store_true", help="continue the interrupted benchmark in --output")
+
     add_prepare_parser(sub)
     return p
 
@@ -78,6 +86,20 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 cfg = load_config(args.config, overrides)
             run_search(cfg, args.output, resume=args.resume)
+            return 0
+        if args.command == "benchmark":
+            from ega_ray.tune.benchmark import parse_methods, run_benchmark
+
+            methods = parse_methods(args.methods)
+            if args.resume:
+                cfg = None
+            elif args.config is None:
+                from ega_ray.embedded import embedded_with_teacher
+
+                cfg = embedded_with_teacher(args.overrides, args.output)
+            else:
+                cfg = load_config(args.config, args.overrides)
+            run_benchmark(cfg, methods, args.seeds, args.output, resume=args.resume)
             return 0
         if args.command == "cache-teacher":
             from ega_ray.train.teacher_cache import build_cache

@@ -97,14 +97,26 @@ class DistillConfig(_Section):
     node_weight: float = Field(0.8, ge=0)
     edge_weight: float = Field(0.24, ge=0)
     temperature: float | None = Field(None, gt=0, description="None: the paper's hard graph; τ > 0: soft graph")
-    global_graph: bool = Field(True, description="graph over the global batch (all DDP ranks) or per rank")
+    global_graph: bool = Field(
+        True, description="graph (and every batch-relational loss) over the global batch (all DDP ranks) or per rank"
+    )
     standardize_teacher_features: bool = Field(
         False, description="parameter-free BatchNorm on teacher features before its projection (see docs/method.md)"
     )
     gamma: float = Field(1.0, ge=0, description="weight of the student's cross-entropy")
     beta: float = Field(1.0, ge=0, description="weight of the distiller")
     alpha: float = Field(0.0, ge=0, description="weight of KD against the teacher head's logits")
-    kd_temperature: float = Field(4.0, gt=0)
+    kd_temperature: float = Field(4.0, gt=0, description="KD's temperature (alpha term, kd, ccl's logit term)")
+    rkd_distance_weight: float = Field(25.0, ge=0)
+    rkd_angle_weight: float = Field(50.0, ge=0)
+    contrast_temperature: float = Field(0.1, gt=0, description="nce, ccl: temperature of the cosine similarities")
+    crd_temperature: float = Field(0.07, gt=0)
+    crd_negatives: int = Field(16384, ge=1, description="noise rows per anchor (capped at the memory size − 1)")
+    crd_momentum: float = Field(0.5, ge=0, lt=1, description="memory update momentum")
+    crd_bank: Literal["dataset", "queue"] = Field(
+        "dataset", description="one memory slot per training row, or a FIFO queue of crd_queue_size rows"
+    )
+    crd_queue_size: int = Field(16384, ge=2)
 
     @field_validator("method")
     @classmethod

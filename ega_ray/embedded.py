@@ -113,8 +113,13 @@ TUNE_BUDGET = ["optim.epochs=10", "optim.milestones=[7, 9]", "tune.grace_period=
 
 
 def embedded_tune_config(overrides: list[str] | None, output: str) -> Config:
-    """The embedded default as a search: its teacher (pretrained or reused under ``output``) and data."""
-    base = embedded_config(TUNE_BUDGET + (overrides or []), output).resolved()
+    """The embedded default as a search (10 epochs per trial)."""
+    return embedded_with_teacher(TUNE_BUDGET + (overrides or []), output)
+
+
+def embedded_with_teacher(overrides: list[str] | None, output: str) -> Config:
+    """The embedded default with its teacher (pretrained, or reused, under ``output``/teacher) and data."""
+    base = embedded_config(overrides, output).resolved()
     teacher_file, _ = ensure_teacher(base, base.output_dir / "teacher")
     raw = base.model_dump(mode="json")
     raw["teacher"]["weights"] = str(teacher_file)

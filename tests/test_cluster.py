@@ -35,7 +35,8 @@ def test_ray_job_submit_to_an_autoscaling_cluster_with_token_auth(tmp_path):
     auth = make_token(tmp_path / "home")
     port = free_port()
     config = tmp_path / "autoscaler.yaml"
-    config.write_text(yaml.safe_dump(fake_autoscaling_config(f"127.0.0.1:{port}", idle_timeout_minutes=0.05)))
+    # not shorter: Ray Data's 0-CPU actors do not keep a node busy, and a node dropped under one fails the job
+    config.write_text(yaml.safe_dump(fake_autoscaling_config(f"127.0.0.1:{port}", idle_timeout_minutes=0.2)))
     fake = {"RAY_FAKE_CLUSTER": "1", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
     path_env = {"PATH": f"{VENV_BIN}:{os.environ['PATH']}"}  # the job's `python` is this environment's
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | path_env | auth
@@ -73,6 +74,9 @@ def test_ray_job_submit_to_an_autoscaling_cluster_with_token_auth(tmp_path):
         )  # fmt: skip
         plain = re.sub(r"\x1b\[[0-9;]*m", "", status.stdout + status.stderr)
         assert f"Job '{job_id}' succeeded" in plain, plain
+        # the dashboard's Train tab (state tracking is on through jobs/runtime_env.yaml)
+        runs = dashboard_get(head, "/api/train/v2/runs/v1")["train_runs"]
+        assert [r["status"] for r in runs if r["name"] == out.name] == ["FINISHED"], runs
         wait_for(lambda: alive_nodes(head) == 1, 120, "the idle worker nodes were not removed")
     # what a run writes
     rows = read_metrics(out)
@@ -220,12 +224,16 @@ def fake_autoscaling_config(gcs_address: str, idle_timeout_minutes: float) -> di
     }
 
 
-def alive_nodes(head: Head) -> int:
-    """Live nodes, from the dashboard's state endpoint (token in the header, as any HTTP client sends it)."""
+def dashboard_get(head: Head, path: str) -> dict:
+    """GET a dashboard endpoint with the token in the header, as any HTTP client sends it."""
     token = Path(head.env["RAY_AUTH_TOKEN_PATH"]).read_text().strip()
-    request = urllib.request.Request(f"{head.dashboard_url}/api/v0/nodes", headers={"Authorization": f"Bearer {token}"})
+    request = urllib.request.Request(f"{head.dashboard_url}{path}", headers={"Authorization": f"Bearer {token}"})
     with urllib.request.urlopen(request, timeout=30) as r:
-        nodes = json.loads(r.read())["data"]["result"]["result"]
+        return json.loads(r.read())
+
+
+def alive_nodes(head: Head) -> int:
+    nodes = dashboard_get(head, "/api/v0/nodes")["data"]["result"]["result"]
     return sum(n["state"] == "ALIVE" for n in nodes)
 
 

@@ -109,7 +109,7 @@ def test_unknown_field_in_section() -> None:
     ("section", "field", "value", "allowed"),
     [
         ("student", "name", "resnet9000", "resnet8x4"),
-        ("distill", "method", "crd", "ega"),
+        ("distill", "method", "fitnets", "ccl, crd, ega"),
         ("teacher", "name", "clip:ViT-B-32", "open_clip:*"),
         ("pretrain", "arch", "resnet9000", "resnet8"),
     ],

@@ -2,6 +2,8 @@
 
 Each rank takes half of a fixed global batch, computes the loss through a DistributedDataParallel student and
 backpropagates; its loss and DDP-averaged parameter gradients are compared with one process without DDP.
+Covers EGA's graph, NT-Xent and the instance-relational baselines (RKD, PKT, NCE, CRD, whose memory must
+also come out identical on both ranks and equal to the single process's).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from ega_ray.losses import EGALoss, NTXentLoss
+from ega_ray.losses import CRDLoss, EGALoss, NCELoss, NTXentLoss, PKTLoss, RKDLoss
 
 WORLD = 2
 B_GLOBAL = 8
@@ -31,7 +33,13 @@ CASES: dict[str, tuple[str, dict]] = {
     "hard_local": ("ega", dict(temperature=None, global_graph=False)),
     "soft_local": ("ega", dict(temperature=0.5, global_graph=False)),
     "ntxent": ("ntxent", dict(temperature=0.5, global_batch=True)),
+    "rkd": ("distiller", dict(cls=RKDLoss, distance_weight=1.0, angle_weight=2.0)),
+    "pkt": ("distiller", dict(cls=PKTLoss)),
+    "nce": ("distiller", dict(cls=NCELoss, temperature=0.5)),
+    "crd": ("distiller", dict(cls=CRDLoss, embed_dim=4, bank_size=12, negatives=5, temperature=0.5, seed=2)),
 }
+LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0])
+INDEX = torch.tensor([5, 0, 11, 3, 7, 2, 9, 4])
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,18 +56,30 @@ def _student() -> nn.Module:
 
 
 def _step(
-    model: nn.Module, params: list[nn.Parameter], case: str, x: torch.Tensor, x2: torch.Tensor, teacher: torch.Tensor
+    model: nn.Module,
+    params: list[nn.Parameter],
+    case: str,
+    x: torch.Tensor,
+    x2: torch.Tensor,
+    teacher: torch.Tensor,
+    rows: slice,
 ) -> tuple[float, list[torch.Tensor]]:
     kind, kwargs = CASES[case]
     for p in params:
         p.grad = None
+    extra = []
     if kind == "ega":
         loss = EGALoss(**kwargs)(teacher, model(x))
-    else:
+    elif kind == "ntxent":
         a, b = model(torch.cat([x, x2])).split(len(x))  # one forward for both views
         loss = NTXentLoss(**kwargs)(a, b)
+    else:
+        options = dict(kwargs)
+        distiller = options.pop("cls")(**options).double()
+        loss = distiller(teacher, model(x), labels=LABELS[rows], index=INDEX[rows])
+        extra = [b.detach().clone() for b in distiller.buffers() if b.is_floating_point()]  # CRD's memory
     loss.backward()
-    return loss.item(), [p.grad.detach().clone() for p in params]
+    return loss.item(), [p.grad.detach().clone() for p in params] + extra
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
@@ -75,7 +95,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         student = _student()
         ddp = nn.parallel.DistributedDataParallel(student)
         params = list(student.parameters())
-        results = {case: _step(ddp, params, case, x[rows], x2[rows], teacher[rows]) for case in CASES}
+        results = {case: _step(ddp, params, case, x[rows], x2[rows], teacher[rows], rows) for case in CASES}
         torch.save(results, Path(out_dir) / f"rank{rank}.pt")
         dist.barrier()
     finally:
@@ -102,17 +122,18 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor], tol: float = 1e-6) -> b
 
 
 @pytest.mark.slow
-def test_global_graph_matches_single_process(tmp_path: Path) -> None:
+def test_global_batch_losses_match_single_process(tmp_path: Path) -> None:
     ranks = _run_ranks(tmp_path)
     x, x2, teacher = _data()
     half = B_GLOBAL // WORLD
 
     def single(case: str, rows: slice = slice(None)) -> tuple[float, list[torch.Tensor]]:
         model = _student()
-        return _step(model, list(model.parameters()), case, x[rows], x2[rows], teacher[rows])
+        return _step(model, list(model.parameters()), case, x[rows], x2[rows], teacher[rows], rows)
 
     # global graph / global negatives: every rank sees the loss and the gradients of the whole batch
-    for case in ("hard", "soft", "ntxent"):
+    # (and, for CRD, ends with the same memory as one process)
+    for case in ("hard", "soft", "ntxent", "rkd", "pkt", "nce", "crd"):
         loss, grads = single(case)
         for r, res in enumerate(ranks):
             r_loss, r_grads = res[case]

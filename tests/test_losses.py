@@ -309,12 +309,19 @@ def test_ntxent_bad_temperature() -> None:
 # --------------------------------------------------------------------------- registry
 
 
-def test_registry_builds_ega() -> None:
-    assert "ega" in DISTILLERS.names()
-    loss = DISTILLERS.build("ega", node_weight=0.5, edge_weight=0.1, temperature=None, global_graph=True)
-    assert isinstance(loss, EGALoss)
-    assert (loss.node_weight, loss.edge_weight, loss.temperature, loss.global_graph) == (0.5, 0.1, None, True)
-    soft = DISTILLERS.build("ega", node_weight=0.8, edge_weight=0.24, temperature=0.5, global_graph=False)
-    assert isinstance(soft, EGALoss) and soft.temperature == 0.5 and soft.global_graph is False
+@pytest.mark.parametrize("name", ["ega", "kd", "hint", "rkd", "pkt", "crd", "nce", "ccl"])
+def test_registry_builds_every_method_from_the_config(name: str) -> None:
+    from ega_ray.config import DistillConfig
+    from ega_ray.losses import DISTILLER_CLASSES
+
+    d = DistillConfig(method=name, node_weight=0.5, temperature=0.3, contrast_temperature=0.2, embed_dim=8)
+    loss = DISTILLERS.build(name, d=d, num_samples=20, seed=0)
+    assert isinstance(loss, DISTILLER_CLASSES[name])
+    if name == "ega":
+        assert (loss.node_weight, loss.edge_weight, loss.temperature, loss.global_graph) == (0.5, 0.24, 0.3, True)
+    if name in ("nce", "ccl"):
+        assert loss.temperature == 0.2
+    if name == "crd":
+        assert loss.memory_s.shape == (20, 8) and loss.negatives == 19  # capped at the memory size − 1
     with pytest.raises(KeyError):
         DISTILLERS.build("no-such-distiller")

@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
+from ega_ray.losses.base import Distiller, check_pair
 from ega_ray.losses.distributed import gather_global
 
 
@@ -50,7 +51,7 @@ def pearson_graph(z: Tensor) -> Tensor:
     return zn @ zn.T
 
 
-class EGALoss(nn.Module):
+class EGALoss(Distiller):
     def __init__(
         self,
         node_weight: float = 0.8,
@@ -66,12 +67,8 @@ class EGALoss(nn.Module):
         self.node_weight, self.edge_weight = node_weight, edge_weight
         self.temperature, self.global_graph = temperature, global_graph
 
-    def forward(self, teacher_emb: Tensor, student_emb: Tensor) -> Tensor:
-        if teacher_emb.shape != student_emb.shape or teacher_emb.dim() != 2:
-            raise ValueError(
-                f"EGA needs two (B, d) embeddings of one shape, got {tuple(teacher_emb.shape)} "
-                f"and {tuple(student_emb.shape)}"
-            )
+    def forward(self, teacher_emb: Tensor, student_emb: Tensor, **_: Tensor | None) -> Tensor:
+        check_pair("EGA", teacher_emb, student_emb)
         if self.global_graph:
             teacher_emb, student_emb = gather_global(teacher_emb), gather_global(student_emb)
         with torch.autocast(device_type=student_emb.device.type, enabled=False):

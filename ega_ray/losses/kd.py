@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ega_ray.losses.base import Distiller, need
+
 
 class KDLoss(nn.Module):
     def __init__(self, temperature: float = 4.0) -> None:
@@ -25,3 +27,26 @@ class KDLoss(nn.Module):
         log_p_t = F.log_softmax(teacher_logits.float() / tau, dim=1)
         log_p_s = F.log_softmax(student_logits.float() / tau, dim=1)
         return tau * tau * F.kl_div(log_p_s, log_p_t, log_target=True, reduction="batchmean")
+
+
+class LogitKD(Distiller):
+    """KD as the distiller (``distill.method: kd``): the teacher head's logits are the soft targets.
+
+    The reference recipe (CRD's repository) weighs it 0.9 against 0.1 cross-entropy."""
+
+    default_gamma, default_beta = 0.1, 0.9
+
+    def __init__(self, temperature: float = 4.0) -> None:
+        super().__init__()
+        self.kd = KDLoss(temperature)
+
+    def forward(
+        self,
+        teacher_emb: Tensor,
+        student_emb: Tensor,
+        *,
+        teacher_logits: Tensor | None = None,
+        student_logits: Tensor | None = None,
+        **_: Tensor | None,
+    ) -> Tensor:
+        return self.kd(need("kd", "teacher_logits", teacher_logits), need("kd", "student_logits", student_logits))

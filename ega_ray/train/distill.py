@@ -3,7 +3,7 @@
 Read top to bottom: build models → restore → for each epoch: train on this worker's shard, evaluate,
 report metrics with a checkpoint. Loss of one step:
 
-    student:  γ·CE(student logits, y) + β·distiller(teacher emb, student emb) + α·KD(teacher logits, student logits)
+    student:  γ·CE(student logits, y) + β·distiller(teacher emb, student emb, …) + α·KD(teacher logits, student logits)
     teacher head (its own optimizer, lr 0.01):  CE(teacher-head logits, y)
 
 The teacher's embedding is detached inside the distiller, so the teacher head learns from its own CE only
@@ -51,15 +51,8 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return total / (labels >= 0).sum().clamp_min(1)
 
 
-def build_distiller(cfg: Config) -> nn.Module:
-    d = cfg.distill
-    return DISTILLERS.build(
-        d.method,
-        node_weight=d.node_weight,
-        edge_weight=d.edge_weight,
-        temperature=d.temperature,
-        global_graph=d.global_graph,
-    )
+def build_distiller(cfg: Config, num_samples: int) -> nn.Module:
+    return DISTILLERS.build(cfg.distill.method, d=cfg.distill, num_samples=num_samples, seed=cfg.run.seed)
 
 
 def train_func_per_worker(config: dict[str, Any]) -> None:
@@ -93,7 +86,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     )
     sched_s = torch.optim.lr_scheduler.MultiStepLR(opt_s, o.milestones, o.lr_decay)
     sched_t = torch.optim.lr_scheduler.MultiStepLR(opt_t, o.milestones, o.lr_decay)
-    distiller, kd = build_distiller(cfg), KDLoss(cfg.distill.kd_temperature)
+    # the distiller may hold state (CRD's memory): identical on every rank, saved in every checkpoint
+    distiller, kd = build_distiller(cfg, config["num_indices"]).to(device), KDLoss(cfg.distill.kd_temperature)
     d = cfg.distill
     views = ViewMaker.from_config(cfg, device, teacher.spec if online else None)
 
@@ -103,6 +97,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     if state is not None:
         unwrap(student_net).load_state_dict(state["student"])
         unwrap(t_head).load_state_dict(state["teacher_head"])
+        distiller.load_state_dict(state["distiller"])
         for obj, key in ((opt_s, "opt_s"), (opt_t, "opt_t"), (sched_s, "sched_s"), (sched_t, "sched_t")):
             obj.load_state_dict(state[key])
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
@@ -150,7 +145,17 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
                 emb_s, logits_s = student_net(views.student(batch["image"], train=True))
                 emb_t, logits_t = t_head(feat_t)
             loss_ce = masked_cross_entropy(logits_s, labels)
-            loss_distill = distiller(emb_t.detach(), emb_s) if d.beta > 0 else torch.zeros((), device=device)
+            if d.beta > 0:
+                loss_distill = distiller(
+                    emb_t.detach(),
+                    emb_s,
+                    labels=labels,
+                    index=batch["index"],
+                    teacher_logits=logits_t.detach(),
+                    student_logits=logits_s,
+                )
+            else:
+                loss_distill = torch.zeros((), device=device)
             loss = d.gamma * loss_ce + d.beta * loss_distill
             if d.alpha > 0:
                 loss = loss + d.alpha * kd(logits_t.detach(), logits_s)
@@ -226,6 +231,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             "restarts": restarts,
             "student": unwrap(student_net).state_dict(),
             "teacher_head": unwrap(t_head).state_dict(),
+            "distiller": distiller.state_dict(),
             "opt_s": opt_s.state_dict(),
             "opt_t": opt_t.state_dict(),
             "sched_s": sched_s.state_dict(),

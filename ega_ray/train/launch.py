@@ -171,7 +171,13 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     t0 = time.time()
     connect_ray(cfg)
     bar = cfg.run.progress_bar if cfg.run.progress_bar is not None else sys.stderr.isatty()  # not in job logs
-    extra = {"num_classes": data.num_classes, "teacher_dim": spec.embed_dim, "num_train": data.num_train, "bar": bar}
+    extra = {
+        "num_classes": data.num_classes,
+        "teacher_dim": spec.embed_dim,
+        "num_train": data.num_train,
+        "num_indices": int(data.indices.max()) + 1,  # the size of a per-row memory (CRD)
+        "bar": bar,
+    }
     result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), extra, "val_top1", callbacks)
     last = load_state(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None

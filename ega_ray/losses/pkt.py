@@ -1,0 +1,44 @@
+"""Probabilistic Knowledge Transfer (PKT).
+
+Passalis, Tefas. "Learning Deep Representations with Probabilistic Knowledge Transfer." ECCV 2018.
+
+Cosine similarities between the embeddings of a batch become conditional distributions:
+
+    K_ij = (cos(x_i, x_j) + 1) / 2,     p_{j|i} = K_ij / Σ_j K_ij      (teacher: p, student: q)
+    L = mean_{i,j} p_{j|i} · log( (p_{j|i} + ε) / (q_{j|i} + ε) )         ε = 1e-7
+
+(mean over all B² entries, as in CRD's repository, whose weight 30,000 is the reference β). The
+distributions span the global batch under DDP.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ega_ray.losses.base import Distiller, check_pair
+from ega_ray.losses.distributed import gather_global
+
+EPS = 1e-7
+
+
+def similarity_distribution(x: Tensor) -> Tensor:
+    x = F.normalize(x.float(), p=2, dim=1, eps=EPS)
+    k = (x @ x.T + 1.0) / 2.0
+    return k / k.sum(dim=1, keepdim=True)
+
+
+class PKTLoss(Distiller):
+    default_beta = 30000.0
+
+    def __init__(self, global_batch: bool = True) -> None:
+        super().__init__()
+        self.global_batch = global_batch
+
+    def forward(self, teacher_emb: Tensor, student_emb: Tensor, **_: Tensor | None) -> Tensor:
+        check_pair("PKT", teacher_emb, student_emb)
+        if self.global_batch:
+            teacher_emb, student_emb = gather_global(teacher_emb), gather_global(student_emb)
+        p, q = similarity_distribution(teacher_emb), similarity_distribution(student_emb)
+        return torch.mean(p * torch.log((p + EPS) / (q + EPS)))
