@@ -1,0 +1,56 @@
+"""`ega-ray benchmark` end to end on the smoke config: two methods and the CE-only student, one seed,
+through Ray Tune; its results files; a resume of the finished benchmark; bad method lists."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+
+from ega_ray.config import ConfigError, load_config
+from ega_ray.tune.benchmark import parse_methods, run_benchmark
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
+    short = ["optim.epochs=1", "optim.milestones=[1]", "optim.max_steps_per_epoch=4"]
+    cfg = load_config(REPO / "configs" / "smoke.yaml", short)
+    out = tmp_path / "bench"
+    rows = run_benchmark(cfg, ["kd", "crd"], seeds=1, output=out)
+    assert sorted(r["method"] for r in rows) == ["ce", "crd", "kd"]
+    with open(out / "results.csv") as f:
+        saved = list(csv.DictReader(f))
+    assert [(r["method"], r["seed"], r["epochs"]) for r in saved] == [
+        ("kd", "0", "1"),
+        ("crd", "0", "1"),
+        ("ce", "0", "1"),
+    ]
+    table = (out / "results.md").read_text()
+    for label in ("| kd |", "| crd |", "| CE only (no teacher) |", "| teacher head"):
+        assert label in table, table
+    assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
+    # each run used its method and its reference weights
+    for method, gamma, beta in (("kd", 0.1, 0.9), ("crd", 1.0, 0.8), ("ce", 1.0, 0.0)):
+        run = load_config(out / "trials" / f"{method}-seed0" / "config.yaml")
+        assert (run.distill.gamma, run.distill.beta) == (gamma, beta), method
+        assert run.distill.method == ("ega" if method == "ce" else method)
+    # resuming a finished benchmark trains nothing again and reports the same runs
+    again = run_benchmark(None, [], seeds=0, output=out, resume=True)
+    assert again == rows
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("", "empty"), ("ega,fitnet", "unknown method 'fitnet'"), ("kd,kd", "names a method twice")],
+)
+def test_bad_method_lists_are_refused(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_methods(text)
+
+
+def test_benchmark_resume_needs_a_benchmark(tmp_path):
+    with pytest.raises(ConfigError, match="no benchmark to resume"):
+        run_benchmark(None, [], seeds=0, output=tmp_path, resume=True)
