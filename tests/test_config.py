@@ -388,3 +388,18 @@ def test_cli_missing_data_path(tmp_path: Path) -> None:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("ega-ray: config error: data.train:") and "no_such_folder" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*_clip_vitb32_resnet8x4.yaml")))
+def test_paper_scale_configs_follow_the_seed_recipe(path) -> None:
+    cfg = load_config(path)
+    assert (cfg.teacher.name, cfg.teacher.weights, cfg.student.name) == ("open_clip:ViT-B-32", "openai", "resnet8x4")
+    assert (cfg.optim.epochs, cfg.optim.milestones, cfg.optim.momentum, cfg.optim.weight_decay) == (
+        240,
+        [150, 180, 210],
+        0.9,
+        5e-4,
+    )
+    assert cfg.optim.scaled_lr(cfg.optim.lr) == pytest.approx(0.05 * cfg.optim.batch_size / 64)
+    assert cfg.scaling.use_gpu and cfg.run.max_failures > 0
+    assert "GPU-hours" in path.read_text(), "each recipe states the compute it needs"
