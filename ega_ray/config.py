@@ -100,6 +100,9 @@ class DistillConfig(_Section):
     global_graph: bool = Field(
         True, description="graph (and every batch-relational loss) over the global batch (all DDP ranks) or per rank"
     )
+    graph_size: int | None = Field(
+        64, ge=2, description="EGA: instances per graph (the paper's 64); null: one graph per global batch"
+    )
     standardize_teacher_features: bool = Field(
         False, description="parameter-free BatchNorm on teacher features before its projection (see docs/method.md)"
     )
@@ -281,6 +284,16 @@ class Config(_Section):
         n = self.scaling.num_workers
         if self.optim.batch_size % n:
             raise ValueError(f"optim.batch_size {self.optim.batch_size} must be a multiple of scaling.num_workers {n}")
+        return self
+
+    @model_validator(mode="after")
+    def _graph_size_divides(self) -> Config:
+        g, b = self.distill.graph_size, self.optim.batch_size
+        if self.distill.method == "ega" and g is not None and b % g:
+            raise ValueError(
+                f"distill.graph_size {g} must divide optim.batch_size {b} (the batch is cut into graphs of "
+                f"graph_size instances; null: one graph per batch)"
+            )
         return self
 
     @model_validator(mode="after")

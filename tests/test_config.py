@@ -143,9 +143,20 @@ def test_temperature_none_and_positive_accepted() -> None:
 
 
 def test_batch_size_multiple_of_workers() -> None:
-    msg = _error(_raw(optim={"batch_size": 63}, scaling={"num_workers": 2}))
+    one_graph = {"graph_size": None}
+    msg = _error(_raw(optim={"batch_size": 63}, scaling={"num_workers": 2}, distill=one_graph))
     assert "optim.batch_size" in msg and "scaling.num_workers" in msg and "multiple" in msg
-    assert parse_config(_raw(optim={"batch_size": 63}, scaling={"num_workers": 3})).optim.batch_size == 63
+    cfg = parse_config(_raw(optim={"batch_size": 63}, scaling={"num_workers": 3}, distill=one_graph))
+    assert cfg.optim.batch_size == 63
+
+
+def test_graph_size_must_divide_the_batch() -> None:
+    msg = _error(_raw(optim={"batch_size": 96}))
+    assert "distill.graph_size 64 must divide optim.batch_size 96" in msg
+    assert parse_config(_raw(optim={"batch_size": 256})).distill.graph_size == 64  # 4 graphs per batch
+    assert parse_config(_raw(optim={"batch_size": 96}, distill={"graph_size": 32})).distill.graph_size == 32
+    assert parse_config(_raw(optim={"batch_size": 96}, distill={"graph_size": None})).distill.graph_size is None
+    assert parse_config(_raw(optim={"batch_size": 96}, distill={"method": "kd"})).optim.batch_size == 96
 
 
 def test_decreasing_milestones() -> None:

@@ -23,7 +23,7 @@ from torch import nn
 from ega_ray.losses import CRDLoss, EGALoss, NCELoss, NTXentLoss, PKTLoss, RKDLoss
 
 WORLD = 2
-B_GLOBAL = 8
+B_GLOBAL = 12  # 6 rows per rank: graphs of 3 stay within a rank, graphs of 4 span ranks
 TIMEOUT_S = 180.0
 
 # name -> (loss, how it is fed); the EGA cases take (teacher rows, student(x rows)), NT-Xent two student views.
@@ -32,14 +32,16 @@ CASES: dict[str, tuple[str, dict]] = {
     "soft": ("ega", dict(temperature=0.5, global_graph=True)),
     "hard_local": ("ega", dict(temperature=None, global_graph=False)),
     "soft_local": ("ega", dict(temperature=0.5, global_graph=False)),
+    "graphs_of_3": ("ega", dict(temperature=None, graph_size=3)),  # within ranks: nothing gathered
+    "graphs_of_4": ("ega", dict(temperature=0.5, graph_size=4)),  # the middle graph spans both ranks
     "ntxent": ("ntxent", dict(temperature=0.5, global_batch=True)),
     "rkd": ("distiller", dict(cls=RKDLoss, distance_weight=1.0, angle_weight=2.0)),
     "pkt": ("distiller", dict(cls=PKTLoss)),
     "nce": ("distiller", dict(cls=NCELoss, temperature=0.5)),
     "crd": ("distiller", dict(cls=CRDLoss, embed_dim=4, bank_size=12, negatives=5, temperature=0.5, seed=2)),
 }
-LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0])
-INDEX = torch.tensor([5, 0, 11, 3, 7, 2, 9, 4])
+LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0, 2, 2, 1, 0])
+INDEX = torch.tensor([5, 0, 11, 3, 7, 2, 9, 4, 1, 10, 6, 8])
 
 
 def _data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -133,12 +135,18 @@ def test_global_batch_losses_match_single_process(tmp_path: Path) -> None:
 
     # global graph / global negatives: every rank sees the loss and the gradients of the whole batch
     # (and, for CRD, ends with the same memory as one process)
-    for case in ("hard", "soft", "ntxent", "rkd", "pkt", "nce", "crd"):
+    for case in ("hard", "soft", "ntxent", "rkd", "pkt", "nce", "crd", "graphs_of_4"):
         loss, grads = single(case)
         for r, res in enumerate(ranks):
             r_loss, r_grads = res[case]
             assert r_loss == pytest.approx(loss, abs=1e-6), (case, r)
             assert _close(r_grads, grads), (case, r)
+
+    # graphs within a rank: each rank's loss is the mean of its own graphs, the gradients those of all graphs
+    loss, grads = single("graphs_of_3")
+    assert sum(res["graphs_of_3"][0] for res in ranks) / WORLD == pytest.approx(loss, abs=1e-6)
+    for r, res in enumerate(ranks):
+        assert _close(res["graphs_of_3"][1], grads), r
 
     # local graph: each rank's loss is that of its own half, DDP averages the two halves' gradients
     for case in ("hard_local", "soft_local"):

@@ -306,6 +306,35 @@ def test_ntxent_bad_temperature() -> None:
         NTXentLoss(temperature=-1.0)
 
 
+# --------------------------------------------------------------------------- graph size
+
+
+@pytest.mark.parametrize("tau", [None, 0.3])
+def test_graph_size_equal_to_the_batch_is_the_single_graph(tau: float | None) -> None:
+    g = torch.Generator().manual_seed(5)
+    t, s = torch.randn(8, 6, generator=g, dtype=torch.float64), torch.randn(8, 6, generator=g, dtype=torch.float64)
+    single = EGALoss(temperature=tau)(t, s).item()
+    assert EGALoss(temperature=tau, graph_size=8)(t, s).item() == pytest.approx(single, rel=1e-12)
+
+
+@pytest.mark.parametrize(("tau", "size"), [(None, 4), (0.3, 3), (None, 2)])
+def test_graphs_are_separate_computations_averaged(tau: float | None, size: int) -> None:
+    g = torch.Generator().manual_seed(6)
+    t, s = torch.randn(12, 5, generator=g, dtype=torch.float64), torch.randn(12, 5, generator=g, dtype=torch.float64)
+    each = []
+    for k in range(0, 12, size):
+        rows = slice(k, k + size)
+        if tau is None:
+            each.append(_direct_hard(_np(t[rows]), _np(s[rows]), 0.8, 0.24))
+        else:
+            each.append(EGALoss(temperature=tau)(t[rows], s[rows]).item())
+    grouped = EGALoss(temperature=tau, graph_size=size)(t, s).item()
+    assert grouped == pytest.approx(sum(each) / len(each), rel=1e-9)
+    assert abs(grouped - EGALoss(temperature=tau)(t, s).item()) > 1e-3  # smaller graphs: another loss
+    with pytest.raises(ValueError, match="graph_size 5 does not divide"):
+        EGALoss(graph_size=5)(t, s)
+
+
 # --------------------------------------------------------------------------- registry
 
 

@@ -40,7 +40,7 @@ DISTILLER_CLASSES: dict[str, type[Distiller]] = {
 
 @DISTILLERS.register("ega")
 def ega(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    return EGALoss(d.node_weight, d.edge_weight, d.temperature, d.global_graph)
+    return EGALoss(d.node_weight, d.edge_weight, d.temperature, d.global_graph, d.graph_size)
 
 
 @DISTILLERS.register("kd")

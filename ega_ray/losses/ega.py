@@ -26,6 +26,16 @@ Under DDP (``global_graph=True``, the default) the graph spans the global batch:
 from every rank with gradients flowing back to each rank's own rows, so every rank computes the loss of
 the whole batch and the DDP-averaged gradients equal those of one process holding that batch.
 
+Graph size (``graph_size=g``): the graph is a method choice (the paper's has 64 nodes because its batch is
+64), the batch a throughput knob. With ``g`` set, the global batch (rank-major order) is cut into
+consecutive groups of ``g`` rows, each group is one graph, and the loss is the mean over graphs:
+
+    L = (1 / G) Σ_k L_graph(T_k, S_k),      G = global batch / g
+
+When the per-rank batch is a multiple of ``g`` every graph lies within one rank and nothing is gathered
+(DDP's gradient averaging over equal ranks is then the mean over all graphs); otherwise the batch is
+gathered first. ``graph_size=None`` keeps one graph per global batch (or per rank, ``global_graph=False``).
+
 The graph is computed in float32 (float64 inputs stay float64), also under bf16 autocast. A constant
 embedding row has no defined correlation; it is treated as uncorrelated with everything (finite loss).
 """
@@ -58,8 +68,12 @@ class EGALoss(Distiller):
         edge_weight: float = 0.24,
         temperature: float | None = None,
         global_graph: bool = True,
+        graph_size: int | None = None,
     ) -> None:
         super().__init__()
+        if graph_size is not None and graph_size < 2:
+            raise ValueError(f"EGA graph_size must be >= 2 or None, got {graph_size}")
+        self.graph_size = graph_size
         if node_weight < 0 or edge_weight < 0:
             raise ValueError(f"EGA weights must be >= 0, got node_weight={node_weight}, edge_weight={edge_weight}")
         if temperature is not None and temperature <= 0:
@@ -69,10 +83,16 @@ class EGALoss(Distiller):
 
     def forward(self, teacher_emb: Tensor, student_emb: Tensor, **_: Tensor | None) -> Tensor:
         check_pair("EGA", teacher_emb, student_emb)
-        if self.global_graph:
+        g = self.graph_size
+        if (g is None and self.global_graph) or (g is not None and teacher_emb.shape[0] % g):
             teacher_emb, student_emb = gather_global(teacher_emb), gather_global(student_emb)
+        if g is None:
+            g = teacher_emb.shape[0]
+        elif teacher_emb.shape[0] % g:
+            raise ValueError(f"EGA graph_size {g} does not divide the global batch of {teacher_emb.shape[0]} rows")
         with torch.autocast(device_type=student_emb.device.type, enabled=False):
-            return self._graph_loss(teacher_emb, student_emb)
+            graphs = [self._graph_loss(t, s) for t, s in zip(teacher_emb.split(g), student_emb.split(g), strict=True)]
+            return torch.stack(graphs).mean()
 
     def _graph_loss(self, t: Tensor, s: Tensor) -> Tensor:
         b = t.shape[0]
@@ -96,5 +116,5 @@ class EGALoss(Distiller):
     def extra_repr(self) -> str:
         return (
             f"node_weight={self.node_weight}, edge_weight={self.edge_weight}, "
-            f"temperature={self.temperature}, global_graph={self.global_graph}"
+            f"temperature={self.temperature}, global_graph={self.global_graph}, graph_size={self.graph_size}"
         )
