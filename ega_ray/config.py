@@ -141,6 +141,8 @@ class OptimConfig(_Section):
     teacher_head_lr: float = Field(0.01, gt=0, description="lr of the teacher's projection and classifier")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="scale lr by batch_size / reference")
     reference_batch_size: int = Field(64, ge=1)
+    compile: bool = Field(False, description="torch.compile the student (and an online teacher); eager if unavailable")
+    channels_last: bool | None = Field(None, description="NHWC activations for the student; null: on GPUs")
 
     @field_validator("milestones")
     @classmethod

@@ -70,3 +70,20 @@ def test_unknown_name_raises(name: str) -> None:
 def test_parameter_counts_match_papers() -> None:
     assert 1.1e6 <= _params(build_student("resnet8x4")) <= 1.4e6
     assert 0.07e6 <= _params(build_student("resnet8")) <= 0.09e6
+
+
+def test_compile_is_used_when_possible_and_falls_back_to_eager(monkeypatch, caplog) -> None:
+    import sys
+
+    from ega_ray.train.common import maybe_compile
+
+    cpu = torch.device("cpu")
+    model = torch.nn.Linear(4, 2)
+    assert maybe_compile(model, False, cpu, "student") is model
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with caplog.at_level("WARNING"):
+        assert maybe_compile(model, True, cpu, "student") is model
+    assert "running the student eagerly: no C++ compiler ('no-such-compiler-here')" in caplog.text
+    monkeypatch.setenv("CXX", sys.executable)  # an executable that exists: compiling is possible (and lazy)
+    compiled = maybe_compile(model, True, cpu, "student")
+    assert compiled is not model and compiled._orig_mod is model

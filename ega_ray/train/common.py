@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import logging
 import os
 import random
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -174,6 +176,29 @@ class StepTimer:
         if counted <= 0:
             self.start, counted = self.t0, self.steps
         return batch_size * counted / max(time.perf_counter() - self.start, 1e-9)
+
+
+def compiler_available(device: torch.device) -> str | None:
+    """None when torch.compile can build kernels for ``device``; otherwise why it cannot."""
+    import torch._dynamo
+
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile does not support this Python"
+    if device.type == "cuda":
+        return None if importlib.util.find_spec("triton") else "Triton is not installed"
+    cxx = os.environ.get("CXX", "g++")
+    return None if shutil.which(cxx) else f"no C++ compiler ({cxx!r}) for Inductor's CPU kernels"
+
+
+def maybe_compile(module: torch.nn.Module, enabled: bool, device: torch.device, what: str) -> torch.nn.Module:
+    """``torch.compile(module)`` when asked and possible; the module itself (eager) otherwise, with a warning."""
+    if not enabled:
+        return module
+    missing = compiler_available(device)
+    if missing:
+        logger.warning("optim.compile: running the %s eagerly: %s", what, missing)
+        return module
+    return torch.compile(module)
 
 
 def torch_threads(cpus_per_worker: float) -> None:

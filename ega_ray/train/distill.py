@@ -34,6 +34,7 @@ from ega_ray.train.common import (
     all_reduce_sum,
     epoch_seed,
     load_state,
+    maybe_compile,
     maybe_inject_failure,
     peak_gpu_memory_gib,
     report,
@@ -70,19 +71,30 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     teacher = (
         build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256).to_device(device) if online else None
     )
-    student = build_student(cfg.student.name)
+    o = cfg.optim
+    channels_last = o.channels_last if o.channels_last is not None else device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    student = build_student(cfg.student.name).to(memory_format=memory_format)
     s_head = EmbeddingHead(student.feat_dim, cfg.distill.embed_dim, num_classes)
     t_head = EmbeddingHead(
         config["teacher_dim"], cfg.distill.embed_dim, num_classes, standardize=cfg.distill.standardize_teacher_features
     )
     student_net = ray.train.torch.prepare_model(StudentClassifier(student, s_head))
     t_head = ray.train.torch.prepare_model(t_head)
-    o = cfg.optim
+    # the compiled forward trains; evaluation and checkpoints use the module itself (same parameters)
+    train_student = maybe_compile(student_net, o.compile, device, "student")
+    if online:
+        teacher.encoder = maybe_compile(teacher.encoder, o.compile, device, "teacher")
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel per step for all parameters
     opt_s = torch.optim.SGD(
-        student_net.parameters(), lr=o.scaled_lr(o.lr), momentum=o.momentum, weight_decay=o.weight_decay
+        student_net.parameters(), lr=o.scaled_lr(o.lr), momentum=o.momentum, weight_decay=o.weight_decay, **fused
     )
     opt_t = torch.optim.SGD(
-        t_head.parameters(), lr=o.scaled_lr(o.teacher_head_lr), momentum=o.momentum, weight_decay=o.weight_decay
+        t_head.parameters(),
+        lr=o.scaled_lr(o.teacher_head_lr),
+        momentum=o.momentum,
+        weight_decay=o.weight_decay,
+        **fused,
     )
     sched_s = torch.optim.lr_scheduler.MultiStepLR(opt_s, o.milestones, o.lr_decay)
     sched_t = torch.optim.lr_scheduler.MultiStepLR(opt_t, o.milestones, o.lr_decay)
@@ -97,7 +109,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     if state is not None:
         unwrap(student_net).load_state_dict(state["student"])
         unwrap(t_head).load_state_dict(state["teacher_head"])
-        distiller.load_state_dict(state["distiller"])
+        if "distiller" in state:  # checkpoints from before distillers kept state hold none (EGA has none)
+            distiller.load_state_dict(state["distiller"])
         for obj, key in ((opt_s, "opt_s"), (opt_t, "opt_t"), (sched_s, "sched_s"), (sched_t, "sched_t")):
             obj.load_state_dict(state[key])
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
@@ -142,7 +155,9 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             labels = batch["label"]
             with autocast:
                 feat_t = teacher_features(batch, epoch, train=True)
-                emb_s, logits_s = student_net(views.student(batch["image"], train=True))
+                emb_s, logits_s = train_student(
+                    views.student(batch["image"], train=True).contiguous(memory_format=memory_format)
+                )
                 emb_t, logits_t = t_head(feat_t)
             loss_ce = masked_cross_entropy(logits_s, labels)
             if d.beta > 0:
