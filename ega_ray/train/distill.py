@@ -119,6 +119,22 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     train_shard = ray.train.get_dataset_shard("train")
     val_data = ray.train.get_dataset_shard("val")
     per_worker = o.batch_size // world
+    kept_val: list[dict[str, torch.Tensor]] = []  # this worker's validation rows, kept after the first pass
+
+    def my_val_batches():
+        """This worker's share of the validation split (rows index % world == rank). A small split is read
+        through Ray Data once and then served from memory: a pass starts a streaming executor, which costs
+        seconds per epoch (more than evaluating a small split)."""
+        if kept_val:
+            yield from kept_val
+            return
+        for batch in val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device):
+            mine = batch["index"] % world == rank
+            batch = {k: v[mine] for k, v in batch.items()}
+            if len(batch["label"]):
+                yield batch
+                if config["keep_val"]:
+                    kept_val.append(batch)
     steps_per_epoch = min(config["num_train"] // o.batch_size, o.max_steps_per_epoch or config["num_train"])
     progress = Progress(f"distill {cfg.run.name}", o.epochs, start_epoch, steps_per_epoch, config["bar"])
 
@@ -198,12 +214,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         t_head.eval()
         counts = [0.0, 0.0, 0.0, 0.0]  # student top-1, top-5, teacher-head top-1, rows
         with torch.no_grad(), autocast:
-            for batch in val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device):
-                mine = batch["index"] % world == rank
-                batch = {k: v[mine] for k, v in batch.items()}
+            for batch in my_val_batches():
                 labels = batch["label"]
-                if len(labels) == 0:
-                    continue
                 _, logits_s = unwrap(student_net)(views.student(batch["image"], False))
                 _, logits_t = unwrap(t_head)(teacher_features(batch, epoch, train=False))
                 top5 = logits_s.float().topk(min(5, num_classes), dim=1).indices

@@ -88,6 +88,7 @@ def _scaling(cfg: Config) -> ScalingConfig:
 
 
 MATERIALIZE_AUTO_BYTES = 2 << 30
+VAL_IN_MEMORY_BYTES = 256 << 20
 
 
 def _datasets(cfg: Config, data: PreparedData) -> dict[str, ray.data.Dataset]:
@@ -176,6 +177,8 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         "teacher_dim": spec.embed_dim,
         "num_train": data.num_train,
         "num_indices": int(data.indices.max()) + 1,  # the size of a per-row memory (CRD)
+        # a validation split this small stays in the workers' memory after its first pass
+        "keep_val": data.num_val * cfg.data.image_size**2 * 3 <= VAL_IN_MEMORY_BYTES,
         "bar": bar,
     }
     result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), extra, "val_top1", callbacks)

@@ -30,7 +30,7 @@ from ega_ray.config import Config, ConfigError, parse_config
 from ega_ray.losses import DISTILLER_CLASSES, DISTILLERS
 from ega_ray.train.common import latest_state
 from ega_ray.train.launch import check_teacher, connect_ray, prepare_data, run_distill
-from ega_ray.tune.search import TRIAL_DRIVER_CPU, finished_history, trial_concurrency, trial_storage
+from ega_ray.tune.search import experiment, finished_history, trial_concurrency, trial_storage
 
 CE_ONLY = "ce"  # the student without a teacher: distill.beta = 0
 EXPERIMENT = "benchmark"
@@ -106,21 +106,16 @@ def run_benchmark(
     saved.write_text(yaml.safe_dump({"methods": methods, "seeds": seeds, "config": base}, sort_keys=False))
     t0 = time.time()
     connect_ray(cfg)
-    trainable = tune.with_resources(
-        tune.with_parameters(run_benchmark_trial, base=base, root=str(output)), {"CPU": TRIAL_DRIVER_CPU}
-    )
-    root = f"{cfg.run.storage.rstrip('/')}/{output.name}" if cfg.run.storage else str(output)
-    path = f"{root}/{EXPERIMENT}"
-    if resume and tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        tuner = tune.Tuner(
+
+    def new_tuner(trainable, root: str) -> tune.Tuner:
+        return tune.Tuner(
             trainable,
             param_space={"method": tune.grid_search(methods), "seed": tune.grid_search(list(range(seeds)))},
             tune_config=tune.TuneConfig(max_concurrent_trials=trial_concurrency(cfg)),
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=root),
         )
-    tuner.fit()
+
+    experiment(run_benchmark_trial, base, output, cfg.run.storage, EXPERIMENT, resume, new_tuner).fit()
     rows = collect(cfg, methods, seeds, output)
     write_results(rows, cfg, methods, output, time.time() - t0)
     return rows

@@ -122,6 +122,20 @@ def _searcher(cfg: Config):
     return OptunaSearch()
 
 
+def experiment(
+    fn, base: dict[str, Any], output: Path, storage: str | None, name: str, resume: bool, new_tuner
+) -> tune.Tuner:
+    """The Tuner of one experiment (a search or a benchmark) in ``output``: restored with its finished and
+    unfinished trials when ``resume`` finds one, else ``new_tuner(trainable, storage_path)``. Each trial
+    runs ``fn(params, base, root)`` in an actor that only drives a TorchTrainer: a token CPU share, the
+    workers ask for their own."""
+    trainable = tune.with_resources(tune.with_parameters(fn, base=base, root=str(output)), {"CPU": TRIAL_DRIVER_CPU})
+    root = f"{storage.rstrip('/')}/{output.name}" if storage else str(output)
+    if resume and tune.Tuner.can_restore(f"{root}/{name}"):
+        return tune.Tuner.restore(f"{root}/{name}", trainable, resume_unfinished=True, resume_errored=True)
+    return new_tuner(trainable, root)
+
+
 def run_search(cfg: Config | None, output: str | Path, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) the search; writes trials.csv, best.yaml and plots to ``output``; returns the best row."""
     from ega_ray.tune.report import write_report
@@ -143,23 +157,16 @@ def run_search(cfg: Config | None, output: str | Path, resume: bool = False) -> 
     saved.write_text(yaml.safe_dump(base, sort_keys=False))
     t0 = time.time()
     connect_ray(cfg)
-    # the trial's own actor only drives its TorchTrainer: a token CPU share; the workers ask for their own
-    trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base, root=str(output)), {"CPU": TRIAL_DRIVER_CPU}
-    )
-    search_root = f"{cfg.run.storage.rstrip('/')}/{output.name}" if cfg.run.storage else str(output)
-    search_path = f"{search_root}/{SEARCH_DIR}"
-    if resume and tune.Tuner.can_restore(search_path):
-        tuner = tune.Tuner.restore(search_path, trainable, resume_unfinished=True, resume_errored=True)
-    else:
-        t = cfg.tune
+    t = cfg.tune
+
+    def new_tuner(trainable, root: str) -> tune.Tuner:
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
             max_t=cfg.optim.epochs + 1,  # no rung at the last epoch: finished trials write their run folder
             grace_period=min(t.grace_period, cfg.optim.epochs),
             reduction_factor=t.reduction_factor,
         )
-        tuner = tune.Tuner(
+        return tune.Tuner(
             trainable,
             param_space=tune_space(t.space),
             tune_config=tune.TuneConfig(
@@ -170,7 +177,8 @@ def run_search(cfg: Config | None, output: str | Path, resume: bool = False) -> 
                 num_samples=t.num_samples,
                 max_concurrent_trials=trial_concurrency(cfg),
             ),
-            run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=search_root),
+            run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=root),
         )
-    results = tuner.fit()
+
+    results = experiment(run_trial, base, output, cfg.run.storage, SEARCH_DIR, resume, new_tuner).fit()
     return write_report(results, cfg, output, wall_time_s=time.time() - t0)
