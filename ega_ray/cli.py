@@ -51,6 +51,11 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--seeds", type=int, default=3, help="runs per method, seeds 0..N-1")
     b.add_argument("--output", default="runs/benchmark", help="results.csv, results.md, results.png, trials/")
     b.add_argument("--resume", action="store_true", help="continue the interrupted benchmark in --output")
+    b.add_argument(
+        "--config-weights",
+        action="store_true",
+        help="every method with the config's distill.gamma/beta/alpha instead of its reference weights",
+    )
 
     add_prepare_parser(sub)
     return p
@@ -99,7 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = embedded_with_teacher(args.overrides, args.output)
             else:
                 cfg = load_config(args.config, args.overrides)
-            run_benchmark(cfg, methods, args.seeds, args.output, resume=args.resume)
+            run_benchmark(
+                cfg, methods, args.seeds, args.output, resume=args.resume, reference_weights=not args.config_weights
+            )
             return 0
         if args.command == "cache-teacher":
             from ega_ray.train.teacher_cache import build_cache

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ega_ray.config import ConfigError, load_config
-from ega_ray.tune.benchmark import parse_methods, run_benchmark
+from ega_ray.tune.benchmark import method_config, parse_methods, run_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -37,6 +37,9 @@ def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
         run = load_config(out / "trials" / f"{method}-seed0" / "config.yaml")
         assert (run.distill.gamma, run.distill.beta) == (gamma, beta), method
         assert run.distill.method == ("ega" if method == "ce" else method)
+    with_config_weights = method_config({"distill": {"gamma": 1.0, "beta": 2.0}, "run": {"storage": None}},
+                                        "pkt", 0, out, reference_weights=False)  # fmt: skip
+    assert (with_config_weights["distill"]["gamma"], with_config_weights["distill"]["beta"]) == (1.0, 2.0)
     # resuming a finished benchmark trains nothing again and reports the same runs
     again = run_benchmark(None, [], seeds=0, output=out, resume=True)
     assert again == rows

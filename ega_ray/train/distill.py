@@ -135,6 +135,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
                 yield batch
                 if config["keep_val"]:
                     kept_val.append(batch)
+
     steps_per_epoch = min(config["num_train"] // o.batch_size, o.max_steps_per_epoch or config["num_train"])
     progress = Progress(f"distill {cfg.run.name}", o.epochs, start_epoch, steps_per_epoch, config["bar"])
 

@@ -4,9 +4,9 @@ One Ray Tune experiment holds the grid method × seed (plus the CE-only student)
 ``run_distill`` (a TorchTrainer) whose run folder is ``<output>/trials/<method>-seed<k>``, so an interrupted
 benchmark resumes with ``--resume``: finished runs are kept, unfinished ones continue from their last
 checkpoint. Trials run in parallel as the cluster's resources allow. Each method trains with its reference
-loss weights (``default_gamma``/``default_beta`` of its class; EGA with the config's own), everything else
-from the config. The teacher's own linear head, trained alongside every run on the same labels, is the
-third reference.
+loss weights (``default_gamma``/``default_beta`` of its class; EGA with the config's own), or with the
+config's weights for all (``--config-weights``); everything else comes from the config. The teacher's own
+linear head, trained alongside every run on the same labels, is the third reference.
 
 Writes ``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds, best- and last-epoch
 top-1) and ``results.png`` (a bar chart).
@@ -53,14 +53,17 @@ def run_name(method: str, seed: int) -> str:
     return f"{method}-seed{seed}"
 
 
-def method_config(base: dict[str, Any], method: str, seed: int, root: Path) -> dict[str, Any]:
-    """The run config of one (method, seed): the method's reference weights, its own run folder."""
+def method_config(
+    base: dict[str, Any], method: str, seed: int, root: Path, reference_weights: bool = True
+) -> dict[str, Any]:
+    """The run config of one (method, seed) in its own run folder: with the method's reference loss weights,
+    or (``reference_weights=False``) with the config's gamma, beta and alpha for every method."""
     raw = copy.deepcopy(base)
     if method == CE_ONLY:
         raw["distill"]["beta"] = 0.0
     else:
         raw["distill"]["method"] = method
-        if method != "ega":
+        if method != "ega" and reference_weights:
             cls = DISTILLER_CLASSES[method]
             raw["distill"] |= {"gamma": cls.default_gamma, "beta": cls.default_beta, "alpha": 0.0}
     name = run_name(method, seed)
@@ -76,7 +79,9 @@ def method_config(base: dict[str, Any], method: str, seed: int, root: Path) -> d
 
 def run_benchmark_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
-    cfg = parse_config(method_config(base, params["method"], params["seed"], Path(root)))
+    reference = base["benchmark_reference_weights"]
+    base = {k: v for k, v in base.items() if k != "benchmark_reference_weights"}
+    cfg = parse_config(method_config(base, params["method"], params["seed"], Path(root), reference))
     finished = finished_history(cfg, cfg.optim.epochs)
     run_distill(cfg, callbacks=[TuneReportCallback()])  # resumes from the run's latest checkpoint, if any
     if finished:
@@ -84,7 +89,12 @@ def run_benchmark_trial(params: dict[str, Any], base: dict[str, Any], root: str)
 
 
 def run_benchmark(
-    cfg: Config | None, methods: list[str], seeds: int, output: str | Path, resume: bool = False
+    cfg: Config | None,
+    methods: list[str],
+    seeds: int,
+    output: str | Path,
+    resume: bool = False,
+    reference_weights: bool = True,
 ) -> list[dict[str, Any]]:
     output = Path(output).expanduser().resolve()
     saved = output / "benchmark_config.yaml"
@@ -93,6 +103,7 @@ def run_benchmark(
             raise ConfigError(f"--resume: {str(output)!r} holds no benchmark to resume (no benchmark_config.yaml)")
         state = yaml.safe_load(saved.read_text())
         cfg, methods, seeds = parse_config(state["config"]), state["methods"], state["seeds"]
+        reference_weights = state["reference_weights"]
     else:
         if seeds < 1:
             raise ConfigError(f"--seeds: {seeds}; at least 1")
@@ -103,7 +114,12 @@ def run_benchmark(
     check_teacher(cfg)
     output.mkdir(parents=True, exist_ok=True)
     base = cfg.model_dump(mode="json")
-    saved.write_text(yaml.safe_dump({"methods": methods, "seeds": seeds, "config": base}, sort_keys=False))
+    saved.write_text(
+        yaml.safe_dump(
+            {"methods": methods, "seeds": seeds, "reference_weights": reference_weights, "config": base},
+            sort_keys=False,
+        )
+    )
     t0 = time.time()
     connect_ray(cfg)
 
@@ -115,7 +131,8 @@ def run_benchmark(
             run_config=tune.RunConfig(name=EXPERIMENT, storage_path=root),
         )
 
-    experiment(run_benchmark_trial, base, output, cfg.run.storage, EXPERIMENT, resume, new_tuner).fit()
+    trial_base = base | {"benchmark_reference_weights": reference_weights}
+    experiment(run_benchmark_trial, trial_base, output, cfg.run.storage, EXPERIMENT, resume, new_tuner).fit()
     rows = collect(cfg, methods, seeds, output)
     write_results(rows, cfg, methods, output, time.time() - t0)
     return rows
