@@ -1,4 +1,4 @@
-"""Real 2-worker Ray Train runs on CPU: an interruption and resume, the SimCLR teacher, the embedded default.
+"""Real 2-worker Ray Train runs on CPU: an interruption and resume, the embedded default (SimCLR teacher included).
 What a run writes and retries after a lost node are tested through real clusters in test_cluster.py."""
 
 from __future__ import annotations
@@ -46,20 +46,6 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, local_ray):
     assert summary["epochs"] == 3
 
 
-def test_pretrain_teacher_writes_a_loadable_ssl_teacher(tmp_path, local_ray):
-    from ega_ray.models import build_teacher
-    from ega_ray.train.launch import run_pretrain
-
-    cfg = smoke(tmp_path, "pretrain.epochs=2", "pretrain.batch_size=128", "pretrain.image_size=16")
-    summary = run_pretrain(cfg)
-    teacher_file = tmp_path / "run" / "teacher.pt"
-    assert summary["teacher"] == str(teacher_file) and 0.0 <= summary["knn_top1"] <= 100.0
-    teacher = build_teacher("ssl", weights=str(teacher_file))
-    assert teacher.spec.input_size == 16 and teacher.spec.embed_dim == 64
-    rows = read_metrics(tmp_path / "run")
-    assert [int(r["epoch"]) for r in rows] == [1, 2] and rows[-1]["knn_top1"] != ""
-
-
 def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):
     """The README's main command with one epoch per stage: teacher, EGA, CE-only, table, summary.json."""
     from ega_ray.embedded import embedded_config, ensure_teacher, run_embedded
@@ -75,6 +61,13 @@ def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):
     assert saved["labeled_train_rows"] < 0.15 * saved["train_rows"]
     assert (tmp_path / "embedded" / "ega" / "metrics.csv").is_file()
     teacher_file = tmp_path / "embedded" / "teacher" / "teacher.pt"
+    # the SimCLR teacher (ega-ray pretrain-teacher) is a loadable `ssl` teacher at its pretraining size
+    from ega_ray.models import build_teacher
+
+    teacher = build_teacher("ssl", weights=str(teacher_file))
+    assert teacher.spec.input_size == 16 and teacher.spec.embed_dim == 64
+    rows = read_metrics(tmp_path / "embedded" / "teacher")
+    assert [int(r["epoch"]) for r in rows] == [1] and rows[-1]["knn_top1"] != ""
     mtime = teacher_file.stat().st_mtime
     base = embedded_config(overrides, output=str(tmp_path / "embedded")).resolved()
     assert ensure_teacher(base, teacher_file.parent)[0] == teacher_file
