@@ -16,7 +16,7 @@ demo: $(STAMP)  ## the embedded default: digits, SimCLR teacher, EGA vs CE-only,
 
 test: $(STAMP)  ## the whole test suite (slow multi-process tests included)
 	$(VENV)/bin/ruff check ega_ray tests jobs bench
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadfile --durations=10 tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=10 tests
 
 clean:
 	rm -rf runs
