@@ -2,12 +2,21 @@
 
 Same device, same teacher (ViT-B/32 image tower shape, random weights), same student (resnet8x4),
 CIFAR-sized random images, batch 64 by default. The seed figure comes from ``seed_throughput`` in
-``../shared/bench/seed_recipe.py`` (the paper's DataLoader + PIL loop); the project's figures come from
-real ``ega-ray distill`` runs (Ray Data → Ray Train, one worker), read from their ``train_img_per_s``
-metric (steps after the first three, so start-up is excluded). The cache build is timed separately.
+``../shared/bench/seed_recipe.py`` (the paper's DataLoader + PIL loop, fp32). The project's figures:
+
+- **Ray paths**: real ``ega-ray distill`` runs (Ray Data → Ray Train, one worker). ``online`` and
+  ``cached``: the last epoch's ``train_img_per_s`` (steps after the third). ``pipeline`` runs two epochs
+  and reports the second *whole* epoch (``train_time_s``, its wait for the first batch included): its
+  steady window would count batches that the teacher stage computed while the trainer waited. Both
+  figures of every path are in the JSON. The cache build (K=1) is timed apart.
+- **Bare step**: the same ``train_step`` (``ega_ray/train/distill.py``) in a plain loop on one batch that
+  stays on the device, no Ray: the ceiling of each path, and with it the overhead of going through Ray.
+- ``--sweep``: the bare cached step over batch sizes (``graph_size`` 64, LR rule irrelevant to speed), eager
+  and compiled, with peak memory and GPU utilisation. ``--profile``: the top kernels of the bare cached
+  step (torch.profiler), printed and saved in the JSON.
 
     python bench/throughput.py --device cpu --seconds 5 --json runs/bench/cpu.json
-    python bench/throughput.py --device cuda --seconds 20 --json runs/bench/gpu.json
+    python bench/throughput.py --device cuda --seconds 20 --sweep --profile --json runs/bench/gpu.json
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +40,21 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_BENCH = REPO.parent / "shared" / "bench"
 MAX_ROWS = 51_200
 CPUS = os.cpu_count() or 1
-MIN_STEPS = 16
+MIN_STEPS = 8  # measured steps of a Ray path, at least
+MIN_BARE_STEPS = 5
+WARMUP_STEPS = 3  # as Ray Train workers' StepTimer
+SEED_WARMUP_STEPS = 2  # the seed loop's first step includes its loader workers' start
+PATHS = ("online", "cached", "pipeline")
+
+
+def native_bf16(device: str) -> bool:
+    """Whether ``device`` computes in bf16 natively (GPUs with bf16; CPUs with AVX-512 BF16 / AMX)."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
 
 def seed_baseline(
@@ -41,34 +65,133 @@ def seed_baseline(
         from seed_recipe import seed_throughput
     except ImportError as err:
         raise SystemExit(f"bench: cannot import seed_throughput from {recipe}: {err}") from None
-    return seed_throughput(x, y, device=device, batch=batch, workers=workers, seconds=seconds, warmup_steps=3)
+    return seed_throughput(
+        x, y, device=device, batch=batch, workers=workers, seconds=seconds, warmup_steps=SEED_WARMUP_STEPS
+    )
 
 
 def project_config(
-    data: Path, out: Path, mode: str, device: str, batch: int, steps: int, epochs: int, cache: Path | None
+    args: argparse.Namespace,
+    data: Path,
+    out: Path,
+    mode: str,
+    steps: int = 1,
+    epochs: int = 1,
+    **optim: Any,
 ):
+    """A one-worker ``ega-ray distill`` config of the benchmark (a cached run reads ``out``/cache)."""
     from ega_ray.config import parse_config
 
     raw = {
         "data": {"train": str(data / "train"), "val": str(data / "val"), "num_classes": 100},
         "teacher": {
-            "name": "open_clip:ViT-B-32",
+            "name": args.teacher,
             "mode": mode,
-            "cache": str(cache) if cache else None,
-            "batch_size": batch,
+            "cache": str(out / "cache") if mode == "cached" else None,
+            "batch_size": args.batch,
             "actor_cpus": float(CPUS),
         },
-        "student": {"name": "resnet8x4"},
-        "optim": {"epochs": epochs, "batch_size": batch, "max_steps_per_epoch": steps, "milestones": [epochs + 1]},
+        "student": {"name": args.student},
+        "optim": {
+            "epochs": epochs,
+            "batch_size": args.batch,
+            "max_steps_per_epoch": steps,
+            "milestones": [epochs + 1],
+            "precision": args.precision,
+            "compile": args.compile,
+        }
+        | optim,
         # one worker with every core, as the seed loop's step has (its loader workers share them too)
-        "scaling": {"num_workers": 1, "use_gpu": device == "cuda", "cpus_per_worker": float(CPUS)},
+        "scaling": {"num_workers": 1, "use_gpu": args.device == "cuda", "cpus_per_worker": float(CPUS)},
         "run": {"name": f"bench-{mode}", "output": str(out / mode)},
     }
     return parse_config(raw)
 
 
+def bare_step(cfg, device: torch.device, seconds: float, profile: bool = False) -> dict[str, Any]:
+    """Images per second of ``train_step`` in a plain loop (no Ray) on one resident random batch.
+
+    ``cfg.teacher.mode == "online"`` runs the teacher on its view every step; otherwise the teacher's
+    embeddings are a fixed tensor, as a cached lookup hands them over."""
+    from ega_ray.models import build_teacher
+    from ega_ray.train.common import StepTimer, peak_gpu_memory_gib, seed_everything
+    from ega_ray.train.distill import build_parts, train_step
+
+    seed_everything(0)
+    b = cfg.optim.batch_size
+    dim = build_teacher(cfg.teacher.name, cfg.teacher.weights).spec.embed_dim
+    p = build_parts(cfg, device, 100, dim, num_indices=b)
+    gen = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.randint(0, 256, (b, 32, 32, 3), dtype=torch.uint8, generator=gen).to(device),
+        "label": torch.randint(0, 100, (b,), generator=gen).to(device),
+        "index": torch.arange(b).to(device),
+    }
+    cached_emb = torch.randn(b, dim, generator=gen).to(device)
+
+    def step() -> None:
+        with torch.no_grad():
+            feat_t = p.teacher(p.views.teacher(batch["image"], train=True)) if p.teacher else cached_emb
+        train_step(p, cfg.distill, batch, feat_t)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    timer, t0 = StepTimer(device, warmup=WARMUP_STEPS), None
+    while True:
+        step()
+        timer.step()
+        if timer.steps == WARMUP_STEPS:
+            t0 = time.perf_counter()
+        elif t0 and timer.steps >= WARMUP_STEPS + MIN_BARE_STEPS and time.perf_counter() - t0 >= seconds:
+            break
+    timer.stop()
+    result = {
+        "img_per_s": timer.images_per_s(b),
+        "gpu_mem_peak_gib": peak_gpu_memory_gib(device),
+        "gpu_util_pct": timer.mean_utilization(),
+    }
+    if profile:
+        result["profile"] = profile_summary(step, device)
+    return result
+
+
+def profile_summary(step, device: torch.device, steps: int = 5, rows: int = 15) -> list[dict[str, Any]]:
+    """The ``rows`` ops with the most self time (device time on a GPU) over ``steps`` steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    total = sum(getattr(e, key) for e in events) or 1.0
+    return [
+        {
+            "op": e.key,
+            "calls_per_step": e.count / steps,
+            "ms_per_step": getattr(e, key) / 1e3 / steps,
+            "share_pct": 100.0 * getattr(e, key) / total,
+        }
+        for e in events[:rows]
+    ]
+
+
+def connect_local_ray(args: argparse.Namespace) -> None:
+    """A local Ray for the Ray paths, as ``ega-ray distill`` starts one but without the dashboard, whose
+    processes would take a share of a small machine's cores from the measured step."""
+    import ray
+
+    if not ray.is_initialized():
+        # the worker's and the teacher actor's CPUs, plus one for Ray Data (see ega_ray.train.launch)
+        ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+
+
 def gpu_name(device: str) -> str:
-    return torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({os.cpu_count()} cores)"
+    return torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({CPUS} cores)"
 
 
 def main() -> int:
@@ -76,85 +199,154 @@ def main() -> int:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per path (after warm-up)")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--seed-workers", type=int, default=min(8, os.cpu_count() or 1), help="the seed's loader workers")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 where the device has it natively")
+    ap.add_argument("--compile", action="store_true", help="torch.compile in the Ray paths and the bare steps")
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="the Ray paths to run")
+    ap.add_argument("--sweep", type=int, nargs="*", metavar="BATCH", help="bare cached step at these batch sizes")
+    ap.add_argument("--profile", action="store_true", help="top kernels of the bare cached step")
+    ap.add_argument("--teacher", default="open_clip:ViT-B-32")
+    ap.add_argument("--student", default="resnet8x4")
+    ap.add_argument("--seed-workers", type=int, default=min(8, CPUS), help="the seed loop's loader workers")
     ap.add_argument("--json", type=Path, help="write the figures here")
     ap.add_argument("--seed-recipe", type=Path, default=SHARED_BENCH / "seed_recipe.py", help="the paper's loop")
-    ap.add_argument(
-        "--expect-cached", type=float, help="expected cached/seed ratio, to size its run and cache (5 CPU, 15 GPU)"
-    )
     args = ap.parse_args()
+    args.precision = args.precision or ("bf16" if native_bf16(args.device) else "fp32")
+    if args.sweep == []:
+        args.sweep = [64, 256, 1024]
+    figures = run_bench(args)
+    print_table(figures)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(figures, indent=2) + "\n")
+    return 0
 
+
+def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from ega_ray.data.parquet import write_split
     from ega_ray.train.launch import run_distill
     from ega_ray.train.teacher_cache import build_cache
 
     t_start = time.time()
-    print(f"[bench] device: {gpu_name(args.device)}", flush=True)
+    device = torch.device(args.device)
+    print(f"[bench] {gpu_name(args.device)}, precision {args.precision}, compile {args.compile}", flush=True)
     rng = np.random.default_rng(0)
     n_seed = max(args.batch * 20, 1280)
     x = rng.integers(0, 256, (n_seed, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 100, n_seed)
     seed_ips = seed_baseline(args.seed_recipe, x, y, args.device, args.batch, args.seed_workers, args.seconds)
     print(f"[bench] seed loop: {seed_ips:.1f} img/s", flush=True)
+    figures: dict[str, Any] = {"seed_img_per_s": seed_ips}
 
-    figures: dict[str, float] = {"seed_img_per_s": seed_ips}
     with tempfile.TemporaryDirectory(prefix="ega-bench-") as tmp:
         tmp = Path(tmp)
+        for mode in ("online", "cached"):
+            bare = bare_step(project_config(args, tmp / "data", tmp, mode), device, args.seconds)
+            figures[f"bare_{mode}_img_per_s"] = bare["img_per_s"]
+            figures[f"bare_{mode}_gpu_util_pct"] = bare["gpu_util_pct"]
+            print(f"[bench] bare {mode} step: {bare['img_per_s']:.1f} img/s", flush=True)
 
-        # each path runs about --seconds at an expected speed-up over the seed, in epochs of at most
-        # MAX_ROWS images; its figure is the median over epochs of steps after the third
-        def schedule(speedup: float) -> tuple[int, int]:
-            # at least MIN_STEPS measured steps: batches that Ray Data prepared ahead during start-up (the
-            # pipeline's teacher stage runs ahead of the trainer) must not dominate the measured window
-            steps = 4 + max(MIN_STEPS, math.ceil(args.seconds * seed_ips * speedup / args.batch))
-            epochs = math.ceil(steps / (MAX_ROWS // args.batch))
-            return math.ceil(steps / epochs), epochs
+        # each Ray path runs about --seconds at the speed its bare step showed, never fewer than MIN_STEPS
+        # measured steps, over one training split sized for the teacher-bound paths (at most MAX_ROWS): a
+        # faster path runs more epochs over it rather than making the cache build (the teacher over every
+        # row) longer. A path's figure is the median over its epochs after the first (the only one, if so).
+        def steps_for(img_per_s: float) -> int:
+            return WARMUP_STEPS + 1 + max(MIN_STEPS, math.ceil(args.seconds * img_per_s / args.batch))
 
-        cached_speedup = args.expect_cached or (15.0 if args.device == "cuda" else 5.0)
-        rows = schedule(cached_speedup)[0] * args.batch
-        write_split(
-            tmp / "data" / "train", rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8), rng.integers(0, 100, rows)
-        )
-        write_split(tmp / "data" / "val", x[: args.batch], y[: args.batch])
-        t0 = time.time()
-        build_cache(project_config(tmp / "data", tmp, "online", args.device, args.batch, 1, 1, None), 1, tmp / "cache")
-        figures["cache_build_s"] = round(time.time() - t0, 1)
-        for mode, speedup in (("online", 1.5), ("cached", cached_speedup), ("pipeline", 1.5)):
-            steps, epochs = schedule(speedup)
-            cfg = project_config(
-                tmp / "data",
-                tmp,
-                mode,
-                args.device,
-                args.batch,
-                steps,
-                epochs,
-                tmp / "cache" if mode == "cached" else None,
-            )
+        expected = {
+            "online": figures["bare_online_img_per_s"],
+            "cached": figures["bare_cached_img_per_s"],
+            "pipeline": figures["bare_online_img_per_s"],
+        }
+        epoch_steps = min(MAX_ROWS // args.batch, steps_for(expected["online"]))
+        rows = epoch_steps * args.batch
+        data = tmp / "data"
+        write_split(data / "train", rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8), rng.integers(0, 100, rows))
+        write_split(data / "val", x[: args.batch], y[: args.batch])
+        connect_local_ray(args)
+        if "cached" in args.paths:
+            t0 = time.time()
+            build_cache(project_config(args, data, tmp, "online"), 1, tmp / "cache")
+            figures["cache_build_s"] = round(time.time() - t0, 1)
+            figures["cache_rows"] = rows
+        for mode in args.paths:
+            # the pipeline's first epoch is fed partly by what its teacher stage computed during start-up
+            epochs = max(2 if mode == "pipeline" else 1, math.ceil(steps_for(expected[mode]) / epoch_steps))
+            cfg = project_config(args, data, tmp, mode, epoch_steps, epochs)
             with open(Path(run_distill(cfg)["output"]) / "metrics.csv") as f:
-                figures[f"{mode}_img_per_s"] = statistics.median(float(r["train_img_per_s"]) for r in csv.DictReader(f))
-            print(f"[bench] {mode}: {figures[f'{mode}_img_per_s']:.1f} img/s", flush=True)
+                per_epoch = list(csv.DictReader(f))
+            measured = per_epoch[1:] or per_epoch
+
+            def median(key: str, measured: list[dict] = measured) -> float:
+                return statistics.median(float(r[key]) for r in measured)
+
+            # steps after the warm-up; and whole epochs, their wait for the first batch included
+            figures[f"{mode}_steady_img_per_s"] = median("train_img_per_s")
+            figures[f"{mode}_epoch_img_per_s"] = rows / median("train_time_s")
+            # the pipeline's headline is its whole epoch: its steady window is fed by batches the teacher
+            # stage computed while the trainer waited for its first ones (Ray Data runs ahead)
+            figures[f"{mode}_img_per_s"] = figures[f"{mode}_{'epoch' if mode == 'pipeline' else 'steady'}_img_per_s"]
+            figures[f"{mode}_gpu_util_pct"] = median("gpu_util_pct")
+            figures[f"{mode}_gpu_mem_peak_gib"] = max(float(r["gpu_mem_peak_gib"]) for r in per_epoch)
+            print(f"[bench] {mode}: {figures[f'{mode}_img_per_s']:.1f} img/s ({epochs} epochs)", flush=True)
+
+        if args.sweep or args.profile:
+            figures["sweep"] = []
+            for batch in args.sweep or []:
+                for compiled in (False, True):
+                    cfg = project_config(args, data, tmp, "cached", batch_size=batch, compile=compiled)
+                    r = bare_step(cfg, device, args.seconds)
+                    row = {"batch": batch, "graph_size": 64, "compile": compiled} | r
+                    figures["sweep"].append(row)
+                    print(f"[bench] sweep {row}", flush=True)
+            if args.profile:
+                r = bare_step(project_config(args, data, tmp, "cached"), device, 1.0, profile=True)
+                figures["profile_bare_cached"] = r["profile"]
     import ray
 
     ray.shutdown()
-    for mode in ("online", "cached", "pipeline"):
+    for mode in args.paths:
         figures[f"{mode}_vs_seed"] = figures[f"{mode}_img_per_s"] / seed_ips
-    figures |= {
+    for mode in set(args.paths) & {"online", "cached"}:
+        figures[f"{mode}_ray_overhead"] = 1.0 - figures[f"{mode}_img_per_s"] / figures[f"bare_{mode}_img_per_s"]
+    if "pipeline" in args.paths and "online" in args.paths:
+        figures["pipeline_vs_online"] = figures["pipeline_img_per_s"] / figures["online_img_per_s"]
+    return figures | {
         "device": gpu_name(args.device),
+        "precision": args.precision,
+        "compile": args.compile,
         "batch": args.batch,
         "seconds": args.seconds,
         "seed_loader_workers": args.seed_workers,
+        "command": " ".join(sys.argv),
         "wall_time_s": round(time.time() - t_start, 1),
     }
-    print(f"\n{'path':<10} {'img/s':>10} {'× seed':>8}")
-    print(f"{'seed':<10} {seed_ips:>10.1f} {1.0:>8.2f}")
-    for mode in ("online", "cached", "pipeline"):
-        print(f"{mode:<10} {figures[f'{mode}_img_per_s']:>10.1f} {figures[f'{mode}_vs_seed']:>8.2f}")
-    print(f"cache build (K=1, {rows} images): {figures['cache_build_s']} s; wall time {figures['wall_time_s']} s")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+
+
+def print_table(f: dict[str, Any]) -> None:
+    print(f"\n{f['device']}, precision {f['precision']}, compile {f['compile']}, batch {f['batch']}")
+    print(f"{'path':<10} {'img/s':>9} {'× seed':>7} {'bare img/s':>11} {'Ray overhead':>13} {'GPU util %':>11}")
+    print(f"{'seed':<10} {f['seed_img_per_s']:>9.1f} {1.0:>7.2f}")
+    for mode in PATHS:
+        if f"{mode}_img_per_s" not in f:
+            continue
+        bare = f.get(f"bare_{mode}_img_per_s")
+        overhead = f.get(f"{mode}_ray_overhead")
+        print(
+            f"{mode:<10} {f[f'{mode}_img_per_s']:>9.1f} {f[f'{mode}_vs_seed']:>7.2f} "
+            f"{'' if bare is None else f'{bare:.1f}':>11} {'' if overhead is None else f'{overhead:.1%}':>13} "
+            f"{f[f'{mode}_gpu_util_pct']:>11.0f}"
+        )
+    if "cache_build_s" in f:
+        print(f"cache build (K=1, {f['cache_rows']} images): {f['cache_build_s']} s")
+    for row in f.get("sweep", []):
+        print(
+            f"sweep: batch {row['batch']:>5} compile {row['compile']!s:<5} {row['img_per_s']:>9.1f} img/s "
+            f"{row['img_per_s'] / f['seed_img_per_s']:>6.2f}× seed  peak {row['gpu_mem_peak_gib']:.2f} GiB  "
+            f"util {row['gpu_util_pct']:.0f}%"
+        )
+    for row in f.get("profile_bare_cached", []):
+        print(f"profile: {row['ms_per_step']:>8.2f} ms/step {row['share_pct']:>5.1f}%  {row['op']}")
+    print(f"wall time {f['wall_time_s']} s")
 
 
 if __name__ == "__main__":

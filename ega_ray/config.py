@@ -12,6 +12,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -143,6 +144,9 @@ class OptimConfig(_Section):
     reference_batch_size: int = Field(64, ge=1)
     compile: bool = Field(False, description="torch.compile the student (and an online teacher); eager if unavailable")
     channels_last: bool | None = Field(None, description="NHWC activations for the student; null: on GPUs")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="bf16: autocast student step and a bf16 frozen teacher; auto: bf16 on GPUs, fp32 on CPU"
+    )
 
     @field_validator("milestones")
     @classmethod
@@ -150,6 +154,16 @@ class OptimConfig(_Section):
         if any(m < 1 for m in v) or any(b <= a for a, b in pairwise(v)):
             raise ValueError("must be strictly increasing positive epochs")
         return v
+
+    def compute_dtype(self, device: torch.device) -> torch.dtype:
+        """The dtype of the student's autocast region and of the frozen teacher's weights on ``device``."""
+        if self.precision == "fp32" or (self.precision == "auto" and device.type != "cuda"):
+            return torch.float32
+        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            if self.precision == "auto":
+                return torch.float32
+            raise ConfigError(f"optim.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}")
+        return torch.bfloat16
 
     def scaled_lr(self, base: float) -> float:
         ratio = self.batch_size / self.reference_batch_size

@@ -82,7 +82,7 @@ def test_ray_job_submit_to_an_autoscaling_cluster_with_token_auth(tmp_path):
     rows = read_metrics(out)
     assert [row["epoch"] for row in rows] == ["1", "2"]
     assert all(float(r["train_img_per_s"]) == pytest.approx(2 * float(r["train_img_per_s_per_worker"])) for r in rows)
-    assert all(float(r["gpu_mem_peak_gib"]) == 0.0 for r in rows)  # CPU run
+    assert all(float(r["gpu_mem_peak_gib"]) == 0.0 and float(r["gpu_util_pct"]) == 0.0 for r in rows)  # CPU run
     assert list(out.glob("checkpoint_*/state.pt")), "no checkpoint in the run folder"
     for name in ("config.yaml", "learning_curves.png", "student_last.pt", "student_best.torchscript.pt"):
         assert (out / name).is_file(), name

@@ -145,6 +145,19 @@ def read_columns(path: str, columns: list[str]) -> pa.Table:
     return pads.dataset(path, format="parquet").to_table(columns=columns)
 
 
+def read_decoded(path: str, image_size: int) -> dict[str, np.ndarray]:
+    """A whole split, decoded on the calling process (for a small validation split): image (N, S, S, 3)
+    uint8, label, index."""
+    table = read_columns(path, ["image", "label", "index"])
+    batch = {"image": table["image"].to_pylist()}
+    batch = (
+        decode_images(batch, image_size)
+        if len(table)
+        else {"image": np.zeros((0, image_size, image_size, 3), np.uint8)}
+    )
+    return batch | {"label": table["label"].to_numpy(), "index": table["index"].to_numpy()}
+
+
 def check_split(path: str, field: str) -> int:
     """Raise a clear error unless ``path`` holds a readable Parquet split with the required columns;
     return its row count."""

@@ -46,7 +46,8 @@ class TeacherEmbedder:
         config = Config.model_validate(cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         t = config.teacher
-        self.teacher = build_teacher(t.name, t.weights, t.sha256).to_device(self.device)
+        self.teacher = build_teacher(t.name, t.weights, t.sha256)
+        self.teacher = self.teacher.to_device(self.device, config.optim.compute_dtype(self.device))
         self.views = ViewMaker.from_config(config, self.device, self.teacher.spec)
         self.num_views, self.attach, self.seed, self.augment = views, attach, seed, augment
 

@@ -157,25 +157,52 @@ class Progress:
 
 class StepTimer:
     """Training throughput of one epoch, from the end of the ``warmup``-th step (start-up, first-batch
-    latency and compilation excluded) to the last step; the whole epoch when it is shorter."""
+    latency and compilation excluded) to the last step; the whole epoch when it is shorter. ``stop()``
+    ends the epoch's training part (evaluation is not counted). On a GPU it also samples NVML's
+    utilisation after every ``util_every``-th measured step."""
 
-    def __init__(self, device: torch.device, warmup: int = 3) -> None:
+    def __init__(self, device: torch.device, warmup: int = 3, util_every: int = 10) -> None:
+        self.device, self.util_every, self.util = device, util_every, []
         self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         self.warmup, self.steps, self.t0 = warmup, 0, time.perf_counter()
-        self.start, self.start_step = self.t0, 0
+        self.start, self.start_step, self.end = self.t0, 0, None
 
     def step(self) -> None:
         self.steps += 1
         if self.steps == self.warmup:
             self.sync()
             self.start, self.start_step = time.perf_counter(), self.steps
+        elif self.steps > self.warmup and (self.steps - self.warmup) % self.util_every == 0:
+            self.util.append(gpu_utilization(self.device))
+
+    def stop(self) -> None:
+        self.sync()
+        self.end = time.perf_counter()
 
     def images_per_s(self, batch_size: int) -> float:
-        self.sync()
-        counted = self.steps - self.start_step
+        end = self.end if self.end is not None else time.perf_counter()
+        counted, start = self.steps - self.start_step, self.start
         if counted <= 0:
-            self.start, counted = self.t0, self.steps
-        return batch_size * counted / max(time.perf_counter() - self.start, 1e-9)
+            start, counted = self.t0, self.steps
+        return batch_size * counted / max(end - start, 1e-9)
+
+    def elapsed_s(self) -> float:
+        """Wall time of the epoch's training part, the wait for its first batch included."""
+        return (self.end if self.end is not None else time.perf_counter()) - self.t0
+
+    def mean_utilization(self) -> float:
+        """Mean GPU utilisation (%) over the measured steps; 0 on CPU, NaN where NVML cannot tell."""
+        if self.device.type != "cuda":
+            return 0.0
+        return sum(self.util) / len(self.util) if self.util else float("nan")
+
+
+def gpu_utilization(device: torch.device) -> float:
+    """NVML's utilisation (%) of ``device`` over its last sample period; NaN without NVML (pynvml)."""
+    try:
+        return float(torch.cuda.utilization(device))
+    except Exception:  # noqa: BLE001 - NVML missing or not permitted: no figure, not a failed run
+        return float("nan")
 
 
 def compiler_available(device: torch.device) -> str | None:

@@ -1,7 +1,8 @@
 """The distillation loop that runs on every Ray Train worker (``train_func_per_worker``).
 
-Read top to bottom: build models → restore → for each epoch: train on this worker's shard, evaluate,
-report metrics with a checkpoint. Loss of one step:
+Read top to bottom: ``build_parts`` (models, optimizers, distiller), ``train_step`` (one step, also timed
+without Ray by bench/throughput.py), then ``train_func_per_worker``: restore → for each epoch: train on this
+worker's shard, evaluate, report metrics with a checkpoint. Loss of one step:
 
     student:  γ·CE(student logits, y) + β·distiller(teacher emb, student emb, …) + α·KD(teacher logits, student logits)
     teacher head (its own optimizer, lr 0.01):  CE(teacher-head logits, y)
@@ -15,19 +16,22 @@ a Ray Data stage (``pipeline``) or looked up in a K-view cache (``cached``).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import ray.train
 import ray.train.torch
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ega_ray.config import Config
+from ega_ray.config import Config, DistillConfig
 from ega_ray.data.augment import ViewMaker
 from ega_ray.data.teacher_stage import TEACHER_EMB, view_for
 from ega_ray.losses import DISTILLERS, KDLoss
-from ega_ray.models import EmbeddingHead, StudentClassifier, build_student, build_teacher
+from ega_ray.models import EmbeddingHead, StudentClassifier, Teacher, build_student, build_teacher
 from ega_ray.train.common import (
     Progress,
     StepTimer,
@@ -56,6 +60,106 @@ def build_distiller(cfg: Config, num_samples: int) -> nn.Module:
     return DISTILLERS.build(cfg.distill.method, d=cfg.distill, num_samples=num_samples, seed=cfg.run.seed)
 
 
+@dataclass
+class Parts:
+    """What one training step touches. Built by :func:`build_parts` the same way in a Ray Train worker and
+    in ``bench/throughput.py``'s loop without Ray, so that the two time the same step."""
+
+    student_net: nn.Module  # student + its head (DDP under Ray Train): evaluation and checkpoints use it
+    train_student: nn.Module  # the forward that trains: the same module, compiled when optim.compile
+    t_head: nn.Module  # the teacher's trainable projection and classifier
+    teacher: Teacher | None  # the frozen teacher (online mode only)
+    distiller: nn.Module
+    kd: KDLoss
+    opt_s: torch.optim.Optimizer
+    opt_t: torch.optim.Optimizer
+    sched_s: torch.optim.lr_scheduler.LRScheduler
+    sched_t: torch.optim.lr_scheduler.LRScheduler
+    views: ViewMaker
+    autocast: torch.autocast
+    memory_format: torch.memory_format
+
+
+def build_parts(
+    cfg: Config,
+    device: torch.device,
+    num_classes: int,
+    teacher_dim: int,
+    num_indices: int,
+    prepare: Callable[[nn.Module], nn.Module] = lambda m: m,
+) -> Parts:
+    """Models, optimizers and the distiller of a run on ``device`` (``prepare``: Ray Train's prepare_model)."""
+    dtype = cfg.optim.compute_dtype(device)  # bf16 where optim.precision asks for it, else float32
+    teacher = None
+    if cfg.teacher.mode == "online":
+        teacher = build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256).to_device(device, dtype)
+    o = cfg.optim
+    channels_last = o.channels_last if o.channels_last is not None else device.type == "cuda"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    student = build_student(cfg.student.name).to(memory_format=memory_format)
+    s_head = EmbeddingHead(student.feat_dim, cfg.distill.embed_dim, num_classes)
+    t_head = EmbeddingHead(
+        teacher_dim, cfg.distill.embed_dim, num_classes, standardize=cfg.distill.standardize_teacher_features
+    )
+    student_net, t_head = prepare(StudentClassifier(student, s_head).to(device)), prepare(t_head.to(device))
+    train_student = maybe_compile(student_net, o.compile, device, "student")
+    if teacher is not None:
+        teacher.encoder = maybe_compile(teacher.encoder, o.compile, device, "teacher")
+    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel per step for all parameters
+    sgd = {"momentum": o.momentum, "weight_decay": o.weight_decay, **fused}
+    opt_s = torch.optim.SGD(student_net.parameters(), lr=o.scaled_lr(o.lr), **sgd)
+    opt_t = torch.optim.SGD(t_head.parameters(), lr=o.scaled_lr(o.teacher_head_lr), **sgd)
+    return Parts(
+        student_net=student_net,
+        train_student=train_student,
+        t_head=t_head,
+        teacher=teacher,
+        # the distiller may hold state (CRD's memory): identical on every rank, saved in every checkpoint
+        distiller=build_distiller(cfg, num_indices).to(device),
+        kd=KDLoss(cfg.distill.kd_temperature),
+        opt_s=opt_s,
+        opt_t=opt_t,
+        sched_s=torch.optim.lr_scheduler.MultiStepLR(opt_s, o.milestones, o.lr_decay),
+        sched_t=torch.optim.lr_scheduler.MultiStepLR(opt_t, o.milestones, o.lr_decay),
+        views=ViewMaker.from_config(cfg, device, teacher.spec if teacher is not None else None),
+        autocast=torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
+        memory_format=memory_format,
+    )
+
+
+def train_step(p: Parts, d: DistillConfig, batch: dict[str, torch.Tensor], feat_t: torch.Tensor) -> torch.Tensor:
+    """One optimisation step of the student and the teacher's head on ``batch`` (uint8 images, labels, index)
+    with the teacher's features ``feat_t``; returns the detached (loss, ce, distill, teacher-head ce)."""
+    labels = batch["label"]
+    with p.autocast:
+        emb_s, logits_s = p.train_student(
+            p.views.student(batch["image"], train=True).contiguous(memory_format=p.memory_format)
+        )
+        emb_t, logits_t = p.t_head(feat_t)
+    loss_ce = masked_cross_entropy(logits_s, labels)
+    if d.beta > 0:
+        loss_distill = p.distiller(
+            emb_t.detach(),
+            emb_s,
+            labels=labels,
+            index=batch["index"],
+            teacher_logits=logits_t.detach(),
+            student_logits=logits_s,
+        )
+    else:
+        loss_distill = torch.zeros((), device=labels.device)
+    loss = d.gamma * loss_ce + d.beta * loss_distill
+    if d.alpha > 0:
+        loss = loss + d.alpha * p.kd(logits_t.detach(), logits_s)
+    loss_t = masked_cross_entropy(logits_t, labels)
+    p.opt_s.zero_grad(set_to_none=True)
+    p.opt_t.zero_grad(set_to_none=True)
+    (loss + loss_t).backward()
+    p.opt_s.step()
+    p.opt_t.step()
+    return torch.stack([loss.detach(), loss_ce.detach(), loss_distill.detach(), loss_t.detach()])
+
+
 def train_func_per_worker(config: dict[str, Any]) -> None:
     cfg = Config.model_validate(config["cfg"])
     num_classes: int = config["num_classes"]
@@ -64,71 +168,44 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch_threads(cfg.scaling.cpus_per_worker)
     seed_everything(cfg.run.seed)  # identical initial weights on every rank
-    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # --- models: frozen teacher (online mode only), student + its head, the teacher's trainable head
-    online = cfg.teacher.mode == "online"
-    teacher = (
-        build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256).to_device(device) if online else None
+    p = build_parts(
+        cfg, device, num_classes, config["teacher_dim"], config["num_indices"], ray.train.torch.prepare_model
     )
-    o = cfg.optim
-    channels_last = o.channels_last if o.channels_last is not None else device.type == "cuda"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    student = build_student(cfg.student.name).to(memory_format=memory_format)
-    s_head = EmbeddingHead(student.feat_dim, cfg.distill.embed_dim, num_classes)
-    t_head = EmbeddingHead(
-        config["teacher_dim"], cfg.distill.embed_dim, num_classes, standardize=cfg.distill.standardize_teacher_features
-    )
-    student_net = ray.train.torch.prepare_model(StudentClassifier(student, s_head))
-    t_head = ray.train.torch.prepare_model(t_head)
-    # the compiled forward trains; evaluation and checkpoints use the module itself (same parameters)
-    train_student = maybe_compile(student_net, o.compile, device, "student")
-    if online:
-        teacher.encoder = maybe_compile(teacher.encoder, o.compile, device, "teacher")
-    fused = {"fused": True} if device.type == "cuda" else {}  # one kernel per step for all parameters
-    opt_s = torch.optim.SGD(
-        student_net.parameters(), lr=o.scaled_lr(o.lr), momentum=o.momentum, weight_decay=o.weight_decay, **fused
-    )
-    opt_t = torch.optim.SGD(
-        t_head.parameters(),
-        lr=o.scaled_lr(o.teacher_head_lr),
-        momentum=o.momentum,
-        weight_decay=o.weight_decay,
-        **fused,
-    )
-    sched_s = torch.optim.lr_scheduler.MultiStepLR(opt_s, o.milestones, o.lr_decay)
-    sched_t = torch.optim.lr_scheduler.MultiStepLR(opt_t, o.milestones, o.lr_decay)
-    # the distiller may hold state (CRD's memory): identical on every rank, saved in every checkpoint
-    distiller, kd = build_distiller(cfg, config["num_indices"]).to(device), KDLoss(cfg.distill.kd_temperature)
-    d = cfg.distill
-    views = ViewMaker.from_config(cfg, device, teacher.spec if online else None)
+    o, d, online = cfg.optim, cfg.distill, cfg.teacher.mode == "online"
 
     # --- restore
     start_epoch, history, best, restarts = 0, [], {"val_top1": -1.0, "epoch": 0}, 0
     state = load_state(ray.train.get_checkpoint())
     if state is not None:
-        unwrap(student_net).load_state_dict(state["student"])
-        unwrap(t_head).load_state_dict(state["teacher_head"])
+        unwrap(p.student_net).load_state_dict(state["student"])
+        unwrap(p.t_head).load_state_dict(state["teacher_head"])
         if "distiller" in state:  # checkpoints from before distillers kept state hold none (EGA has none)
-            distiller.load_state_dict(state["distiller"])
-        for obj, key in ((opt_s, "opt_s"), (opt_t, "opt_t"), (sched_s, "sched_s"), (sched_t, "sched_t")):
+            p.distiller.load_state_dict(state["distiller"])
+        for obj, key in ((p.opt_s, "opt_s"), (p.opt_t, "opt_t"), (p.sched_s, "sched_s"), (p.sched_t, "sched_t")):
             obj.load_state_dict(state[key])
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         restarts = state["restarts"] + 1  # how many times this run was restored from a checkpoint
 
     train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val")
     per_worker = o.batch_size // world
     kept_val: list[dict[str, torch.Tensor]] = []  # this worker's validation rows, kept after the first pass
 
     def my_val_batches():
-        """This worker's share of the validation split (rows index % world == rank). A small split is read
-        through Ray Data once and then served from memory: a pass starts a streaming executor, which costs
-        seconds per epoch (more than evaluating a small split)."""
+        """This worker's share of the validation split (rows index % world == rank). A small split comes
+        decoded with the run (``val_split``, through the object store) or is read through Ray Data once, and
+        is then served from memory: a Ray Data pass starts a streaming executor, which costs seconds."""
         if kept_val:
             yield from kept_val
             return
-        for batch in val_data.iter_torch_batches(batch_size=EVAL_BATCH, device=device):
+        if config["val_split"] is not None:
+            rows = {k: torch.from_numpy(np.array(v)) for k, v in ray.get(config["val_split"]).items()}  # writable
+            starts = range(0, len(rows["label"]), EVAL_BATCH)
+            source = ({k: v[i : i + EVAL_BATCH].to(device) for k, v in rows.items()} for i in starts)
+        else:
+            source = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=EVAL_BATCH, device=device)
+        for batch in source:
             mine = batch["index"] % world == rank
             batch = {k: v[mine] for k, v in batch.items()}
             if len(batch["label"]):
@@ -143,7 +220,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         """Online: the teacher on its own view. Cached / pipeline: the embedding that came with the batch
         (cached: one of K views per image, chosen per epoch)."""
         if online:
-            return teacher(views.teacher(batch["image"], train=train))
+            return p.teacher(p.views.teacher(batch["image"], train=train))
         emb = batch[TEACHER_EMB]
         if emb.shape[1] == 1:
             return emb[:, 0].float()
@@ -152,9 +229,9 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, o.epochs):
         # --- train one epoch on this worker's shard
-        views.reseed(epoch_seed(cfg.run.seed, epoch, rank))
-        student_net.train()
-        t_head.train()
+        p.views.reseed(epoch_seed(cfg.run.seed, epoch, rank))
+        p.student_net.train()
+        p.t_head.train()
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, ce, distill, teacher-head ce
         steps, timer = 0, StepTimer(device)
         for step, batch in enumerate(
@@ -169,41 +246,17 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         ):
             if step == o.max_steps_per_epoch:
                 break
-            labels = batch["label"]
-            with autocast:
+            with torch.no_grad():
                 feat_t = teacher_features(batch, epoch, train=True)
-                emb_s, logits_s = train_student(
-                    views.student(batch["image"], train=True).contiguous(memory_format=memory_format)
-                )
-                emb_t, logits_t = t_head(feat_t)
-            loss_ce = masked_cross_entropy(logits_s, labels)
-            if d.beta > 0:
-                loss_distill = distiller(
-                    emb_t.detach(),
-                    emb_s,
-                    labels=labels,
-                    index=batch["index"],
-                    teacher_logits=logits_t.detach(),
-                    student_logits=logits_s,
-                )
-            else:
-                loss_distill = torch.zeros((), device=device)
-            loss = d.gamma * loss_ce + d.beta * loss_distill
-            if d.alpha > 0:
-                loss = loss + d.alpha * kd(logits_t.detach(), logits_s)
-            loss_t = masked_cross_entropy(logits_t, labels)
-            opt_s.zero_grad(set_to_none=True)
-            opt_t.zero_grad(set_to_none=True)
-            (loss + loss_t).backward()
-            opt_s.step()
-            opt_t.step()
-            sums += torch.stack([loss.detach(), loss_ce.detach(), loss_distill.detach(), loss_t.detach()]).double()
+            losses = train_step(p, d, batch, feat_t)
+            sums += losses.double()
             steps += 1
             timer.step()
-            progress.step(epoch, step, loss)
-        lr = opt_s.param_groups[0]["lr"]
-        sched_s.step()
-        sched_t.step()
+            progress.step(epoch, step, losses[0])
+        timer.stop()
+        lr = p.opt_s.param_groups[0]["lr"]
+        p.sched_s.step()
+        p.sched_t.step()
         if steps == 0:
             raise RuntimeError(
                 f"worker {rank} got no full batch of {per_worker} rows: the training split is "
@@ -211,14 +264,14 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             )
 
         # --- evaluate on the validation split (rows index % world == rank, summed over ranks)
-        student_net.eval()
-        t_head.eval()
+        p.student_net.eval()
+        p.t_head.eval()
         counts = [0.0, 0.0, 0.0, 0.0]  # student top-1, top-5, teacher-head top-1, rows
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), p.autocast:
             for batch in my_val_batches():
                 labels = batch["label"]
-                _, logits_s = unwrap(student_net)(views.student(batch["image"], False))
-                _, logits_t = unwrap(t_head)(teacher_features(batch, epoch, train=False))
+                _, logits_s = unwrap(p.student_net)(p.views.student(batch["image"], False))
+                _, logits_t = unwrap(p.t_head)(teacher_features(batch, epoch, train=False))
                 top5 = logits_s.float().topk(min(5, num_classes), dim=1).indices
                 counts[0] += (top5[:, 0] == labels).sum().item()
                 counts[1] += (top5 == labels[:, None]).any(1).sum().item()
@@ -228,6 +281,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         loss_sums = all_reduce_sum((sums / steps).tolist(), device)
         img_per_s = all_reduce_sum([timer.images_per_s(per_worker)], device)[0]  # summed over workers
         gpu_mem = all_reduce_sum([peak_gpu_memory_gib(device)], device, op="max")[0]
+        train_time = all_reduce_sum([timer.elapsed_s()], device, op="max")[0]
+        gpu_util = all_reduce_sum([timer.mean_utilization()], device)[0] / world
         metrics = {
             "epoch": epoch + 1,
             "train_loss": loss_sums[0] / world,
@@ -240,7 +295,9 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             "lr": lr,
             "train_img_per_s": img_per_s,
             "train_img_per_s_per_worker": img_per_s / world,
+            "train_time_s": train_time,  # the epoch's training part, waiting for data included
             "gpu_mem_peak_gib": gpu_mem,  # the largest over workers; 0 on CPU
+            "gpu_util_pct": gpu_util,  # mean over workers and measured steps; 0 on CPU
             "restarts": restarts,
         }
         history.append(metrics)
@@ -257,13 +314,13 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             "best": best,
             "num_classes": num_classes,
             "restarts": restarts,
-            "student": unwrap(student_net).state_dict(),
-            "teacher_head": unwrap(t_head).state_dict(),
-            "distiller": distiller.state_dict(),
-            "opt_s": opt_s.state_dict(),
-            "opt_t": opt_t.state_dict(),
-            "sched_s": sched_s.state_dict(),
-            "sched_t": sched_t.state_dict(),
+            "student": unwrap(p.student_net).state_dict(),
+            "teacher_head": unwrap(p.t_head).state_dict(),
+            "distiller": p.distiller.state_dict(),
+            "opt_s": p.opt_s.state_dict(),
+            "opt_t": p.opt_t.state_dict(),
+            "sched_s": p.sched_s.state_dict(),
+            "sched_t": p.sched_t.state_dict(),
             "seed": cfg.run.seed,
         }
         report(metrics, state)

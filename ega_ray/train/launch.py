@@ -22,7 +22,14 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ega_ray.config import Config, ConfigError
-from ega_ray.data.parquet import check_split, decode_images, mask_labels, read_columns, stratified_label_mask
+from ega_ray.data.parquet import (
+    check_split,
+    decode_images,
+    mask_labels,
+    read_columns,
+    read_decoded,
+    stratified_label_mask,
+)
 from ega_ray.data.teacher_stage import TeacherEmbedder, attach_cached
 from ega_ray.models import Teacher, build_teacher
 from ega_ray.train.common import load_state
@@ -91,9 +98,10 @@ MATERIALIZE_AUTO_BYTES = 2 << 30
 VAL_IN_MEMORY_BYTES = 256 << 20
 
 
-def _datasets(cfg: Config, data: PreparedData) -> dict[str, ray.data.Dataset]:
+def _datasets(cfg: Config, data: PreparedData, with_val: bool = True) -> dict[str, ray.data.Dataset]:
     """Decoded, label-masked splits. Small splits are materialized once: re-reading and decoding them every
-    epoch costs seconds of Ray Data start-up per epoch, more than training on them.
+    epoch costs seconds of Ray Data start-up per epoch, more than training on them. ``with_val=False``: the
+    validation split travels another way (see ``run_distill``).
 
     Teacher modes: ``cached`` attaches the cached embeddings by index; ``pipeline`` runs the teacher as an
     actor stage after the (materialized) decode, so every epoch streams fresh views through it. In both,
@@ -110,11 +118,12 @@ def _datasets(cfg: Config, data: PreparedData) -> dict[str, ray.data.Dataset]:
     )
     decoded_bytes = (data.num_train + data.num_val) * size * size * 3
     if cfg.data.materialize == "always" or (cfg.data.materialize == "auto" and decoded_bytes < MATERIALIZE_AUTO_BYTES):
-        train, val = train.materialize(), val.materialize()
+        train, val = train.materialize(), val.materialize() if with_val else val
     mode = cfg.teacher.mode
     if mode != "online":
         stage = teacher_stage_args(cfg)
         model = cfg.model_dump(mode="json")
+        # embedded here, before training holds its resources: the stage's actors may need the same GPUs
         val = val.map_batches(
             TeacherEmbedder, fn_constructor_kwargs={"cfg": model, "views": 1, "attach": True, "augment": False}, **stage
         ).materialize()
@@ -127,7 +136,7 @@ def _datasets(cfg: Config, data: PreparedData) -> dict[str, ray.data.Dataset]:
             train = train.map_batches(
                 TeacherEmbedder, fn_constructor_kwargs={"cfg": model, "views": 1, "attach": True}, **stage
             )
-    return {"train": train, "val": val}
+    return {"train": train, "val": val} if with_val else {"train": train}
 
 
 def _fit(
@@ -172,16 +181,21 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     t0 = time.time()
     connect_ray(cfg)
     bar = cfg.run.progress_bar if cfg.run.progress_bar is not None else sys.stderr.isatty()  # not in job logs
+    # a validation split this small stays in the workers' memory after its first pass; with an online
+    # teacher it is decoded here and handed over through the object store, without a Ray Data pass (each
+    # pass starts a streaming executor: seconds, more than a small split's evaluation)
+    keep_val = data.num_val * cfg.data.image_size**2 * 3 <= VAL_IN_MEMORY_BYTES
+    val_on_driver = keep_val and cfg.teacher.mode == "online"
     extra = {
         "num_classes": data.num_classes,
         "teacher_dim": spec.embed_dim,
         "num_train": data.num_train,
         "num_indices": int(data.indices.max()) + 1,  # the size of a per-row memory (CRD)
-        # a validation split this small stays in the workers' memory after its first pass
-        "keep_val": data.num_val * cfg.data.image_size**2 * 3 <= VAL_IN_MEMORY_BYTES,
+        "keep_val": keep_val,
+        "val_split": ray.put(read_decoded(cfg.data.val, cfg.data.image_size)) if val_on_driver else None,
         "bar": bar,
     }
-    result = _fit(cfg, train_func_per_worker, _datasets(cfg, data), extra, "val_top1", callbacks)
+    result = _fit(cfg, train_func_per_worker, _datasets(cfg, data, not val_on_driver), extra, "val_top1", callbacks)
     last = load_state(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
     best = load_state(best_ckpt) if best_ckpt is not None else last

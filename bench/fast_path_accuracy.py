@@ -1,0 +1,81 @@
+"""Accuracy guard of the fast step: does the fast path train as well as the reference path?
+
+On the embedded default (digits, the SimCLR teacher, resnet8, 10% of the labels, 30 epochs), for each seed:
+the reference path (batch 64, one 64-node graph per step, fp32, eager) and the fast path (batch ×4 cut
+into 64-node graphs, the linear LR rule, bf16 where the device has it natively, torch.compile). Issue 7
+asks the fast path's top-1 to land within 1 point of the reference's.
+
+    python bench/fast_path_accuracy.py --seeds 0 1 2 --output runs/fast-path --json runs/fast-path.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from throughput import native_bf16
+
+
+def fast_overrides(batch_factor: int, device: str) -> list[str]:
+    return [
+        f"optim.batch_size={64 * batch_factor}",
+        "distill.graph_size=64",
+        "optim.lr_scaling=linear",
+        f"optim.precision={'bf16' if native_bf16(device) else 'fp32'}",
+        "optim.compile=true",
+    ]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--batch-factor", type=int, default=4)
+    ap.add_argument("--output", type=Path, default=Path("runs/fast-path"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+
+    from ega_ray.embedded import embedded_with_teacher
+    from ega_ray.train.launch import clear_run, run_distill
+
+    root = args.output.resolve()
+    device = "cuda" if any(o.strip() == "scaling.use_gpu=true" for o in args.overrides) else "cpu"
+    paths = {"reference": ["optim.precision=fp32"], "fast": fast_overrides(args.batch_factor, device)}
+    rows = []
+    for seed in args.seeds:
+        for path, changes in paths.items():
+            out = root / f"{path}-seed{seed}"
+            clear_run(out)
+            cfg = embedded_with_teacher(
+                [*args.overrides, f"run.seed={seed}", f"run.name={out.name}", *changes], str(root)
+            )
+            cfg = cfg.model_copy(update={"run": cfg.run.model_copy(update={"output": str(out)})})
+            s = run_distill(cfg)
+            rows.append({"path": path, "seed": seed, "best_top1": s["best_val_top1"], "last_top1": s["last_val_top1"]})
+            print(f"[fast-path] {path} seed {seed}: best {s['best_val_top1']:.2f}, last {s['last_val_top1']:.2f}")
+
+    summary = {"settings": paths, "rows": rows}
+    print(f"\n{'path':<10} {'best top-1':>16} {'last top-1':>16}")
+    for path in paths:
+        mine = [r for r in rows if r["path"] == path]
+        for key in ("best_top1", "last_top1"):
+            vals = [r[key] for r in mine]
+            summary[f"{path}_{key}_mean"] = statistics.fmean(vals)
+            summary[f"{path}_{key}_std"] = statistics.stdev(vals) if len(vals) > 1 else 0.0
+        print(
+            f"{path:<10} {summary[f'{path}_best_top1_mean']:>9.2f} ± {summary[f'{path}_best_top1_std']:<4.2f}"
+            f" {summary[f'{path}_last_top1_mean']:>9.2f} ± {summary[f'{path}_last_top1_std']:<4.2f}"
+        )
+    summary["fast_minus_reference_best"] = summary["fast_best_top1_mean"] - summary["reference_best_top1_mean"]
+    print(f"fast − reference (best top-1, mean over seeds): {summary['fast_minus_reference_best']:+.2f} points")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

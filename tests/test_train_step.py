@@ -1,0 +1,144 @@
+"""The training step without Ray: ``build_parts`` + ``train_step`` (what every Ray Train worker runs and what
+bench/throughput.py times bare), precision settings, and the benchmark's bare-step and profile helpers."""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ega_ray.config import ConfigError, parse_config
+from ega_ray.losses import EGALoss
+from ega_ray.train.distill import build_parts, train_step
+
+B, CLASSES = 16, 10
+
+
+def _cfg(**optim):
+    return parse_config(
+        {
+            "data": {"train": "unused", "val": "unused", "num_classes": CLASSES},
+            "teacher": {"name": "zoo:resnet8"},
+            "student": {"name": "resnet8"},
+            "distill": {"graph_size": 8},
+            "optim": {"batch_size": B} | optim,
+        }
+    )
+
+
+def _batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "image": torch.randint(0, 256, (B, 32, 32, 3), dtype=torch.uint8, generator=g),
+        "label": torch.randint(0, CLASSES, (B,), generator=g),
+        "index": torch.arange(B),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:teacher zoo")
+def test_step_loss_is_ce_plus_ega_and_the_step_updates_both_sides() -> None:
+    cfg = _cfg()
+    cpu = torch.device("cpu")
+    p = build_parts(cfg, cpu, CLASSES, teacher_dim=64, num_indices=B)
+    batch = _batch()
+    feat_t = torch.randn(B, 64, generator=torch.Generator().manual_seed(1))
+    # the loss the step must compute, from copies of the modules and the same student view
+    student, t_head = copy.deepcopy(p.student_net), copy.deepcopy(p.t_head)
+    state = p.views.generator.get_state()
+    x = p.views.student(batch["image"], train=True)
+    p.views.generator.set_state(state)
+    emb_s, logits_s = student(x)
+    emb_t, logits_t = t_head(feat_t)
+    ega = EGALoss(graph_size=8)(emb_t, emb_s)
+    expected = F.cross_entropy(logits_s, batch["label"]) + ega
+
+    before_s = [t.detach().clone() for t in p.student_net.parameters()]
+    before_t = [t.detach().clone() for t in p.t_head.parameters()]
+    losses = train_step(p, cfg.distill, batch, feat_t)
+    assert losses.shape == (4,) and not losses.requires_grad
+    torch.testing.assert_close(losses[0], expected.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[2], ega.detach(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses[3], F.cross_entropy(logits_t, batch["label"]).detach(), rtol=1e-5, atol=1e-6)
+    assert any(not torch.equal(a, b) for a, b in zip(before_s, p.student_net.parameters(), strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(before_t, p.t_head.parameters(), strict=True))
+
+
+@pytest.mark.filterwarnings("ignore:teacher zoo")
+def test_bf16_precision_runs_the_teacher_and_the_student_in_bf16_on_cpu() -> None:
+    cpu = torch.device("cpu")
+    assert _cfg().optim.compute_dtype(cpu) == torch.float32  # auto: fp32 on CPU
+    assert _cfg(precision="fp32").optim.compute_dtype(cpu) == torch.float32
+    cfg = _cfg(precision="bf16")
+    assert cfg.optim.compute_dtype(cpu) == torch.bfloat16
+    p = build_parts(cfg, cpu, CLASSES, teacher_dim=64, num_indices=B)
+    assert all(t.dtype == torch.bfloat16 for t in p.teacher.parameters())
+    assert all(t.dtype == torch.float32 for t in p.student_net.parameters())  # master weights stay fp32
+    batch = _batch()
+    feat_t = p.teacher(p.views.teacher(batch["image"], train=True))
+    assert feat_t.dtype == torch.float32  # embeddings leave the teacher as fp32
+    with p.autocast:
+        emb_s, _ = p.train_student(p.views.student(batch["image"], train=True))
+    assert emb_s.dtype == torch.bfloat16
+    losses = train_step(p, cfg.distill, batch, feat_t)
+    assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+
+
+def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
+    gpu = torch.device("cuda")
+    assert _cfg().optim.compute_dtype(gpu) == torch.float32  # auto falls back
+    with pytest.raises(ConfigError, match="optim.precision: bf16 is not supported by Tesla V100"):
+        _cfg(precision="bf16").optim.compute_dtype(gpu)
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ConfigError, match="optim.precision"):
+        _cfg(precision="fp16")
+
+
+@pytest.fixture
+def bench_module():
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        import throughput
+
+        yield throughput
+    finally:
+        sys.path.pop(0)
+
+
+@pytest.mark.filterwarnings("ignore:teacher zoo")
+@pytest.mark.parametrize("mode", ["online", "cached"])
+def test_bench_bare_step_and_profile(bench_module, mode: str) -> None:
+    raw = _cfg().model_dump(mode="json")
+    raw["teacher"] |= {"mode": mode, "cache": "unused" if mode == "cached" else None}
+    result = bench_module.bare_step(parse_config(raw), torch.device("cpu"), seconds=0.05, profile=True)
+    assert result["img_per_s"] > 0 and result["gpu_mem_peak_gib"] == 0.0 and result["gpu_util_pct"] == 0.0
+    rows = result["profile"]
+    assert 0 < len(rows) <= 15
+    shares = [r["share_pct"] for r in rows]
+    assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 100.0 + 1e-6
+    ops = {r["op"] for r in rows}
+    assert any("conv" in op for op in ops), ops  # the student's convolutions are among the top ops
+
+
+def test_step_timer_counts_the_training_part_only() -> None:
+    import time
+
+    from ega_ray.train.common import StepTimer
+
+    timer = StepTimer(torch.device("cpu"), warmup=1)
+    time.sleep(0.2)  # waiting for the first batch: in elapsed_s, not in the steady rate
+    for _ in range(4):
+        time.sleep(0.05)
+        timer.step()
+    timer.stop()
+    time.sleep(0.3)  # evaluation after the epoch: in neither
+    assert 10 * 3 / 0.15 * 0.6 < timer.images_per_s(10) <= 10 * 3 / 0.15 * 1.01
+    assert 0.4 <= timer.elapsed_s() < 0.65
+    assert timer.mean_utilization() == 0.0
