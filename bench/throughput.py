@@ -201,7 +201,9 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 where the device has it natively")
     ap.add_argument("--compile", action="store_true", help="torch.compile in the Ray paths and the bare steps")
-    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS), help="the Ray paths to run")
+    ap.add_argument(
+        "--paths", nargs="*", choices=PATHS, default=list(PATHS), help="the Ray paths to run (none: bare only)"
+    )
     ap.add_argument("--sweep", type=int, nargs="*", metavar="BATCH", help="bare cached step at these batch sizes")
     ap.add_argument("--profile", action="store_true", help="top kernels of the bare cached step")
     ap.add_argument("--teacher", default="open_clip:ViT-B-32")

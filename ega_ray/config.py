@@ -8,6 +8,7 @@ another working directory).
 from __future__ import annotations
 
 import os
+from bisect import bisect_right
 from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
@@ -141,6 +142,7 @@ class OptimConfig(_Section):
     lr_decay: float = Field(0.1, gt=0, le=1)
     teacher_head_lr: float = Field(0.01, gt=0, description="lr of the teacher's projection and classifier")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="scale lr by batch_size / reference")
+    warmup_epochs: int = Field(0, ge=0, description="linear lr warm-up from lr/N over the first N epochs")
     reference_batch_size: int = Field(64, ge=1)
     compile: bool = Field(False, description="torch.compile the student (and an online teacher); eager if unavailable")
     channels_last: bool | None = Field(None, description="NHWC activations for the student; null: on GPUs")
@@ -164,6 +166,11 @@ class OptimConfig(_Section):
                 return torch.float32
             raise ConfigError(f"optim.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}")
         return torch.bfloat16
+
+    def lr_factor(self, epoch: int) -> float:
+        """The lr multiplier in ``epoch`` (0-based): linear warm-up, then ×lr_decay at every milestone passed."""
+        warm = min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs else 1.0
+        return warm * self.lr_decay ** bisect_right(self.milestones, epoch)
 
     def scaled_lr(self, base: float) -> float:
         ratio = self.batch_size / self.reference_batch_size

@@ -142,3 +142,20 @@ def test_step_timer_counts_the_training_part_only() -> None:
     assert 10 * 3 / 0.15 * 0.6 < timer.images_per_s(10) <= 10 * 3 / 0.15 * 1.01
     assert 0.4 <= timer.elapsed_s() < 0.65
     assert timer.mean_utilization() == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:teacher zoo")
+def test_lr_schedule_warms_up_then_decays_at_the_milestones() -> None:
+    cfg = _cfg(lr=0.2, teacher_head_lr=0.04, warmup_epochs=3, milestones=[4, 6], lr_decay=0.1, epochs=7)
+    p = build_parts(cfg, torch.device("cpu"), CLASSES, teacher_dim=64, num_indices=B)
+    factors = [1 / 3, 2 / 3, 1.0, 1.0, 0.1, 0.1, 0.01]
+    seen_s, seen_t = [], []
+    for _ in factors:
+        seen_s.append(p.opt_s.param_groups[0]["lr"])
+        seen_t.append(p.opt_t.param_groups[0]["lr"])
+        p.opt_s.step()
+        p.opt_t.step()
+        p.sched_s.step()
+        p.sched_t.step()
+    assert seen_s == pytest.approx([0.2 * f for f in factors])
+    assert seen_t == pytest.approx([0.04 * f for f in factors])

@@ -133,7 +133,9 @@ def _datasets(cfg: Config, data: PreparedData, with_val: bool = True) -> dict[st
                 attach_cached, fn_kwargs={"table": table, "position": position}, batch_format="numpy"
             )
         else:
-            train = train.map_batches(
+            # blocks of one teacher batch: an actor hands back its output when its input block is done, so a
+            # large block (a whole materialized file) would reach the trainer as one late burst, not a stream
+            train = train.repartition(target_num_rows_per_block=cfg.teacher.batch_size).map_batches(
                 TeacherEmbedder, fn_constructor_kwargs={"cfg": model, "views": 1, "attach": True}, **stage
             )
     return {"train": train, "val": val} if with_val else {"train": train}
