@@ -142,8 +142,8 @@ class OptimConfig(_Section):
     lr_decay: float = Field(0.1, gt=0, le=1)
     teacher_head_lr: float = Field(0.01, gt=0, description="lr of the teacher's projection and classifier")
     lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="scale lr by batch_size / reference")
-    warmup_epochs: int = Field(0, ge=0, description="linear lr warm-up from lr/N over the first N epochs")
     reference_batch_size: int = Field(64, ge=1)
+    warmup_epochs: int = Field(0, ge=0, description="linear lr warm-up from lr/N over the first N epochs")
     compile: bool = Field(False, description="torch.compile the student (and an online teacher); eager if unavailable")
     channels_last: bool | None = Field(None, description="NHWC activations for the student; null: on GPUs")
     precision: Literal["auto", "bf16", "fp32"] = Field(

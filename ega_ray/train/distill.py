@@ -48,6 +48,7 @@ from ega_ray.train.common import (
 )
 
 EVAL_BATCH = 256
+PIPELINE_SHUFFLE_BATCHES = 4
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -190,6 +191,11 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     per_worker = o.batch_size // world
+    # the local shuffle buffer yields its first batch only once it holds this many rows: behind the pipeline's
+    # teacher stage a large one would stall every epoch's start (its blocks come in random order instead)
+    shuffle_buffer = cfg.data.shuffle_buffer
+    if cfg.teacher.mode == "pipeline":
+        shuffle_buffer = min(shuffle_buffer, PIPELINE_SHUFFLE_BATCHES * per_worker)
     kept_val: list[dict[str, torch.Tensor]] = []  # this worker's validation rows, kept after the first pass
 
     def my_val_batches():
@@ -238,7 +244,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             train_shard.iter_torch_batches(
                 batch_size=per_worker,
                 drop_last=True,
-                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+                local_shuffle_buffer_size=shuffle_buffer or None,
                 device=device,
                 prefetch_batches=cfg.data.prefetch_batches,
                 pin_memory=device.type == "cuda",  # faster, asynchronous host-to-device copies

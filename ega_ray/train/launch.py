@@ -117,7 +117,10 @@ def _datasets(cfg: Config, data: PreparedData, with_val: bool = True) -> dict[st
         decode_images, fn_kwargs={"image_size": size}, batch_format="numpy"
     )
     decoded_bytes = (data.num_train + data.num_val) * size * size * 3
-    if cfg.data.materialize == "always" or (cfg.data.materialize == "auto" and decoded_bytes < MATERIALIZE_AUTO_BYTES):
+    materialized = cfg.data.materialize == "always" or (
+        cfg.data.materialize == "auto" and decoded_bytes < MATERIALIZE_AUTO_BYTES
+    )
+    if materialized:
         train, val = train.materialize(), val.materialize() if with_val else val
     mode = cfg.teacher.mode
     if mode != "online":
@@ -134,8 +137,12 @@ def _datasets(cfg: Config, data: PreparedData, with_val: bool = True) -> dict[st
             )
         else:
             # blocks of one teacher batch: an actor hands back its output when its input block is done, so a
-            # large block (a whole materialized file) would reach the trainer as one late burst, not a stream
-            train = train.repartition(target_num_rows_per_block=cfg.teacher.batch_size).map_batches(
+            # large block (a whole materialized file) would reach the trainer as one late burst, not a stream.
+            # A materialized split's blocks come in a new random order every epoch: the workers' local
+            # shuffle buffer is kept small in this mode (it would wait for the stage to fill it)
+            train = train.repartition(target_num_rows_per_block=cfg.teacher.batch_size)
+            train = train.randomize_block_order() if materialized else train
+            train = train.map_batches(
                 TeacherEmbedder, fn_constructor_kwargs={"cfg": model, "views": 1, "attach": True}, **stage
             )
     return {"train": train, "val": val} if with_val else {"train": train}
