@@ -146,15 +146,10 @@ def read_columns(path: str, columns: list[str]) -> pa.Table:
 
 
 def read_decoded(path: str, image_size: int) -> dict[str, np.ndarray]:
-    """A whole split, decoded on the calling process (for a small validation split): image (N, S, S, 3)
-    uint8, label, index."""
+    """A whole (non-empty, checked) split, decoded on the calling process, e.g. a small validation split on
+    the driver: image (N, S, S, 3) uint8, label, index."""
     table = read_columns(path, ["image", "label", "index"])
-    batch = {"image": table["image"].to_pylist()}
-    batch = (
-        decode_images(batch, image_size)
-        if len(table)
-        else {"image": np.zeros((0, image_size, image_size, 3), np.uint8)}
-    )
+    batch = decode_images({"image": table["image"].to_pylist()}, image_size)
     return batch | {"label": table["label"].to_numpy(), "index": table["index"].to_numpy()}
 
 
