@@ -131,7 +131,7 @@ def bare_step(cfg, device: torch.device, seconds: float, profile: bool = False) 
 
     def step() -> None:
         with torch.no_grad():
-            feat_t = p.teacher(p.views.teacher(batch["image"], train=True)) if p.teacher else cached_emb
+            feat_t = p.teacher(p.views.teacher(batch["image"], train=True)) if p.teacher is not None else cached_emb
         train_step(p, cfg.distill, batch, feat_t)
 
     if device.type == "cuda":
