@@ -11,9 +11,9 @@ CIFAR-sized random images, batch 64 by default. The seed figure comes from ``see
   figures of every path are in the JSON. The cache build (K=1) is timed apart.
 - **Bare step**: the same ``train_step`` (``ega_ray/train/distill.py``) in a plain loop on one batch that
   stays on the device, no Ray: the ceiling of each path, and with it the overhead of going through Ray.
-- ``--sweep``: the bare cached step over batch sizes (``graph_size`` 64, LR rule irrelevant to speed), eager
-  and compiled, with peak memory and GPU utilisation. ``--profile``: the top kernels of the bare cached
-  step (torch.profiler), printed and saved in the JSON.
+- ``--sweep``: the bare cached step over batch sizes × ``--graph-sizes`` (default 64), eager and compiled,
+  with peak memory and GPU utilisation (the LR rule does not change speed). ``--profile``: the top
+  kernels of the bare cached step (torch.profiler), printed and saved in the JSON.
 
     python bench/throughput.py --device cpu --seconds 5 --json runs/bench/cpu.json
     python bench/throughput.py --device cuda --seconds 20 --sweep --profile --json runs/bench/gpu.json
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import math
 import os
@@ -77,6 +78,7 @@ def project_config(
     mode: str,
     steps: int = 1,
     epochs: int = 1,
+    graph_size: int = 64,
     **optim: Any,
 ):
     """A one-worker ``ega-ray distill`` config of the benchmark (a cached run reads ``out``/cache)."""
@@ -92,6 +94,7 @@ def project_config(
             "actor_cpus": float(CPUS),
         },
         "student": {"name": args.student},
+        "distill": {"graph_size": graph_size},
         "optim": {
             "epochs": epochs,
             "batch_size": args.batch,
@@ -205,6 +208,7 @@ def main() -> int:
         "--paths", nargs="*", choices=PATHS, default=list(PATHS), help="the Ray paths to run (none: bare only)"
     )
     ap.add_argument("--sweep", type=int, nargs="*", metavar="BATCH", help="bare cached step at these batch sizes")
+    ap.add_argument("--graph-sizes", type=int, nargs="+", default=[64], help="EGA graph sizes in the sweep")
     ap.add_argument("--profile", action="store_true", help="top kernels of the bare cached step")
     ap.add_argument("--teacher", default="open_clip:ViT-B-32")
     ap.add_argument("--student", default="resnet8x4")
@@ -293,11 +297,16 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
 
         if args.sweep or args.profile:
             figures["sweep"] = []
-            for batch in args.sweep or []:
+            for batch, graph in itertools.product(args.sweep or [], args.graph_sizes):
+                if batch % graph:
+                    print(f"[bench] sweep: batch {batch} skipped for graph size {graph} (not a multiple)", flush=True)
+                    continue
                 for compiled in (False, True):
-                    cfg = project_config(args, data, tmp, "cached", batch_size=batch, compile=compiled)
-                    r = bare_step(cfg, device, args.seconds)
-                    row = {"batch": batch, "graph_size": 64, "compile": compiled} | r
+                    cfg = project_config(
+                        args, data, tmp, "cached", graph_size=graph, batch_size=batch, compile=compiled
+                    )
+                    row = {"batch": batch, "graph_size": graph, "compile": compiled}
+                    row |= bare_step(cfg, device, args.seconds)
                     figures["sweep"].append(row)
                     print(f"[bench] sweep {row}", flush=True)
             if args.profile:
@@ -342,7 +351,8 @@ def print_table(f: dict[str, Any]) -> None:
         print(f"cache build (K=1, {f['cache_rows']} images): {f['cache_build_s']} s")
     for row in f.get("sweep", []):
         print(
-            f"sweep: batch {row['batch']:>5} compile {row['compile']!s:<5} {row['img_per_s']:>9.1f} img/s "
+            f"sweep: batch {row['batch']:>5} graph {row['graph_size']:>5} compile {row['compile']!s:<5} "
+            f"{row['img_per_s']:>9.1f} img/s "
             f"{row['img_per_s'] / f['seed_img_per_s']:>6.2f}× seed  peak {row['gpu_mem_peak_gib']:.2f} GiB  "
             f"util {row['gpu_util_pct']:.0f}%"
         )
