@@ -111,26 +111,24 @@ def project_config(
     return parse_config(raw)
 
 
-def bare_step(cfg, device: torch.device, seconds: float, profile: bool = False) -> dict[str, Any]:
+def bare_step(cfg, device: torch.device, seconds: float, teacher_dim: int, profile: bool = False) -> dict[str, Any]:
     """Images per second of ``train_step`` in a plain loop (no Ray) on one resident random batch.
 
     ``cfg.teacher.mode == "online"`` runs the teacher on its view every step; otherwise the teacher's
-    embeddings are a fixed tensor, as a cached lookup hands them over."""
-    from ega_ray.models import build_teacher
+    embeddings (``teacher_dim`` wide) are a fixed tensor, as a cached lookup hands them over."""
     from ega_ray.train.common import StepTimer, peak_gpu_memory_gib, seed_everything
     from ega_ray.train.distill import build_parts, train_step
 
     seed_everything(0)
     b = cfg.optim.batch_size
-    dim = build_teacher(cfg.teacher.name, cfg.teacher.weights).spec.embed_dim
-    p = build_parts(cfg, device, 100, dim, num_indices=b)
+    p = build_parts(cfg, device, 100, teacher_dim, num_indices=b)
     gen = torch.Generator().manual_seed(0)
     batch = {
         "image": torch.randint(0, 256, (b, 32, 32, 3), dtype=torch.uint8, generator=gen).to(device),
         "label": torch.randint(0, 100, (b,), generator=gen).to(device),
         "index": torch.arange(b).to(device),
     }
-    cached_emb = torch.randn(b, dim, generator=gen).to(device)
+    cached_emb = torch.randn(b, teacher_dim, generator=gen).to(device)
 
     def step() -> None:
         with torch.no_grad():
@@ -229,6 +227,7 @@ def main() -> int:
 
 def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     from ega_ray.data.parquet import write_split
+    from ega_ray.models import build_teacher
     from ega_ray.train.launch import run_distill
     from ega_ray.train.teacher_cache import build_cache
 
@@ -243,10 +242,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
     print(f"[bench] seed loop: {seed_ips:.1f} img/s", flush=True)
     figures: dict[str, Any] = {"seed_img_per_s": seed_ips}
 
+    teacher_dim = build_teacher(args.teacher).spec.embed_dim  # built once: the bare steps need only its width
     with tempfile.TemporaryDirectory(prefix="ega-bench-") as tmp:
         tmp = Path(tmp)
         for mode in ("online", "cached"):
-            bare = bare_step(project_config(args, tmp / "data", tmp, mode), device, args.seconds)
+            bare = bare_step(project_config(args, tmp / "data", tmp, mode), device, args.seconds, teacher_dim)
             figures[f"bare_{mode}_img_per_s"] = bare["img_per_s"]
             figures[f"bare_{mode}_gpu_util_pct"] = bare["gpu_util_pct"]
             print(f"[bench] bare {mode} step: {bare['img_per_s']:.1f} img/s", flush=True)
@@ -306,11 +306,11 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                         args, data, tmp, "cached", graph_size=graph, batch_size=batch, compile=compiled
                     )
                     row = {"batch": batch, "graph_size": graph, "compile": compiled}
-                    row |= bare_step(cfg, device, args.seconds)
+                    row |= bare_step(cfg, device, args.seconds, teacher_dim)
                     figures["sweep"].append(row)
                     print(f"[bench] sweep {row}", flush=True)
             if args.profile:
-                r = bare_step(project_config(args, data, tmp, "cached"), device, 1.0, profile=True)
+                r = bare_step(project_config(args, data, tmp, "cached"), device, 1.0, teacher_dim, profile=True)
                 figures["profile_bare_cached"] = r["profile"]
     import ray
 

@@ -117,7 +117,7 @@ def bench_module():
 def test_bench_bare_step_and_profile(bench_module, mode: str) -> None:
     raw = _cfg().model_dump(mode="json")
     raw["teacher"] |= {"mode": mode, "cache": "unused" if mode == "cached" else None}
-    result = bench_module.bare_step(parse_config(raw), torch.device("cpu"), seconds=0.05, profile=True)
+    result = bench_module.bare_step(parse_config(raw), torch.device("cpu"), 0.05, teacher_dim=64, profile=True)
     assert result["img_per_s"] > 0 and result["gpu_mem_peak_gib"] == 0.0 and result["gpu_util_pct"] == 0.0
     rows = result["profile"]
     assert 0 < len(rows) <= 15
