@@ -128,9 +128,11 @@ def build_parts(
     )
 
 
-def train_step(p: Parts, d: DistillConfig, batch: dict[str, torch.Tensor], feat_t: torch.Tensor) -> torch.Tensor:
-    """One optimisation step of the student and the teacher's head on ``batch`` (uint8 images, labels, index)
-    with the teacher's features ``feat_t``; returns the detached (loss, ce, distill, teacher-head ce)."""
+def step_losses(
+    p: Parts, d: DistillConfig, batch: dict[str, torch.Tensor], feat_t: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The forward of one step on ``batch`` (uint8 images, labels, index) with the teacher's features
+    ``feat_t``: (student loss, its CE, its distiller term, the teacher head's CE)."""
     labels = batch["label"]
     with p.autocast:
         emb_s, logits_s = p.train_student(
@@ -152,13 +154,19 @@ def train_step(p: Parts, d: DistillConfig, batch: dict[str, torch.Tensor], feat_
     loss = d.gamma * loss_ce + d.beta * loss_distill
     if d.alpha > 0:
         loss = loss + d.alpha * p.kd(logits_t.detach(), logits_s)
-    loss_t = masked_cross_entropy(logits_t, labels)
+    return loss, loss_ce, loss_distill, masked_cross_entropy(logits_t, labels)
+
+
+def train_step(p: Parts, d: DistillConfig, batch: dict[str, torch.Tensor], feat_t: torch.Tensor) -> torch.Tensor:
+    """One optimisation step of the student and the teacher's head (see :func:`step_losses`); returns the
+    detached (loss, ce, distill, teacher-head ce)."""
+    losses = step_losses(p, d, batch, feat_t)
     p.opt_s.zero_grad(set_to_none=True)
     p.opt_t.zero_grad(set_to_none=True)
-    (loss + loss_t).backward()
+    (losses[0] + losses[3]).backward()
     p.opt_s.step()
     p.opt_t.step()
-    return torch.stack([loss.detach(), loss_ce.detach(), loss_distill.detach(), loss_t.detach()])
+    return torch.stack([x.detach() for x in losses])
 
 
 def train_func_per_worker(config: dict[str, Any]) -> None:
