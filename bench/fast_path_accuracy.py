@@ -19,8 +19,13 @@ from pathlib import Path
 from throughput import native_bf16
 
 
-def fast_overrides(args: argparse.Namespace, device: str) -> list[str]:
+def fast_overrides(args: argparse.Namespace, device: str, optim: dict) -> list[str]:
+    """The fast path's settings; ``--epochs-factor`` stretches its epochs and LR milestones (``optim``: the base's)."""
+    epochs = round(optim["epochs"] * args.epochs_factor)
+    milestones = [round(m * args.epochs_factor) for m in optim["milestones"]]
     return [
+        f"optim.epochs={epochs}",
+        f"optim.milestones={milestones}",
         f"optim.batch_size={64 * args.batch_factor}",
         "distill.graph_size=64",
         f"optim.lr_scaling={args.lr_scaling}",
@@ -37,6 +42,7 @@ def main() -> int:
     ap.add_argument("--lr-scaling", choices=["linear", "sqrt", "none"], default="linear")
     ap.add_argument("--warmup-epochs", type=int, default=5, help="the fast path's linear LR warm-up")
     ap.add_argument("--precision", choices=["bf16", "fp32"], help="the fast path's; default: bf16 where native")
+    ap.add_argument("--epochs-factor", type=float, default=1.0, help="fast path: epochs, milestones × this")
     ap.add_argument("--eager", action="store_true", help="the fast path without torch.compile")
     ap.add_argument("--paths", nargs="+", choices=["reference", "fast"], default=["reference", "fast"])
     ap.add_argument("--output", type=Path, default=Path("runs/fast-path"))
@@ -50,9 +56,9 @@ def main() -> int:
 
     root = args.output.resolve()
     device = "cuda" if any(o.strip() == "scaling.use_gpu=true" for o in args.overrides) else "cpu"
-    settings = {"reference": ["optim.precision=fp32"], "fast": fast_overrides(args, device)}
-    paths = {p: settings[p] for p in args.paths}
     base = embedded_with_teacher(args.overrides, str(root)).model_dump(mode="json")  # one teacher for all runs
+    settings = {"reference": ["optim.precision=fp32"], "fast": fast_overrides(args, device, base["optim"])}
+    paths = {p: settings[p] for p in args.paths}
     rows = []
     for seed in args.seeds:
         for path, changes in paths.items():
