@@ -4,11 +4,13 @@ manifest check, and the pipeline mode (the teacher as a Ray Data actor stage) on
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 
 from ega_ray.config import ConfigError, load_config
@@ -77,9 +79,17 @@ def test_cache_then_cached_training_and_a_refused_mismatch(tmp_path, teacher_fil
 
 
 def test_pipeline_mode_runs_the_teacher_as_a_ray_data_stage(tmp_path, teacher_file, local_ray):
-    cfg = smoke(tmp_path, teacher_file, "optim.epochs=1", "teacher.mode=pipeline")
+    cfg = smoke(tmp_path, teacher_file, "optim.epochs=2", "teacher.mode=pipeline")
     summary = run_distill(cfg)
-    assert summary["epochs"] == 1
+    assert summary["epochs"] == 2
+    # the run's long-lived teacher actors embedded every row of both epochs and the validation split once:
+    # Ray Data did not start actors of its own per epoch, and nothing was dropped on the way
+    assert summary["teacher_stage_rows"] == 2 * summary["train_rows"] + summary["val_rows"]
+    # and they are gone with the run: every CPU of the cluster is free again
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
     # the teacher head's accuracy comes from embeddings computed by the stage, as in online mode
     teacher = build_teacher("zoo:resnet8", weights=str(teacher_file))
     assert teacher.spec.embed_dim == 64

@@ -9,14 +9,22 @@ view the online mode makes inside the training worker.
   ``ega-ray cache-teacher``; training looks embeddings up by ``index`` and samples one view per image per
   epoch (:func:`view_for`).
 - ``pipeline``: one fresh view per image per epoch, attached to the streamed batch as ``teacher_emb``
-  between the reader and the training workers, so the training devices run only the student.
+  between the reader and the training workers, so the training devices run only the student. Ray Data
+  starts a new actor pool for every execution, i.e. every epoch (importing torch and building the teacher
+  each time: seconds, more than a GPU epoch of CIFAR); so here the run starts ``teacher.actors``
+  long-lived ``TeacherEmbedder`` actors once (:func:`teacher_servers`), and each epoch's Ray Data stage is
+  a light task (:func:`embed_remotely`) that hands its batch to one of them.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
+import ray
 import torch
 
 TEACHER_EMB = "teacher_emb"
@@ -50,9 +58,16 @@ class TeacherEmbedder:
         self.teacher = self.teacher.to_device(self.device, config.optim.compute_dtype(self.device))
         self.views = ViewMaker.from_config(config, self.device, self.teacher.spec)
         self.num_views, self.attach, self.seed, self.augment = views, attach, seed, augment
+        self.rows = 0  # rows embedded by this actor (a long-lived one serves every epoch of a run)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.embed(batch, self.augment)
+
+    def rows_embedded(self) -> int:
+        return self.rows
 
     @torch.no_grad()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def embed(self, batch: dict[str, np.ndarray], augment: bool) -> dict[str, np.ndarray]:
         images = torch.from_numpy(np.array(batch["image"], dtype=np.uint8)).to(self.device)  # a writable copy
         index = batch["index"]
         embs = []
@@ -60,9 +75,10 @@ class TeacherEmbedder:
             # the views of a cache are reproducible: seeded by (seed, view, first index of the batch)
             if not self.attach:
                 self.views.reseed(self.seed * 1_000_003 + v * 7_919 + int(index[0]))
-            x = self.views.teacher(images, train=self.augment)
+            x = self.views.teacher(images, train=augment)
             embs.append(self.teacher(x).to(torch.float16).cpu().numpy())
         stacked = np.stack(embs, axis=1)  # (rows, views, D)
+        self.rows += len(index)
         if self.attach:
             batch[TEACHER_EMB] = stacked
             return batch
@@ -72,6 +88,38 @@ class TeacherEmbedder:
             "view": np.tile(np.arange(self.num_views, dtype=np.int64), n),
             "embedding": stacked.reshape(n * self.num_views, -1),
         }
+
+
+SERVER_START_TIMEOUT_S = 600.0
+
+
+@contextmanager
+def teacher_servers(cfg: Any, resources: dict[str, float]) -> Iterator[list[ray.actor.ActorHandle]]:
+    """``cfg.teacher.actors`` long-lived teacher actors (each with ``resources``) for a pipeline run; they
+    are started and ready on entry (or a clear error), and stopped on exit."""
+    actor = ray.remote(TeacherEmbedder).options(max_restarts=3, max_task_retries=3, **resources)
+    model = cfg.model_dump(mode="json")
+    servers = [actor.remote(cfg=model, views=1, attach=True) for _ in range(cfg.teacher.actors)]
+    try:
+        try:
+            ray.get([s.rows_embedded.remote() for s in servers], timeout=SERVER_START_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(
+                f"teacher.actors: {len(servers)} teacher actor(s) with {resources} each did not start within "
+                f"{SERVER_START_TIMEOUT_S:.0f} s; the cluster has {ray.cluster_resources()} (lower teacher.actors "
+                "or teacher.actor_gpus / actor_cpus, or add nodes)"
+            ) from None
+        yield servers
+    finally:
+        for s in servers:
+            ray.kill(s)
+
+
+def embed_remotely(
+    batch: dict[str, np.ndarray], servers: list[ray.actor.ActorHandle], augment: bool
+) -> dict[str, np.ndarray]:
+    """Ray Data task: ``batch`` with ``teacher_emb`` attached by one of the run's teacher actors."""
+    return ray.get(random.choice(servers).embed.remote(batch, augment))
 
 
 def attach_cached(batch: dict[str, np.ndarray], table: np.ndarray, position: np.ndarray) -> dict[str, np.ndarray]:

@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,11 +31,16 @@ from ega_ray.data.parquet import (
     read_decoded,
     stratified_label_mask,
 )
-from ega_ray.data.teacher_stage import TeacherEmbedder, attach_cached
+from ega_ray.data.teacher_stage import TeacherEmbedder, attach_cached, embed_remotely, teacher_servers
 from ega_ray.models import Teacher, build_teacher
 from ega_ray.train.common import load_state
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
-from ega_ray.train.teacher_cache import check_manifest, load_cached_embeddings, teacher_stage_args
+from ega_ray.train.teacher_cache import (
+    check_manifest,
+    load_cached_embeddings,
+    teacher_actor_resources,
+    teacher_stage_args,
+)
 
 
 @dataclass
@@ -98,14 +104,17 @@ MATERIALIZE_AUTO_BYTES = 2 << 30
 VAL_IN_MEMORY_BYTES = 256 << 20
 
 
-def _datasets(cfg: Config, data: PreparedData, with_val: bool = True) -> dict[str, ray.data.Dataset]:
+def _datasets(
+    cfg: Config, data: PreparedData, with_val: bool = True, servers: list | None = None
+) -> dict[str, ray.data.Dataset]:
     """Decoded, label-masked splits. Small splits are materialized once: re-reading and decoding them every
     epoch costs seconds of Ray Data start-up per epoch, more than training on them. ``with_val=False``: the
     validation split travels another way (see ``run_distill``).
 
-    Teacher modes: ``cached`` attaches the cached embeddings by index; ``pipeline`` runs the teacher as an
-    actor stage after the (materialized) decode, so every epoch streams fresh views through it. In both,
-    the validation split gets its teacher embeddings (evaluation view) once.
+    Teacher modes: ``cached`` attaches the cached embeddings by index; ``pipeline`` sends the (materialized)
+    decoded split through the run's teacher actors (``servers``, see ``teacher_servers``) every epoch, so
+    every epoch streams fresh views. In both, the validation split gets its teacher embeddings (evaluation
+    view) once. Without ``servers`` a pipeline run's splits get no teacher stage (pretraining).
     """
     size = cfg.data.image_size
     train = (
@@ -123,28 +132,27 @@ def _datasets(cfg: Config, data: PreparedData, with_val: bool = True) -> dict[st
     if materialized:
         train, val = train.materialize(), val.materialize() if with_val else val
     mode = cfg.teacher.mode
-    if mode != "online":
-        stage = teacher_stage_args(cfg)
-        model = cfg.model_dump(mode="json")
+    if mode == "cached":
         # embedded here, before training holds its resources: the stage's actors may need the same GPUs
         val = val.map_batches(
-            TeacherEmbedder, fn_constructor_kwargs={"cfg": model, "views": 1, "attach": True, "augment": False}, **stage
+            TeacherEmbedder,
+            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "views": 1, "attach": True, "augment": False},
+            **teacher_stage_args(cfg),
         ).materialize()
-        if mode == "cached":
-            table, position = load_cached_embeddings(str(cfg.teacher.cache), data.indices)
-            train = train.map_batches(
-                attach_cached, fn_kwargs={"table": table, "position": position}, batch_format="numpy"
-            )
-        else:
-            # blocks of one teacher batch: an actor hands back its output when its input block is done, so a
-            # large block (a whole materialized file) would reach the trainer as one late burst, not a stream.
-            # A materialized split's blocks come in a new random order every epoch: the workers' local
-            # shuffle buffer is kept small in this mode (it would wait for the stage to fill it)
-            train = train.repartition(target_num_rows_per_block=cfg.teacher.batch_size)
-            train = train.randomize_block_order() if materialized else train
-            train = train.map_batches(
-                TeacherEmbedder, fn_constructor_kwargs={"cfg": model, "views": 1, "attach": True}, **stage
-            )
+        table, position = load_cached_embeddings(str(cfg.teacher.cache), data.indices)
+        train = train.map_batches(attach_cached, fn_kwargs={"table": table, "position": position}, batch_format="numpy")
+    elif mode == "pipeline" and servers:
+        # light tasks that hand each batch to a long-lived teacher actor; a few in flight per actor keep it busy
+        stage = {"batch_size": cfg.teacher.batch_size, "batch_format": "numpy", "num_cpus": 0}
+        stage["concurrency"] = 2 * len(servers)
+        val = val.map_batches(embed_remotely, fn_kwargs={"servers": servers, "augment": False}, **stage).materialize()
+        # blocks of one teacher batch: a task hands back its output when its input block is done, so a large
+        # block (a whole materialized file) would reach the trainer as one late burst, not a stream.
+        # A materialized split's blocks come in a new random order every epoch: the workers' local
+        # shuffle buffer is kept small in this mode (it would wait for the stage to fill it)
+        train = train.repartition(target_num_rows_per_block=cfg.teacher.batch_size)
+        train = train.randomize_block_order() if materialized else train
+        train = train.map_batches(embed_remotely, fn_kwargs={"servers": servers, "augment": True}, **stage)
     return {"train": train, "val": val} if with_val else {"train": train}
 
 
@@ -204,7 +212,13 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         "val_split": ray.put(read_decoded(cfg.data.val, cfg.data.image_size)) if val_on_driver else None,
         "bar": bar,
     }
-    result = _fit(cfg, train_func_per_worker, _datasets(cfg, data, not val_on_driver), extra, "val_top1", callbacks)
+    pipeline = cfg.teacher.mode == "pipeline"
+    # the pipeline's teacher actors live for the whole run: Ray Data would start new ones every epoch
+    with teacher_servers(cfg, teacher_actor_resources(cfg)) if pipeline else nullcontext([]) as servers:
+        result = _fit(
+            cfg, train_func_per_worker, _datasets(cfg, data, not val_on_driver, servers), extra, "val_top1", callbacks
+        )
+        teacher_rows = sum(ray.get([s.rows_embedded.remote() for s in servers]))
     last = load_state(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
     best = load_state(best_ckpt) if best_ckpt is not None else last
@@ -238,6 +252,7 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         "seed": cfg.run.seed,
         "wall_time_s": round(time.time() - t0, 1),
         "output": str(out),
+        **({"teacher_stage_rows": teacher_rows} if pipeline else {}),  # every epoch's rows + the validation split
     }
     write_json(summary, out / "summary.json")
     return summary

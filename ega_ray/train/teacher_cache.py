@@ -95,15 +95,20 @@ def load_cached_embeddings(cache: str, indices: np.ndarray) -> tuple[np.ndarray,
     return dense, position
 
 
-def teacher_stage_args(cfg: Config) -> dict[str, Any]:
-    """Ray Data arguments for the teacher's actor pool: GPU actors on GPU runs, CPU actors otherwise."""
+def teacher_actor_resources(cfg: Config) -> dict[str, float]:
+    """What one teacher actor asks for: a GPU share on GPU runs, CPUs otherwise."""
     t = cfg.teacher
-    resources = {"num_gpus": t.actor_gpus} if cfg.scaling.use_gpu else {"num_cpus": t.actor_cpus}
+    return {"num_gpus": t.actor_gpus} if cfg.scaling.use_gpu else {"num_cpus": t.actor_cpus}
+
+
+def teacher_stage_args(cfg: Config) -> dict[str, Any]:
+    """Ray Data arguments for a teacher actor pool (one execution: the cache build, the validation split)."""
+    t = cfg.teacher
     return {
         "compute": ray.data.ActorPoolStrategy(size=t.actors),
         "batch_size": t.batch_size,
         "batch_format": "numpy",
-        **resources,
+        **teacher_actor_resources(cfg),
     }
 
 
