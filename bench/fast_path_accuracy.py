@@ -29,6 +29,7 @@ def fast_overrides(args: argparse.Namespace, device: str, optim: dict) -> list[s
         f"optim.batch_size={64 * args.batch_factor}",
         "distill.graph_size=64",
         f"optim.lr_scaling={args.lr_scaling}",
+        *([f"optim.noise_scale={args.noise_scale}"] if args.noise_scale else []),
         f"optim.warmup_epochs={args.warmup_epochs}",
         f"optim.precision={args.precision or ('bf16' if native_bf16(device) else 'fp32')}",
         f"optim.compile={str(not args.eager).lower()}",
@@ -39,7 +40,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch-factor", type=int, default=4)
-    ap.add_argument("--lr-scaling", choices=["linear", "sqrt", "none"], default="linear")
+    ap.add_argument("--lr-scaling", choices=["linear", "sqrt", "none", "noise"], default="linear")
+    ap.add_argument("--noise-scale", type=float, help="B_noise for --lr-scaling noise (bench/noise_scale.py)")
     ap.add_argument("--warmup-epochs", type=int, default=5, help="the fast path's linear LR warm-up")
     ap.add_argument("--precision", choices=["bf16", "fp32"], help="the fast path's; default: bf16 where native")
     ap.add_argument("--epochs-factor", type=float, default=1.0, help="fast path: epochs, milestones × this")

@@ -173,6 +173,10 @@ def measure(args: argparse.Namespace) -> int:
 
     ats = [r["epoch"] for r in rows]
     factor = epochs_factor(ats, [r["loss"]["b_simple"] for r in rows], o.epochs, big, small)
+    # one B_noise for lr_scaling noise: the median while the LR is at its peak (before the first milestone)
+    first_decay = o.milestones[0] if o.milestones else o.epochs + 1
+    peak = [r["loss"]["b_simple"] for r in rows if r["epoch"] < first_decay] or [r["loss"]["b_simple"] for r in rows]
+    noise_scale = float(np.median(peak))
     summary = {
         "config": args.config or "embedded default",
         "overrides": args.overrides,
@@ -182,13 +186,21 @@ def measure(args: argparse.Namespace) -> int:
         "train_rows": n,
         "rows": rows,
         "epochs_factor": factor,
+        "noise_scale": noise_scale,
         "wall_time_s": round(time.time() - t0, 1),
     }
     (out / "noise_scale.json").write_text(json.dumps(summary, indent=2) + "\n")
     plot(rows, (small, big), out / "noise_scale.png", f"{summary['config']}: {n} training images, graph {g}")
+    if not math.isfinite(noise_scale):
+        rule = "optim.lr_scaling=linear (the mean gradient is lost in the noise: B_noise unbounded)"
+    elif noise_scale <= 0:
+        rule = "optim.lr_scaling=none (no measurable gradient noise)"
+    else:
+        rule = f"optim.lr_scaling=noise optim.noise_scale={noise_scale:.0f}"
     print(
+        f"[noise-scale] B_noise before the first LR decay (median): {noise_scale:.0f} images → {rule}\n"
         f"[noise-scale] batch {big} needs about {factor:.2f}× the epochs of batch {small} for the same progress "
-        f"({big // small}× fewer steps per epoch: the linear rule assumes 1.00×) → {out}/noise_scale.{{json,png}}"
+        f"(the linear rule assumes 1.00×) → {out}/noise_scale.{{json,png}}"
     )
     return 0
 

@@ -141,8 +141,13 @@ class OptimConfig(_Section):
     milestones: list[int] = Field([150, 180, 210], description="epochs at which the lr is multiplied by lr_decay")
     lr_decay: float = Field(0.1, gt=0, le=1)
     teacher_head_lr: float = Field(0.01, gt=0, description="lr of the teacher's projection and classifier")
-    lr_scaling: Literal["none", "linear", "sqrt"] = Field("none", description="scale lr by batch_size / reference")
+    lr_scaling: Literal["none", "linear", "sqrt", "noise"] = Field(
+        "none", description="scale lr by batch_size / reference (noise: by the gradient noise scale)"
+    )
     reference_batch_size: int = Field(64, ge=1)
+    noise_scale: float | None = Field(
+        None, gt=0, description="gradient noise scale B_noise in images (bench/noise_scale.py), for lr_scaling noise"
+    )
     warmup_epochs: int = Field(0, ge=0, description="linear lr warm-up from lr/N over the first N epochs")
     compile: bool = Field(False, description="torch.compile the student (and an online teacher); eager if unavailable")
     channels_last: bool | None = Field(None, description="NHWC activations for the student; null: on GPUs")
@@ -172,9 +177,19 @@ class OptimConfig(_Section):
         warm = min(1.0, (epoch + 1) / self.warmup_epochs) if self.warmup_epochs else 1.0
         return warm * self.lr_decay ** bisect_right(self.milestones, epoch)
 
+    @model_validator(mode="after")
+    def _noise_scale_given(self) -> OptimConfig:
+        if self.lr_scaling == "noise" and self.noise_scale is None:
+            raise ValueError("lr_scaling 'noise' needs optim.noise_scale (measure it with bench/noise_scale.py)")
+        return self
+
     def scaled_lr(self, base: float) -> float:
-        ratio = self.batch_size / self.reference_batch_size
-        return base * {"none": 1.0, "linear": ratio, "sqrt": ratio**0.5}[self.lr_scaling]
+        """``base`` (meant at reference_batch_size) at batch_size. ``noise``: McCandlish et al.'s optimal SGD
+        step ε(B) = ε_max / (1 + B_noise/B), i.e. linear far below B_noise and constant far above it."""
+        b, ref = self.batch_size, self.reference_batch_size
+        if self.lr_scaling == "noise":
+            return base * (1 + self.noise_scale / ref) / (1 + self.noise_scale / b)
+        return base * {"none": 1.0, "linear": b / ref, "sqrt": (b / ref) ** 0.5}[self.lr_scaling]
 
 
 class AugmentConfig(_Section):

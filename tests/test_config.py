@@ -330,6 +330,18 @@ def test_scaled_lr(mode: str, expected: float) -> None:
     assert optim.scaled_lr(0.1) == pytest.approx(expected)
 
 
+@pytest.mark.parametrize(("noise_scale", "expected"), [(64.0, 0.1 * 2 / 1.25), (1e9, 0.4), (1e-9, 0.1)])
+def test_noise_scaled_lr(noise_scale: float, expected: float) -> None:
+    """ε(B) ∝ 1 / (1 + B_noise/B): linear far below the noise scale, constant far above it."""
+    optim = OptimConfig(batch_size=256, reference_batch_size=64, lr_scaling="noise", noise_scale=noise_scale)
+    assert optim.scaled_lr(0.1) == pytest.approx(expected, rel=1e-6)
+
+
+def test_noise_scaled_lr_needs_the_noise_scale() -> None:
+    msg = _error(_raw(optim={"lr_scaling": "noise"}))
+    assert msg.startswith("optim:") and "optim.noise_scale" in msg and "bench/noise_scale.py" in msg
+
+
 def test_scaled_lr_rejects_unknown_mode() -> None:
     msg = _error(_raw(optim={"lr_scaling": "cubic"}))
     assert msg.startswith("optim.lr_scaling:") and "'linear'" in msg and "'sqrt'" in msg

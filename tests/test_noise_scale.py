@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,7 @@ def test_bench_noise_scale_on_the_smoke_config(tmp_path: Path) -> None:
         assert all(math.isfinite(row[part][k]) for part in ("loss", "distill", "ce") for k in ("grad_sq", "trace_cov"))
     assert summary["batches"] == [64, 128] and summary["train_rows"] > 1000
     assert summary["epochs_factor"] > 0
+    assert summary["noise_scale"] == statistics.median(r["loss"]["b_simple"] for r in summary["rows"][:1])
     assert (out / "noise_scale.png").stat().st_size > 10_000
     assert "the epochs of batch 64" in done.stdout
 
