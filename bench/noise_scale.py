@@ -146,12 +146,16 @@ def measure(args: argparse.Namespace) -> int:
             scales = measure_noise_scale(batch_losses, params, small, big, *args.draws)
             row = {"epoch": epoch, "lr": p.opt_s.param_groups[0]["lr"]}
             row |= {
-                k: {"b_simple": s.b_simple, "grad_sq": s.grad_sq, "trace_cov": s.trace_cov} for k, s in scales.items()
+                k: {"b_simple": s.b_simple, "range": s.b_simple_range, "grad_sq": s.grad_sq, "trace_cov": s.trace_cov}
+                for k, s in scales.items()
             }
             rows.append(row)
             print(
                 f"[noise-scale] epoch {epoch:>3}  "
-                + "  ".join(f"B_noise({k}) {row[k]['b_simple']:>7.0f}" for k in PARTS)
+                + "  ".join(
+                    f"B_noise({k}) {row[k]['b_simple']:>6.0f} [{row[k]['range'][0]:.0f}–{row[k]['range'][1]:.0f}]"
+                    for k in PARTS
+                )
                 + f"  ({time.time() - t0:.0f} s)",
                 flush=True,
             )

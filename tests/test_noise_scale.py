@@ -12,10 +12,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from ega_ray.train.noise_scale import NoiseScale, estimate_noise_scale, grad_sq_norms, measure_noise_scale
+from ega_ray.train.noise_scale import (
+    NoiseScale,
+    bootstrap_range,
+    estimate_noise_scale,
+    grad_sq_norms,
+    measure_noise_scale,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -48,7 +55,16 @@ def test_measured_noise_scale_of_a_known_problem() -> None:
     assert s.trace_cov == pytest.approx(90.0, rel=0.1)
     assert s.b_simple == pytest.approx(36.0, rel=0.15)
     assert scales["twice"].b_simple == pytest.approx(s.b_simple, rel=0.15)  # a loss's scale does not move it
+    lo, hi = s.b_simple_range
+    assert lo < s.b_simple < hi and lo < 36.0 < hi and hi / lo < 1.6  # 3,000 draws: a narrow range around it
     assert w.grad is None  # measuring takes no step and leaves no gradient behind
+
+
+def test_bootstrap_range_of_noiseless_draws_is_the_estimate_itself() -> None:
+    small, big = np.full(8, 2.0 + 90 / 8), np.full(4, 2.0 + 90 / 64)  # E|G_b|² exactly, in every draw
+    assert bootstrap_range(small, 8, big, 64) == pytest.approx((45.0, 45.0))
+    few = bootstrap_range(small + np.linspace(-3, 3, 8), 8, big + np.linspace(-1, 1, 4), 64)
+    assert few[0] < 45.0 < few[1]  # noisy draws widen it around the estimate
 
 
 def test_grad_sq_norms_of_several_losses_from_one_forward() -> None:

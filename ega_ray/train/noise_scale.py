@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
+import numpy as np
 import torch
 
 
@@ -32,6 +33,7 @@ class NoiseScale:
 
     grad_sq: float  # |G|², the squared norm of the full-data gradient
     trace_cov: float  # tr(Σ), the per-example gradient variance summed over all parameters
+    b_simple_range: tuple[float, float] | None = None  # 10th–90th percentile of B_noise over bootstrap resamples
 
     @property
     def b_simple(self) -> float:
@@ -81,14 +83,29 @@ def measure_noise_scale(
 ) -> dict[str, NoiseScale]:
     """The noise scale of each loss ``batch_losses(b)`` returns (mean losses of one fresh random batch of b
     examples, by name) w.r.t. ``params``, from ``draws_small`` batches of ``b_small`` and ``draws_big`` of
-    ``b_big``. Changes no parameter; each draw is one forward and a backward per loss."""
+    ``b_big``, each with its bootstrap range. Changes no parameter; each draw is one forward and a backward
+    per loss."""
 
-    def mean_sq(b: int, draws: int) -> dict[str, float]:
-        total: dict[str, float] = {}
-        for _ in range(draws):
-            for name, sq in grad_sq_norms(batch_losses(b), params).items():
-                total[name] = total.get(name, 0.0) + sq / draws
-        return total
+    def sq_norms(b: int, draws: int) -> dict[str, np.ndarray]:
+        per_draw = [grad_sq_norms(batch_losses(b), params) for _ in range(draws)]
+        return {name: np.array([d[name] for d in per_draw]) for name in per_draw[0]}
 
-    small, big = mean_sq(b_small, draws_small), mean_sq(b_big, draws_big)
-    return {name: estimate_noise_scale(small[name], b_small, big[name], b_big) for name in small}
+    small, big = sq_norms(b_small, draws_small), sq_norms(b_big, draws_big)
+    out = {}
+    for name in small:
+        point = estimate_noise_scale(small[name].mean(), b_small, big[name].mean(), b_big)
+        out[name] = replace(point, b_simple_range=bootstrap_range(small[name], b_small, big[name], b_big))
+    return out
+
+
+def bootstrap_range(
+    small: np.ndarray, b_small: int, big: np.ndarray, b_big: int, resamples: int = 1000, seed: int = 0
+) -> tuple[float, float]:
+    """The 10th and 90th percentiles of B_noise when the per-draw |G_b|² and |G_B|² are resampled with
+    replacement: how far one measurement can be trusted (a few dozen draws leave a wide range)."""
+    rng = np.random.default_rng(seed)
+    s = small[rng.integers(0, len(small), (resamples, len(small)))].mean(1)
+    g = big[rng.integers(0, len(big), (resamples, len(big)))].mean(1)
+    values = [estimate_noise_scale(a, b_small, b, b_big).b_simple for a, b in zip(s, g, strict=True)]
+    lo, hi = np.quantile(values, [0.1, 0.9], method="nearest")  # no interpolation: values may be inf
+    return float(lo), float(hi)
