@@ -21,11 +21,14 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
 import torch
+
+if TYPE_CHECKING:
+    from ega_ray.config import Config
 
 TEACHER_EMB = "teacher_emb"
 
@@ -94,7 +97,7 @@ SERVER_START_TIMEOUT_S = 600.0
 
 
 @contextmanager
-def teacher_servers(cfg: Any, resources: dict[str, float]) -> Iterator[list[ray.actor.ActorHandle]]:
+def teacher_servers(cfg: Config, resources: dict[str, float]) -> Iterator[list[ray.actor.ActorHandle]]:
     """``cfg.teacher.actors`` long-lived teacher actors (each with ``resources``) for a pipeline run; they
     are started and ready on entry (or a clear error), and stopped on exit."""
     actor = ray.remote(TeacherEmbedder).options(max_restarts=3, max_task_retries=3, **resources)

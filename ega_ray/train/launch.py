@@ -143,8 +143,7 @@ def _datasets(
         train = train.map_batches(attach_cached, fn_kwargs={"table": table, "position": position}, batch_format="numpy")
     elif mode == "pipeline" and servers:
         # light tasks that hand each batch to a long-lived teacher actor; a few in flight per actor keep it busy
-        stage = {"batch_size": cfg.teacher.batch_size, "batch_format": "numpy", "num_cpus": 0}
-        stage["concurrency"] = 2 * len(servers)
+        stage = dict(batch_size=cfg.teacher.batch_size, batch_format="numpy", num_cpus=0, concurrency=2 * len(servers))
         val = val.map_batches(embed_remotely, fn_kwargs={"servers": servers, "augment": False}, **stage).materialize()
         # blocks of one teacher batch: a task hands back its output when its input block is done, so a large
         # block (a whole materialized file) would reach the trainer as one late burst, not a stream.
