@@ -43,19 +43,7 @@ def fast_overrides(args: argparse.Namespace, device: str, optim: dict) -> list[s
     ]
 
 
-def rule_defaults(args: argparse.Namespace) -> dict:
-    """The fast path's LR rule and epochs factor: measured (``--noise-json``) or the linear rule's."""
-    if args.noise_json is None:
-        return {"lr_scaling": "linear", "warmup_epochs": 5, "epochs_factor": 1.0}
-    measured = json.loads(args.noise_json.read_text())
-    if measured["batches"] != [64, 64 * args.batch_factor]:
-        sys.exit(f"--noise-json: measured for batches {measured['batches']}, not [64, {64 * args.batch_factor}]")
-    b = measured["noise_scale"]
-    rule = {"lr_scaling": "noise", "noise_scale": b} if math.isfinite(b) and b > 0 else {"lr_scaling": "linear"}
-    return rule | {"warmup_epochs": 0, "epochs_factor": round(measured["epochs_factor"], 2)}
-
-
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--batch-factor", type=int, default=4)
@@ -70,10 +58,27 @@ def main() -> int:
     ap.add_argument("--output", type=Path, default=Path("runs/fast-path"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--json", type=Path)
-    args = ap.parse_args()
-    for key, value in rule_defaults(args).items():
+    args = ap.parse_args(argv)
+    for key, value in rule_defaults(args).items():  # the rule's settings that no flag gave
         if getattr(args, key) is None:
             setattr(args, key, value)
+    return args
+
+
+def rule_defaults(args: argparse.Namespace) -> dict:
+    """The fast path's LR rule and epochs factor: measured (``--noise-json``) or the linear rule's."""
+    if args.noise_json is None:
+        return {"lr_scaling": "linear", "warmup_epochs": 5, "epochs_factor": 1.0}
+    measured = json.loads(args.noise_json.read_text())
+    if measured["batches"] != [64, 64 * args.batch_factor]:
+        sys.exit(f"--noise-json: measured for batches {measured['batches']}, not [64, {64 * args.batch_factor}]")
+    b = measured["noise_scale"]
+    rule = {"lr_scaling": "noise", "noise_scale": b} if math.isfinite(b) and b > 0 else {"lr_scaling": "linear"}
+    return rule | {"warmup_epochs": 0, "epochs_factor": round(measured["epochs_factor"], 2)}
+
+
+def main() -> int:
+    args = parse_args()
 
     from ega_ray.config import apply_overrides, parse_config
     from ega_ray.embedded import embedded_with_teacher

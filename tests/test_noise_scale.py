@@ -4,7 +4,6 @@ end to end on the smoke config (real data, real models, no Ray)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
@@ -117,21 +116,7 @@ def test_accuracy_guard_takes_its_rule_from_the_measurement(tmp_path: Path, monk
     import fast_path_accuracy as guard
 
     def overrides(*argv: str) -> list[str]:
-        args = argparse.Namespace(
-            noise_json=None,
-            batch_factor=4,
-            lr_scaling=None,
-            noise_scale=None,
-            warmup_epochs=None,
-            epochs_factor=None,
-            precision="fp32",
-            eager=False,
-        )
-        for flag, value in zip(argv[::2], argv[1::2], strict=True):
-            setattr(args, flag, value)
-        for key, value in guard.rule_defaults(args).items():
-            if getattr(args, key) is None:
-                setattr(args, key, value)
+        args = guard.parse_args(["--precision", "fp32", *argv])  # the script's own command line
         return guard.fast_overrides(args, "cpu", {"epochs": 30, "milestones": [20, 26]})
 
     linear = overrides()
@@ -140,12 +125,12 @@ def test_accuracy_guard_takes_its_rule_from_the_measurement(tmp_path: Path, monk
     )
     measured = tmp_path / "noise_scale.json"
     measured.write_text(json.dumps({"batches": [64, 256], "noise_scale": 41.0, "epochs_factor": 2.1238}))
-    noise = overrides("noise_json", measured)
+    noise = overrides("--noise-json", str(measured))
     assert {"optim.lr_scaling=noise", "optim.noise_scale=41.0", "optim.warmup_epochs=0", "optim.batch_size=256"} <= set(
         noise
     )
     assert {"optim.epochs=64", "optim.milestones=[42, 55]"} <= set(noise)  # 30 × 2.12, milestones alike
-    assert "optim.warmup_epochs=3" in overrides("noise_json", measured, "warmup_epochs", 3)  # a flag wins
+    assert "optim.warmup_epochs=3" in overrides("--noise-json", str(measured), "--warmup-epochs", "3")  # a flag wins
     measured.write_text(json.dumps({"batches": [64, 512], "noise_scale": 41.0, "epochs_factor": 2.0}))
     with pytest.raises(SystemExit, match=r"measured for batches \[64, 512\], not \[64, 256\]"):
-        overrides("noise_json", measured)
+        overrides("--noise-json", str(measured))
