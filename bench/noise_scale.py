@@ -86,11 +86,11 @@ def parse_args() -> argparse.Namespace:
 
 def measure(args: argparse.Namespace) -> int:
     from ega_ray.config import ConfigError, load_config
-    from ega_ray.data.parquet import read_decoded, stratified_label_mask
+    from ega_ray.data.parquet import mask_labels, read_decoded
     from ega_ray.embedded import embedded_with_teacher
-    from ega_ray.models import build_teacher
     from ega_ray.train.common import seed_everything
     from ega_ray.train.distill import build_parts, step_losses, train_step
+    from ega_ray.train.launch import check_teacher, prepare_data
     from ega_ray.train.noise_scale import measure_noise_scale
 
     out = args.output.resolve()
@@ -110,20 +110,15 @@ def measure(args: argparse.Namespace) -> int:
 
     device = torch.device(args.device)
     seed_everything(cfg.run.seed)
-    split = read_decoded(cfg.data.train, cfg.data.image_size)
-    index = split["index"].astype(np.int64)
-    labels = split["label"].astype(np.int64)
-    keep = stratified_label_mask(labels, index, cfg.data.label_fraction, cfg.run.seed)
-    data = {
-        "image": torch.from_numpy(split["image"]).to(device),
-        "label": torch.from_numpy(np.where(keep[index], labels, -1)).to(device),
-        "index": torch.from_numpy(index).to(device),
-    }
-    n = len(index)
+    prepared = prepare_data(cfg)  # the run's checks, classes and labeled subset
+    n = prepared.num_train
     if big > n:
         raise ConfigError(f"--batches: {big} is more than the training split's {n} rows")
-    teacher_dim = build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256).spec.embed_dim
-    p = build_parts(cfg, device, int(labels.max()) + 1, teacher_dim, int(index.max()) + 1)
+    split = mask_labels(read_decoded(cfg.data.train, cfg.data.image_size), prepared.keep)
+    data = {"image": torch.from_numpy(split["image"]).to(device)}
+    data |= {k: torch.from_numpy(split[k].astype(np.int64)).to(device) for k in ("label", "index")}
+    teacher_dim = check_teacher(cfg).spec.embed_dim
+    p = build_parts(cfg, device, prepared.num_classes, teacher_dim, int(prepared.indices.max()) + 1)
     params = list(p.student_net.parameters())
 
     def features(batch: dict[str, torch.Tensor]) -> torch.Tensor:
