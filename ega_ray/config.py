@@ -54,10 +54,10 @@ class TeacherConfig(_Section):
     mode: Literal["online", "cached", "pipeline"] = Field(
         "online",
         description="online: in each training worker; cached: embeddings from `ega-ray cache-teacher`; "
-        "pipeline: a Ray Data actor stage between reader and training workers",
+        "pipeline: the run's teacher actors, fed by a Ray Data stage between reader and workers",
     )
     cache: str | None = Field(None, description="folder written by `ega-ray cache-teacher` (mode cached)")
-    actors: int = Field(1, ge=1, description="teacher actors of the Ray Data stage (cached build, pipeline)")
+    actors: int = Field(1, ge=1, description="teacher actors (the cache build, a pipeline run)")
     actor_cpus: float = Field(1.0, gt=0, description="CPUs per teacher actor")
     actor_gpus: float = Field(1.0, gt=0, description="GPUs per teacher actor when scaling.use_gpu")
     batch_size: int = Field(256, ge=1, description="images per teacher forward in the Ray Data stage")

@@ -1,5 +1,5 @@
 """Teacher modes through the real Ray Data + Ray Train path: a K-view cache, a cached-mode run, the
-manifest check, and the pipeline mode (the teacher as a Ray Data actor stage) on CPU."""
+manifest check, and the pipeline mode (the run's teacher actors behind a Ray Data stage) on CPU."""
 
 from __future__ import annotations
 
@@ -78,7 +78,7 @@ def test_cache_then_cached_training_and_a_refused_mismatch(tmp_path, teacher_fil
         )
 
 
-def test_pipeline_mode_runs_the_teacher_as_a_ray_data_stage(tmp_path, teacher_file, local_ray):
+def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_path, teacher_file, local_ray):
     cfg = smoke(tmp_path, teacher_file, "optim.epochs=2", "teacher.mode=pipeline")
     summary = run_distill(cfg)
     assert summary["epochs"] == 2
