@@ -169,6 +169,23 @@ def train_step(p: Parts, d: DistillConfig, batch: dict[str, torch.Tensor], feat_
     return torch.stack([x.detach() for x in losses])
 
 
+def restore_parts(p: Parts, state: dict[str, Any]) -> None:
+    """Load a checkpoint's ``state`` (read with ``map_location="cpu"``) into ``p``, whichever device wrote it:
+    tensors move to ``p``'s device, and each optimizer keeps the implementation chosen for this device (fused on
+    GPUs), not the one saved with it: a run started on a GPU resumes on a CPU and the other way round."""
+    unwrap(p.student_net).load_state_dict(state["student"])
+    unwrap(p.t_head).load_state_dict(state["teacher_head"])
+    if "distiller" in state:  # checkpoints from before distillers kept state hold none (EGA has none)
+        p.distiller.load_state_dict(state["distiller"])
+    for opt, key in ((p.opt_s, "opt_s"), (p.opt_t, "opt_t")):
+        own = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in opt.param_groups]
+        opt.load_state_dict(state[key])
+        for group, keep in zip(opt.param_groups, own, strict=True):
+            group.update(keep)
+    p.sched_s.load_state_dict(state["sched_s"])
+    p.sched_t.load_state_dict(state["sched_t"])
+
+
 def train_func_per_worker(config: dict[str, Any]) -> None:
     cfg = Config.model_validate(config["cfg"])
     num_classes: int = config["num_classes"]
@@ -188,12 +205,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     start_epoch, history, best, restarts = 0, [], {"val_top1": -1.0, "epoch": 0}, 0
     state = load_state(ray.train.get_checkpoint())
     if state is not None:
-        unwrap(p.student_net).load_state_dict(state["student"])
-        unwrap(p.t_head).load_state_dict(state["teacher_head"])
-        if "distiller" in state:  # checkpoints from before distillers kept state hold none (EGA has none)
-            p.distiller.load_state_dict(state["distiller"])
-        for obj, key in ((p.opt_s, "opt_s"), (p.opt_t, "opt_t"), (p.sched_s, "sched_s"), (p.sched_t, "sched_t")):
-            obj.load_state_dict(state[key])
+        restore_parts(p, state)
         start_epoch, history, best = state["epoch"], state["history"], state["best"]
         restarts = state["restarts"] + 1  # how many times this run was restored from a checkpoint
 
