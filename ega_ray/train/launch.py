@@ -218,6 +218,7 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
             cfg, train_func_per_worker, _datasets(cfg, data, not val_on_driver, servers), extra, "val_top1", callbacks
         )
         teacher_rows = sum(ray.get([s.rows_embedded.remote() for s in servers]))
+        teacher_devices = sorted(set(ray.get([s.device_name.remote() for s in servers])))
     last = load_state(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
     best = load_state(best_ckpt) if best_ckpt is not None else last
@@ -251,8 +252,9 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         "seed": cfg.run.seed,
         "wall_time_s": round(time.time() - t0, 1),
         "output": str(out),
-        **({"teacher_stage_rows": teacher_rows} if pipeline else {}),  # every epoch's rows + the validation split
     }
+    if pipeline:  # every epoch's rows + the validation split, and where the teacher actors ran
+        summary |= {"teacher_stage_rows": teacher_rows, "teacher_stage_device": ", ".join(teacher_devices)}
     write_json(summary, out / "summary.json")
     return summary
 
