@@ -87,6 +87,10 @@ def project_config(
     """A one-worker ``ega-ray distill`` config of the benchmark (a cached run reads ``out``/cache)."""
     from ega_ray.config import parse_config
 
+    # on one GPU the pipeline's teacher actor and the training worker must share it (a whole GPU each would
+    # leave one of them waiting for the other forever); the cache build and a cached run's validation
+    # embedding run before the worker starts, and take the whole GPU
+    gpu_share = 0.5 if mode == "pipeline" else 1.0
     raw = {
         "data": {"train": str(data / "train"), "val": str(data / "val"), "num_classes": 100},
         "teacher": {
@@ -95,6 +99,7 @@ def project_config(
             "cache": str(out / "cache") if mode == "cached" else None,
             "batch_size": args.batch,
             "actor_cpus": float(CPUS),
+            "actor_gpus": gpu_share,
         },
         "student": {"name": args.student},
         "distill": {"graph_size": graph_size or min(64, args.batch)},  # the paper's 64-node graphs
@@ -108,7 +113,12 @@ def project_config(
         }
         | optim,
         # one worker with every core, as the seed loop's step has (its loader workers share them too)
-        "scaling": {"num_workers": 1, "use_gpu": args.device == "cuda", "cpus_per_worker": float(CPUS)},
+        "scaling": {
+            "num_workers": 1,
+            "use_gpu": args.device == "cuda",
+            "cpus_per_worker": float(CPUS),
+            "gpus_per_worker": gpu_share,
+        },
         "run": {"name": f"bench-{mode}", "output": str(out / mode)},
     }
     return parse_config(raw)
@@ -251,6 +261,7 @@ def main() -> int:
 def run_bench(args: argparse.Namespace, budget: Budget | None = None) -> dict[str, Any]:
     from ega_ray.data.parquet import write_split
     from ega_ray.models import build_teacher
+    from ega_ray.train.common import compiler_available
     from ega_ray.train.launch import run_distill
     from ega_ray.train.teacher_cache import build_cache
 
@@ -267,6 +278,8 @@ def run_bench(args: argparse.Namespace, budget: Budget | None = None) -> dict[st
         "seconds": args.seconds,
         "bare_seconds": args.bare_seconds,
         "seed_loader_workers": args.seed_workers,
+        # why torch.compile would fall back to eager here (no Triton, no C++ compiler); None: it compiles
+        "compile_unavailable": compiler_available(device) if args.compile else None,
         "command": " ".join(sys.argv),
     }
 
@@ -283,6 +296,8 @@ def run_bench(args: argparse.Namespace, budget: Budget | None = None) -> dict[st
         save()
 
     print(f"[bench] {gpu_name(args.device)}, precision {args.precision}, compile {args.compile}", flush=True)
+    if settings["compile_unavailable"]:
+        print(f"[bench] --compile: runs eagerly here: {settings['compile_unavailable']}", flush=True)
     rng = np.random.default_rng(0)
     n_seed = max(args.batch * 20, 1280)
     x = rng.integers(0, 256, (n_seed, 32, 32, 3), dtype=np.uint8)
