@@ -245,6 +245,9 @@ def main() -> int:
     ap.add_argument("--teacher", default="open_clip:ViT-B-32")
     ap.add_argument("--student", default="resnet8x4")
     ap.add_argument("--seed-workers", type=int, default=min(8, CPUS), help="the seed loop's loader workers")
+    ap.add_argument(
+        "--max-rows", type=int, default=MAX_ROWS, help="training rows at most (the cache build, a pipeline epoch)"
+    )
     ap.add_argument("--json", type=Path, help="write the figures here (after every part)")
     ap.add_argument("--deadline-s", type=float, help="skip the parts that would end after this many seconds")
     args = ap.parse_args()
@@ -278,6 +281,7 @@ def run_bench(args: argparse.Namespace, budget: Budget | None = None) -> dict[st
         "seconds": args.seconds,
         "bare_seconds": args.bare_seconds,
         "seed_loader_workers": args.seed_workers,
+        "max_rows": args.max_rows,
         # why torch.compile would fall back to eager here (no Triton, no C++ compiler); None: it compiles
         "compile_unavailable": compiler_available(device) if args.compile else None,
         "command": " ".join(sys.argv),
@@ -334,7 +338,7 @@ def run_bench(args: argparse.Namespace, budget: Budget | None = None) -> dict[st
                 print(f"[bench] bare {mode} step: {r['img_per_s']:.1f} img/s", flush=True)
 
         # each Ray path runs about --seconds at the speed its bare step showed, never fewer than MIN_STEPS
-        # measured steps, over one training split sized for the teacher-bound paths (at most MAX_ROWS): a
+        # measured steps, over one training split sized for the teacher-bound paths (at most --max-rows): a
         # faster path runs more epochs over it rather than making the cache build (the teacher over every
         # row) longer. A path's figure is the median over its epochs after the first (the only one, if so).
         def steps_for(img_per_s: float) -> int:
@@ -346,7 +350,7 @@ def run_bench(args: argparse.Namespace, budget: Budget | None = None) -> dict[st
             "cached": figures.get("bare_cached_img_per_s", guess),
             "pipeline": figures.get("bare_online_img_per_s", guess),
         }
-        epoch_steps = min(MAX_ROWS // args.batch, steps_for(expected["online"]))
+        epoch_steps = max(1, min(args.max_rows // args.batch, steps_for(expected["online"])))
         rows = epoch_steps * args.batch
         data = tmp / "data"
         paths = list(args.paths)
