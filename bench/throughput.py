@@ -200,7 +200,14 @@ def connect_local_ray(args: argparse.Namespace) -> None:
 
     if not ray.is_initialized():
         # the worker's and the teacher actor's CPUs, plus one for Ray Data (see ega_ray.train.launch)
-        ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False)
+        try:
+            ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False)
+        except Exception as err:  # noqa: BLE001 - Ray gives its raylet a fixed 30 s, which a loaded machine can miss
+            if "timed out during startup" not in str(err):
+                raise
+            print(f"[bench] the local Ray did not start in time ({err}); starting it again", flush=True)
+            ray.shutdown()
+            ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
