@@ -7,10 +7,11 @@ One step, as the paper's code (Ma, Chen, Akata, BMVC 2022) does it:
   image with PIL: the student's (RandomCrop 32 with padding 4, horizontal flip, ToTensor, CIFAR-100
   normalisation) and the teacher's (RandomCrop 32 with padding 4, bicubic resize to 224, horizontal flip,
   ToTensor, CLIP normalisation);
-- **teacher**: a frozen image tower of CLIP ViT-B/32's shape (open_clip's ``ViT-B-32``, random weights) run
-  under ``no_grad``, in fp16 on a GPU and fp32 on CPU: what OpenAI CLIP's ``clip.load``, which the paper's code
-  calls, gives (half-precision weights on cuda; ``encode_image`` casts its input to them). Its trainable head
-  (512 → 256 → classes) has its own SGD (lr 0.01, momentum 0.9, weight decay 5e-4);
+- **teacher**: a frozen image tower of OpenAI CLIP ViT-B/32's architecture (open_clip's ``ViT-B-32-quickgelu``,
+  QuickGELU included; random weights) run under ``no_grad``, in fp16 on a GPU and fp32 on CPU: what OpenAI
+  CLIP's ``clip.load``, which the paper's code calls, gives (half-precision weights on cuda; ``encode_image``
+  casts its input to them). Its trainable head (512 → 256 → classes) has its own SGD (lr 0.01, momentum 0.9,
+  weight decay 5e-4);
 - **student**: resnet8x4 (the CRD/EGA repositories' network, from this project's registry) and its head
   (256 → 256 → classes), fp32, SGD lr 0.05, momentum 0.9, weight decay 5e-4;
 - **loss**: the student's CE + EGA (node 0.8, edge 0.24: the paper's hard graph, the Pearson correlation of the
@@ -121,7 +122,7 @@ class SeedParts:
 
 def build_seed_parts(device: torch.device, num_classes: int = 100) -> SeedParts:
     t_dtype = teacher_dtype(device)
-    teacher = open_clip.create_model("ViT-B-32", pretrained=None).visual
+    teacher = open_clip.create_model("ViT-B-32-quickgelu", pretrained=None).visual
     teacher = teacher.eval().requires_grad_(False).to(device=device, dtype=t_dtype)
     student = build_student("resnet8x4").to(device)
     s_head = EmbeddingHead(student.feat_dim, 256, num_classes).to(device)
