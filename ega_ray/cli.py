@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
-from ega_ray.config import ConfigError, load_config
+from ega_ray.config import load_config
 from ega_ray.data.prepare import add_prepare_parser, run_prepare
+from ega_ray.errors import find_usage_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -67,68 +69,83 @@ def commands() -> list[str]:
     return list(sub.choices)
 
 
+def _terminate(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    """SIGTERM ends a command like Ctrl-C does: temporary folders removed, locks released (exit 143)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        if args.command == "prepare":
-            return run_prepare(args)
-        if args.command == "distill" and args.config is None:
-            from ega_ray.embedded import run_embedded
+        return _run(args)
+    except Exception as err:  # noqa: BLE001 - a user's error raised inside Ray comes back wrapped
+        found = find_usage_error(err)
+        if found is None:
+            raise
+        print(f"ega-ray: {found.label}: {' '.join(str(found).split())}", file=sys.stderr)
+        return 2
 
-            run_embedded(args.overrides, args.output)
-            return 0
-        # JSON-quoted: a folder named like a number or a mapping stays a string when parsed as YAML
-        if args.command == "tune":
-            from ega_ray.tune.search import run_search
 
-            overrides = args.overrides + ([f"tune.num_samples={args.num_samples}"] if args.num_samples else [])
-            if args.resume:
-                cfg = None
-            elif args.config is None:
-                from ega_ray.embedded import embedded_tune_config
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "prepare":
+        return run_prepare(args)
+    if args.command == "distill" and args.config is None:
+        from ega_ray.embedded import run_embedded
 
-                cfg = embedded_tune_config(overrides, args.output)
-            else:
-                cfg = load_config(args.config, overrides)
-            run_search(cfg, args.output, resume=args.resume)
-            return 0
-        if args.command == "benchmark":
-            from ega_ray.tune.benchmark import parse_methods, run_benchmark
+        run_embedded(args.overrides, args.output)
+        return 0
+    if args.command == "tune":
+        from ega_ray.tune.search import run_search
 
-            methods = parse_methods(args.methods)
-            if args.resume:
-                cfg = None
-            elif args.config is None:
-                from ega_ray.embedded import embedded_with_teacher
+        overrides = args.overrides + ([f"tune.num_samples={args.num_samples}"] if args.num_samples else [])
+        if args.resume:
+            cfg = None
+        elif args.config is None:
+            from ega_ray.embedded import embedded_tune_config
 
-                cfg = embedded_with_teacher(args.overrides, args.output)
-            else:
-                cfg = load_config(args.config, args.overrides)
-            run_benchmark(
-                cfg, methods, args.seeds, args.output, resume=args.resume, reference_weights=not args.config_weights
-            )
-            return 0
-        if args.command == "cache-teacher":
-            from ega_ray.train.teacher_cache import build_cache
-
-            summary = build_cache(load_config(args.config, args.overrides), args.views, args.output)
-            print("\n".join(f"{k}: {v}" for k, v in summary.items()))
-            return 0
-        overrides = args.overrides + ([f"run.output={json.dumps(args.output)}"] if args.output else [])
-        cfg = load_config(args.config, overrides)
-        if args.command == "distill":
-            from ega_ray.train.launch import run_distill
-
-            summary = run_distill(cfg)
+            def cfg():  # the embedded default's teacher is pretrained inside the claimed search folder
+                return embedded_tune_config(overrides, args.output)
         else:
-            from ega_ray.train.launch import run_pretrain
+            cfg = load_config(args.config, overrides)
+        run_search(cfg, args.output, resume=args.resume)
+        return 0
+    if args.command == "benchmark":
+        from ega_ray.tune.benchmark import parse_methods, run_benchmark
 
-            summary = run_pretrain(cfg)
+        methods = parse_methods(args.methods)
+        if args.resume:
+            cfg = None
+        elif args.config is None:
+            from ega_ray.embedded import embedded_with_teacher
+
+            def cfg():
+                return embedded_with_teacher(args.overrides, args.output)
+        else:
+            cfg = load_config(args.config, args.overrides)
+        run_benchmark(
+            cfg, methods, args.seeds, args.output, resume=args.resume, reference_weights=not args.config_weights
+        )
+        return 0
+    if args.command == "cache-teacher":
+        from ega_ray.train.teacher_cache import build_cache
+
+        summary = build_cache(load_config(args.config, args.overrides), args.views, args.output)
         print("\n".join(f"{k}: {v}" for k, v in summary.items()))
         return 0
-    except ConfigError as err:
-        print(f"ega-ray: config error: {err}", file=sys.stderr)
-        return 2
+    # JSON-quoted: a folder named like a number or a mapping stays a string when parsed as YAML
+    overrides = args.overrides + ([f"run.output={json.dumps(args.output)}"] if args.output else [])
+    cfg = load_config(args.config, overrides)
+    if args.command == "distill":
+        from ega_ray.train.launch import run_distill
+
+        summary = run_distill(cfg)
+    else:
+        from ega_ray.train.launch import run_pretrain
+
+        summary = run_pretrain(cfg)
+    print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
 
 
 if __name__ == "__main__":

@@ -17,13 +17,37 @@ import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ega_ray.errors import ConfigError
 from ega_ray.models.teachers.base import CLIP_MEAN, CLIP_STD, is_weights_file
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides"]
 
 _URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "http://", "https://")
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line naming the field."""
+# Settings that say where or how fast a run executes, not what it computes: a run may be resumed with other
+# values (e.g. on fewer workers after losing a node). A key ending in "." stands for its whole section.
+EXECUTION_FIELDS = (
+    "scaling.",
+    "run.output",
+    "run.name",
+    "run.progress_bar",
+    "run.max_failures",
+    "run.fail_after_epoch",
+    "data.prefetch_batches",
+    "data.materialize",
+    "teacher.actors",
+    "teacher.actor_cpus",
+    "teacher.actor_gpus",
+    "teacher.batch_size",
+    "optim.compile",
+)
+# The sections whose settings define the results of each training command.
+RESULT_SECTIONS = {
+    "distill": ("data", "teacher", "student", "distill", "optim", "augment", "run"),
+    "pretrain-teacher": ("data", "augment", "pretrain", "run"),
+}
+# The one setting a finished or interrupted run may be resumed with a larger value of.
+EPOCHS_FIELD = {"distill": "optim.epochs", "pretrain-teacher": "pretrain.epochs"}
 
 
 def is_uri(path: str) -> bool:
@@ -353,6 +377,20 @@ class Config(_Section):
                     msg = err.errors()[0]["msg"].removeprefix("Value error, ")
                     raise ValueError(f"tune.space.{key}: value {value!r} is not allowed: {msg}") from None
         return self
+
+    def result_settings(self, command: str) -> dict[str, Any]:
+        """The settings that define what ``command`` (distill, pretrain-teacher) computes, flat
+        (``optim.lr``: value): what a run folder records, and what a rerun into it must repeat."""
+        flat = {
+            f"{section}.{field}": value
+            for section in RESULT_SECTIONS[command]
+            for field, value in getattr(self, section).model_dump(mode="json").items()
+        }
+        return {
+            k: v
+            for k, v in flat.items()
+            if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in EXECUTION_FIELDS)
+        }
 
     @property
     def output_dir(self) -> Path:

@@ -6,12 +6,14 @@ checked before Ray starts.
 
 from __future__ import annotations
 
+import json
 import math
 import os
-import shutil
+import pickle
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,17 +24,19 @@ import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ega_ray.config import Config, ConfigError
+from ega_ray.config import EPOCHS_FIELD, Config, ConfigError
 from ega_ray.data.parquet import (
+    check_labels,
     check_split,
     decode_images,
     mask_labels,
-    read_columns,
     read_decoded,
     stratified_label_mask,
 )
 from ega_ray.data.teacher_stage import TeacherEmbedder, attach_cached, embed_remotely, teacher_servers
+from ega_ray.errors import OutputFolderError
 from ega_ray.models import Teacher, build_teacher
+from ega_ray.run_folder import claim, remove_own, settings_differences
 from ega_ray.train.common import load_state
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
 from ega_ray.train.teacher_cache import (
@@ -53,23 +57,24 @@ class PreparedData:
 
 
 def prepare_data(cfg: Config) -> PreparedData:
-    """Check both splits and the labels on the driver; choose the labeled subset. No Ray needed."""
+    """Check both splits and their labels on the driver; choose the labeled subset. No Ray needed."""
     try:
         n_train = check_split(cfg.data.train, "data.train")
         n_val = check_split(cfg.data.val, "data.val")
+        labels, index = check_labels(cfg.data.train, "data.train", n_train, unlabeled_ok=True)
+        val_labels, _ = check_labels(cfg.data.val, "data.val", n_val, unlabeled_ok=False)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    table = read_columns(cfg.data.train, ["label", "index"])
-    labels, index = table["label"].to_numpy(), table["index"].to_numpy()
-    if len(np.unique(index)) != len(index) or index.min() < 0:
-        raise ConfigError(f"data.train: {cfg.data.train!r} has negative or repeated values in column 'index'")
-    val_labels = read_columns(cfg.data.val, ["label"])["label"].to_numpy()
     seen = int(max(labels.max(), val_labels.max())) + 1
+    if seen < 1:
+        raise ConfigError(f"data.train: {cfg.data.train!r} has no labeled row (every label is -1)")
     num_classes = cfg.data.num_classes or seen
     if seen > num_classes:
-        raise ConfigError(f"data.num_classes: {num_classes} but the data has label {seen - 1} (labels are 0..C-1)")
-    if (val_labels < 0).any():
-        raise ConfigError(f"data.val: {cfg.data.val!r} has unlabeled rows (label -1); validation needs labels")
+        split, path = ("data.train", cfg.data.train) if labels.max() >= num_classes else ("data.val", cfg.data.val)
+        raise ConfigError(
+            f"data.num_classes: {num_classes}, but {split} {path!r} has label {seen - 1} "
+            "(labels are 0..C-1, -1 unlabeled)"
+        )
     keep = stratified_label_mask(labels, index, cfg.data.label_fraction, cfg.run.seed)
     return PreparedData(num_classes, keep, index, n_train, n_val)
 
@@ -90,6 +95,12 @@ def connect_ray(cfg: Config) -> None:
     needed = math.ceil(s.num_workers * s.cpus_per_worker + teacher_actor_cpus) + 1
     ray.init(num_cpus=max(os.cpu_count() or 1, needed))
     ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def raise_data_errors_as_they_are() -> None:
+    """Ray Data stages raise our own errors as they are (a DataError naming the row), not wrapped in a
+    UserCodeException that loses them across processes: the CLI prints them as one line."""
+    ray.data.DataContext.get_current().raise_original_map_exception = True
 
 
 def _scaling(cfg: Config) -> ScalingConfig:
@@ -117,13 +128,14 @@ def _datasets(
     view) once. Without ``servers`` a pipeline run's splits get no teacher stage (pretraining).
     """
     size = cfg.data.image_size
+    raise_data_errors_as_they_are()
     train = (
         ray.data.read_parquet(cfg.data.train)
-        .map_batches(decode_images, fn_kwargs={"image_size": size}, batch_format="numpy")
+        .map_batches(decode_images, fn_kwargs={"image_size": size, "split": "data.train"}, batch_format="numpy")
         .map_batches(mask_labels, fn_kwargs={"keep": data.keep}, batch_format="numpy")
     )
     val = ray.data.read_parquet(cfg.data.val).map_batches(
-        decode_images, fn_kwargs={"image_size": size}, batch_format="numpy"
+        decode_images, fn_kwargs={"image_size": size, "split": "data.val"}, batch_format="numpy"
     )
     decoded_bytes = (data.num_train + data.num_val) * size * size * 3
     materialized = cfg.data.materialize == "always" or (
@@ -184,15 +196,18 @@ def _fit(
 def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
     """Validate, train with Ray Train, write the run folder; returns the summary. ``callbacks``: Ray Train
     callbacks (a Tune trial passes the one that forwards metrics to Tune)."""
-    from ega_ray.train.distill import train_func_per_worker
-
     cfg = cfg.resolved()
     data = prepare_data(cfg)
     spec = check_teacher(cfg).spec
     if cfg.teacher.mode == "cached":
         check_manifest(cfg, spec)
-    out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    with run_folder(cfg, "distill") as out:
+        return _distill(cfg, data, spec, out, callbacks)
+
+
+def _distill(cfg: Config, data: PreparedData, spec, out: Path, callbacks: list | None) -> dict[str, Any]:
+    from ega_ray.train.distill import train_func_per_worker
+
     write_config(cfg, out)
     t0 = time.time()
     connect_ray(cfg)
@@ -259,10 +274,6 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
 
 def run_pretrain(cfg: Config) -> dict[str, Any]:
     """SimCLR-pretrain the self-supervised teacher; writes ``<output>/teacher.pt`` (loadable as ``ssl``)."""
-    from ega_ray.models.students import build_student
-    from ega_ray.models.teachers.ssl_teacher import save_ssl_teacher
-    from ega_ray.train.pretrain import pretrain_func_per_worker, teacher_input_size
-
     cfg = cfg.resolved(check_teacher=False)
     if cfg.pretrain.batch_size % cfg.scaling.num_workers:
         raise ConfigError(
@@ -270,8 +281,15 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
             f"scaling.num_workers {cfg.scaling.num_workers}"
         )
     data = prepare_data(cfg)
-    out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    with run_folder(cfg, "pretrain-teacher") as out:
+        return _pretrain(cfg, data, out)
+
+
+def _pretrain(cfg: Config, data: PreparedData, out: Path) -> dict[str, Any]:
+    from ega_ray.models.students import build_student
+    from ega_ray.models.teachers.ssl_teacher import save_ssl_teacher
+    from ega_ray.train.pretrain import pretrain_func_per_worker, teacher_input_size
+
     write_config(cfg, out)
     t0 = time.time()
     connect_ray(cfg)
@@ -313,12 +331,35 @@ def check_teacher(cfg: Config) -> Teacher:
     """Build the teacher once on the driver, so that bad weights fail before workers start."""
     try:
         return build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256)
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
         raise ConfigError(
             f"teacher: {cfg.teacher.name} with weights {cfg.teacher.weights!r}: {str(err).splitlines()[0]}"
         ) from None
 
 
-def clear_run(path: Path) -> None:
-    """Remove a run folder, so that the next run with its name starts fresh instead of resuming."""
-    shutil.rmtree(path, ignore_errors=True)
+@contextmanager
+def run_folder(cfg: Config, command: str) -> Iterator[Path]:
+    """The run's output folder, claimed for ``command`` (see ``ega_ray.run_folder``) and locked while the run
+    lasts. A folder that already holds a run resumes it only if every setting that defines the results is the
+    same, except that the number of epochs may be raised; otherwise it is refused, naming what differs,
+    before anything is written."""
+    out = cfg.output_dir
+    settings = json.loads(json.dumps(cfg.result_settings(command)))  # as the marker stores them
+    growing = EPOCHS_FIELD[command]
+
+    def same_run(marker: dict[str, Any]) -> None:
+        diffs = settings_differences(marker.get("settings", {}), settings, growing)
+        if diffs:
+            raise OutputFolderError(
+                f"--output {out}: holds a run with other settings ({'; '.join(diffs)}); a rerun resumes it only "
+                f"with the same settings ({growing} may be raised): choose another folder, or delete it to start over"
+            )
+
+    with claim(out, command, record={"settings": settings}, check=same_run):
+        yield out
+
+
+def clear_run(path: Path, command: str = "distill") -> None:
+    """Remove a run folder that ``command`` wrote (or an empty one), so that the next run with its name starts
+    fresh instead of resuming; anything else is refused (OutputFolderError)."""
+    remove_own(path, command)

@@ -1,17 +1,17 @@
 """``ega-ray cache-teacher``: the frozen teacher's embeddings of K random views of every training image,
 computed once by a Ray Data actor pool and written as Parquet (index, view, embedding) with a manifest.
 
-The manifest records what the embeddings depend on (teacher, weights, augmentation, data, K); a
-distillation run in ``cached`` mode refuses a cache whose manifest does not match its config.
+The manifest records what the embeddings depend on (teacher, weights, augmentation, data, K), the row
+and view counts and the SHA-256 of every embeddings file; a distillation run in ``cached`` mode refuses a
+cache whose manifest does not match its config, whose files changed after it was built, or that lacks
+the embedding of any (image, view).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,9 @@ from ega_ray.config import Config, ConfigError
 from ega_ray.data.parquet import decode_images, read_columns
 from ega_ray.data.teacher_stage import TeacherEmbedder
 from ega_ray.models.teachers.base import is_weights_file, sha256_of
+from ega_ray.run_folder import rebuild
 
-CACHE_FORMAT = "ega-ray-teacher-cache/1"
+CACHE_FORMAT = "ega-ray-teacher-cache/2"  # /2: per-file SHA-256 and row/view counts
 
 
 def split_fingerprint(path: str) -> str:
@@ -61,9 +62,24 @@ def expected_manifest(cfg: Config, spec) -> dict[str, Any]:
     }
 
 
+def file_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder``, by path relative to it."""
+    return {p.relative_to(folder).as_posix(): sha256_of(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
 def check_manifest(cfg: Config, spec) -> dict[str, Any]:
-    """The cache's manifest, after checking it matches ``cfg``; a ConfigError naming the differences if not."""
-    found = json.loads((Path(str(cfg.teacher.cache)) / "manifest.json").read_text())
+    """The cache's manifest, after checking that it matches ``cfg`` and that its embeddings files are the
+    ones it was built with; a ConfigError naming the difference if not."""
+    cache = Path(str(cfg.teacher.cache))
+    try:
+        found = json.loads((cache / "manifest.json").read_text())
+    except ValueError as err:
+        raise ConfigError(f"teacher.cache: {str(cache)!r}: manifest.json is not valid JSON ({err})") from None
+    if found.get("format") != CACHE_FORMAT:
+        raise ConfigError(
+            f"teacher.cache: {str(cache)!r} has format {found.get('format')!r}, not {CACHE_FORMAT!r} "
+            "(no file digests); rebuild it with `ega-ray cache-teacher`"
+        )
     expected = expected_manifest(cfg, spec)
     diffs = [
         f"{k} (cache: {json.dumps(found.get(k))}, config: {json.dumps(v)})"
@@ -72,26 +88,51 @@ def check_manifest(cfg: Config, spec) -> dict[str, Any]:
     ]
     if diffs:
         raise ConfigError(
-            f"teacher.cache: {cfg.teacher.cache!r} was built for another setting: {'; '.join(diffs)}; "
+            f"teacher.cache: {str(cache)!r} was built for another setting: {'; '.join(diffs)}; "
+            "rebuild it with `ega-ray cache-teacher`"
+        )
+    recorded, actual = found.get("files") or {}, file_digests(cache / "embeddings")
+    changed = sorted(n for n in set(recorded) | set(actual) if recorded.get(n) != actual.get(n))
+    if changed:
+        status = {
+            n: "missing" if n not in actual else "not in the manifest" if n not in recorded else "changed"
+            for n in changed
+        }
+        what = ", ".join(f"embeddings/{n} ({status[n]})" for n in changed[:3])
+        raise ConfigError(
+            f"teacher.cache: {str(cache)!r} differs from what its manifest recorded: {what}; "
             "rebuild it with `ega-ray cache-teacher`"
         )
     return found
 
 
 def load_cached_embeddings(cache: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dense (rows, views, D) float16 embeddings and, for every training ``index``, its row in them."""
+    """Dense (rows, views, D) float16 embeddings and, for every training ``index``, its row in them. Every
+    training image must have each of the manifest's views exactly once (a ConfigError otherwise)."""
+    views = int(json.loads((Path(cache) / "manifest.json").read_text())["views"])
     table = read_columns(str(Path(cache) / "embeddings"), ["index", "view", "embedding"])
     index, view = table["index"].to_numpy(), table["view"].to_numpy()
     emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float16)
-    views = int(view.max()) + 1
+    if len(view) and (view.min() < 0 or view.max() >= views):
+        raise ConfigError(f"teacher.cache: {cache!r} has view {view.max()}, but its manifest says {views} views")
     uniq, inverse = np.unique(index, return_inverse=True)
+    pairs = np.unique(inverse * views + view)
+    if len(pairs) != len(index):
+        raise ConfigError(f"teacher.cache: {cache!r} holds some (index, view) twice; rebuild it")
+    missing = np.setdiff1d(indices, uniq)
+    if len(missing):
+        raise ConfigError(f"teacher.cache: {cache!r} lacks {len(missing)} training images (e.g. index {missing[0]})")
+    if len(pairs) != len(uniq) * views:
+        counts = np.bincount(inverse, minlength=len(uniq))
+        short = uniq[counts < views]
+        raise ConfigError(
+            f"teacher.cache: {cache!r} lacks {len(uniq) * views - len(pairs)} of its {len(uniq) * views} views "
+            f"(e.g. of index {short[0]}); rebuild it"
+        )
     dense = np.zeros((len(uniq), views, emb.shape[1]), dtype=np.float16)
     dense[inverse, view] = emb
     position = np.full(int(max(indices.max(), uniq.max())) + 1, -1, dtype=np.int64)
     position[uniq] = np.arange(len(uniq))
-    missing = np.setdiff1d(indices, uniq)
-    if len(missing):
-        raise ConfigError(f"teacher.cache: {cache!r} lacks {len(missing)} training images (e.g. index {missing[0]})")
     return dense, position
 
 
@@ -114,12 +155,12 @@ def teacher_stage_args(cfg: Config) -> dict[str, Any]:
 
 def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
     """Embed ``views`` random teacher views of every training image; write ``output`` atomically."""
-    from ega_ray.train.launch import check_teacher, connect_ray, prepare_data
+    from ega_ray.train.launch import check_teacher, connect_ray, prepare_data, raise_data_errors_as_they_are
 
     if views < 1:
         raise ConfigError(f"--views must be >= 1, got {views}")
     cfg = cfg.resolved()
-    prepare_data(cfg)
+    data = prepare_data(cfg)
     spec = check_teacher(cfg).spec
     output = Path(output).expanduser().resolve()
     manifest = expected_manifest(cfg, spec) | {
@@ -129,33 +170,39 @@ def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
         "train": cfg.data.train,
     }
     t0 = time.time()
-    connect_ray(cfg)
-    embedded = (
-        ray.data.read_parquet(cfg.data.train)
-        .select_columns(["image", "index"])
-        .map_batches(decode_images, fn_kwargs={"image_size": cfg.data.image_size}, batch_format="numpy")
-        .map_batches(
-            TeacherEmbedder,
-            fn_constructor_kwargs={
-                "cfg": cfg.model_dump(mode="json"),
-                "views": views,
-                "attach": False,
-                "seed": cfg.run.seed,
-            },
-            **teacher_stage_args(cfg),
+    with rebuild(output, "cache-teacher") as tmp:
+        connect_ray(cfg)
+        raise_data_errors_as_they_are()
+        embedded = (
+            ray.data.read_parquet(cfg.data.train)
+            .select_columns(["image", "index"])
+            .map_batches(
+                decode_images,
+                fn_kwargs={"image_size": cfg.data.image_size, "split": "data.train"},
+                batch_format="numpy",
+            )
+            .map_batches(
+                TeacherEmbedder,
+                fn_constructor_kwargs={
+                    "cfg": cfg.model_dump(mode="json"),
+                    "views": views,
+                    "attach": False,
+                    "seed": cfg.run.seed,
+                },
+                **teacher_stage_args(cfg),
+            )
         )
-    )
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
         embedded.write_parquet(str(tmp / "embeddings"))
         rows = pads.dataset(str(tmp / "embeddings"), format="parquet").count_rows()
-        manifest |= {"rows": rows, "wall_time_s": round(time.time() - t0, 1)}
+        manifest |= {
+            "rows": rows,
+            "images": data.num_train,
+            "files": file_digests(tmp / "embeddings"),
+            "wall_time_s": round(time.time() - t0, 1),
+        }
+        if rows != data.num_train * views:
+            raise RuntimeError(f"cache-teacher: wrote {rows} rows, expected {data.num_train} images × {views} views")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "output": str(output),
         "views": views,

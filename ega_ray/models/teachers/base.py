@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,15 @@ def load_weights_file(path: str | Path, sha256: str | None = None) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own advice (allowlist the class) is not ours to give: a checkpoint's objects can run code
+        refused = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0].split(" was not an allowed")[0]
+        raise ValueError(
+            f"teacher weights {str(path)!r} hold Python objects a weights-only load refuses ({refused}); "
+            "save a state dict (tensors only) or a .safetensors file instead"
+        ) from None
     if not isinstance(obj, dict):
         raise ValueError(f"teacher weights {str(path)!r}: expected a state dict, got {type(obj).__name__}")
     return obj
