@@ -18,19 +18,28 @@ import copy
 import csv
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
-import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ega_ray.config import Config, ConfigError, parse_config
 from ega_ray.losses import DISTILLER_CLASSES, DISTILLERS
 from ega_ray.train.common import latest_state
-from ega_ray.train.launch import check_teacher, connect_ray, prepare_data, run_distill
-from ega_ray.tune.search import experiment, finished_history, trial_concurrency, trial_storage
+from ega_ray.train.launch import connect_ray, run_distill
+from ega_ray.tune.experiment import (
+    checked,
+    experiment_folder,
+    experiment_location,
+    run_experiment,
+    save_experiment_config,
+    saved_experiment_config,
+    verify_state,
+)
+from ega_ray.tune.search import finished_history, trial_concurrency, trial_storage
 
 CE_ONLY = "ce"  # the student without a teacher: distill.beta = 0
 EXPERIMENT = "benchmark"
@@ -89,53 +98,54 @@ def run_benchmark_trial(params: dict[str, Any], base: dict[str, Any], root: str)
 
 
 def run_benchmark(
-    cfg: Config | None,
+    cfg: Config | Callable[[], Config] | None,
     methods: list[str],
     seeds: int,
     output: str | Path,
     resume: bool = False,
     reference_weights: bool = True,
 ) -> list[dict[str, Any]]:
+    """Run (or resume) the benchmark; ``cfg`` may be a function that makes the config once ``output`` is
+    claimed (the embedded default pretrains its teacher inside it)."""
     output = Path(output).expanduser().resolve()
-    saved = output / "benchmark_config.yaml"
-    if resume:
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {str(output)!r} holds no benchmark to resume (no benchmark_config.yaml)")
-        state = yaml.safe_load(saved.read_text())
-        cfg, methods, seeds = parse_config(state["config"]), state["methods"], state["seeds"]
-        reference_weights = state["reference_weights"]
-    else:
+    if not resume:
         if seeds < 1:
             raise ConfigError(f"--seeds: {seeds}; at least 1")
-        cfg = cfg.resolved()
-    if CE_ONLY not in methods:
-        methods = [*methods, CE_ONLY]
-    prepare_data(cfg)
-    check_teacher(cfg)
-    output.mkdir(parents=True, exist_ok=True)
-    base = cfg.model_dump(mode="json")
-    saved.write_text(
-        yaml.safe_dump(
-            {"methods": methods, "seeds": seeds, "reference_weights": reference_weights, "config": base},
-            sort_keys=False,
-        )
-    )
-    t0 = time.time()
-    connect_ray(cfg)
+        if isinstance(cfg, Config):  # checked before anything is written
+            cfg = checked(cfg)
+    with experiment_folder(output, "benchmark", resume):
+        if resume:
+            state = saved_experiment_config(output, "benchmark_config.yaml", "benchmark")
+            cfg, methods, seeds = checked(parse_config(state["config"])), state["methods"], state["seeds"]
+            reference_weights = state["reference_weights"]
+            verify_state(output, experiment_location(output, cfg.run.storage, EXPERIMENT))
+        elif not isinstance(cfg, Config):
+            cfg = checked(cfg())
+        if CE_ONLY not in methods:
+            methods = [*methods, CE_ONLY]
+        base = cfg.model_dump(mode="json")
+        if not resume:
+            save_experiment_config(
+                output,
+                "benchmark_config.yaml",
+                {"methods": methods, "seeds": seeds, "reference_weights": reference_weights, "config": base},
+            )
+        t0 = time.time()
+        connect_ray(cfg)
 
-    def new_tuner(trainable, root: str) -> tune.Tuner:
-        return tune.Tuner(
-            trainable,
-            param_space={"method": tune.grid_search(methods), "seed": tune.grid_search(list(range(seeds)))},
-            tune_config=tune.TuneConfig(max_concurrent_trials=trial_concurrency(cfg)),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=root),
-        )
+        def new_tuner(trainable, root: str, callbacks: list) -> tune.Tuner:
+            return tune.Tuner(
+                trainable,
+                param_space={"method": tune.grid_search(methods), "seed": tune.grid_search(list(range(seeds)))},
+                tune_config=tune.TuneConfig(max_concurrent_trials=trial_concurrency(cfg)),
+                run_config=tune.RunConfig(name=EXPERIMENT, storage_path=root, callbacks=callbacks),
+            )
 
-    trial_base = base | {"benchmark_reference_weights": reference_weights}
-    experiment(run_benchmark_trial, trial_base, output, cfg.run.storage, EXPERIMENT, resume, new_tuner).fit()
-    rows = collect(cfg, methods, seeds, output)
-    write_results(rows, cfg, methods, output, time.time() - t0)
-    return rows
+        trial_base = base | {"benchmark_reference_weights": reference_weights}
+        run_experiment(run_benchmark_trial, trial_base, output, cfg.run.storage, EXPERIMENT, resume, new_tuner)
+        rows = collect(cfg, methods, seeds, output)
+        write_results(rows, cfg, methods, output, time.time() - t0)
+        return rows
 
 
 def collect(cfg: Config, methods: list[str], seeds: int, output: Path) -> list[dict[str, Any]]:

@@ -13,24 +13,33 @@ import copy
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
 import ray.data
-import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
 from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
 from ega_ray.train.common import latest_state
-from ega_ray.train.launch import check_teacher, connect_ray, prepare_data, run_distill
+from ega_ray.train.launch import connect_ray, run_distill
+from ega_ray.tune.experiment import (
+    TRIAL_DRIVER_CPU,
+    checked,
+    experiment_folder,
+    experiment_location,
+    run_experiment,
+    save_experiment_config,
+    saved_experiment_config,
+    verify_state,
+)
 
 logger = logging.getLogger(__name__)
 NONE_SUFFIX = "|none"  # a boolean companion parameter: the field takes None (hard graph for the temperature)
 SEARCH_DIR = "search"
-TRIAL_DRIVER_CPU = 0.1
 
 
 def tune_space(space: dict[str, SpaceEntry]) -> dict[str, Any]:
@@ -122,44 +131,35 @@ def _searcher(cfg: Config):
     return OptunaSearch()
 
 
-def experiment(
-    fn, base: dict[str, Any], output: Path, storage: str | None, name: str, resume: bool, new_tuner
-) -> tune.Tuner:
-    """The Tuner of one experiment (a search or a benchmark) in ``output``: restored with its finished and
-    unfinished trials when ``resume`` finds one, else ``new_tuner(trainable, storage_path)``. Each trial
-    runs ``fn(params, base, root)`` in an actor that only drives a TorchTrainer: a token CPU share, the
-    workers ask for their own."""
-    trainable = tune.with_resources(tune.with_parameters(fn, base=base, root=str(output)), {"CPU": TRIAL_DRIVER_CPU})
-    root = f"{storage.rstrip('/')}/{output.name}" if storage else str(output)
-    if resume and tune.Tuner.can_restore(f"{root}/{name}"):
-        return tune.Tuner.restore(f"{root}/{name}", trainable, resume_unfinished=True, resume_errored=True)
-    return new_tuner(trainable, root)
-
-
-def run_search(cfg: Config | None, output: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the search; writes trials.csv, best.yaml and plots to ``output``; returns the best row."""
-    from ega_ray.tune.report import write_report
-
+def run_search(cfg: Config | Callable[[], Config] | None, output: str | Path, resume: bool = False) -> dict[str, Any]:
+    """Run (or resume) the search; writes trials.csv, best.yaml and plots to ``output``; returns the best row.
+    ``cfg`` may be a function that makes the config once the folder is claimed (the embedded default
+    pretrains its teacher inside it); with ``resume`` it is read back from the folder."""
     output = Path(output).expanduser().resolve()
-    saved = output / "search_config.yaml"
-    if resume:
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {str(output)!r} holds no search to resume (no search_config.yaml)")
-        cfg = parse_config(yaml.safe_load(saved.read_text()))
-    else:
-        cfg = cfg.resolved()
+    if not resume and isinstance(cfg, Config):  # checked before anything is written
+        cfg = checked(cfg)
         if cfg.tune.search == "optuna":
             _searcher(cfg)  # fail before Ray starts when the extra is missing
-    prepare_data(cfg)
-    check_teacher(cfg)
-    output.mkdir(parents=True, exist_ok=True)
-    base = cfg.model_dump(mode="json")
-    saved.write_text(yaml.safe_dump(base, sort_keys=False))
+    with experiment_folder(output, "tune", resume):
+        if resume:
+            cfg = checked(parse_config(saved_experiment_config(output, "search_config.yaml", "tune")))
+            verify_state(output, experiment_location(output, cfg.run.storage, SEARCH_DIR))
+        elif not isinstance(cfg, Config):
+            cfg = checked(cfg())
+        base = cfg.model_dump(mode="json")
+        if not resume:
+            save_experiment_config(output, "search_config.yaml", base)
+        return _search(cfg, base, output, resume)
+
+
+def _search(cfg: Config, base: dict[str, Any], output: Path, resume: bool) -> dict[str, Any]:
+    from ega_ray.tune.report import write_report
+
     t0 = time.time()
     connect_ray(cfg)
     t = cfg.tune
 
-    def new_tuner(trainable, root: str) -> tune.Tuner:
+    def new_tuner(trainable, root: str, callbacks: list) -> tune.Tuner:
         scheduler = ASHAScheduler(
             time_attr="training_iteration",
             max_t=cfg.optim.epochs + 1,  # no rung at the last epoch: finished trials write their run folder
@@ -177,8 +177,8 @@ def run_search(cfg: Config | None, output: str | Path, resume: bool = False) -> 
                 num_samples=t.num_samples,
                 max_concurrent_trials=trial_concurrency(cfg),
             ),
-            run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=root),
+            run_config=tune.RunConfig(name=SEARCH_DIR, storage_path=root, callbacks=callbacks),
         )
 
-    results = experiment(run_trial, base, output, cfg.run.storage, SEARCH_DIR, resume, new_tuner).fit()
+    results = run_experiment(run_trial, base, output, cfg.run.storage, SEARCH_DIR, resume, new_tuner)
     return write_report(results, cfg, output, wall_time_s=time.time() - t0)
