@@ -3,21 +3,24 @@ Tiny ImageNet), any class-per-folder image tree, and the bundled digits into ega
 (see ``ega_ray.data.parquet`` and docs/data.md).
 
 Every conversion streams: images are read, checked and encoded one at a time and written in shards of at
-most ``rows_per_file`` rows. The whole output goes to a temporary sibling folder ``OUT.tmp-<random>``,
+most ``rows_per_file`` rows. The whole output goes to a temporary sibling folder ``.OUT.tmp-<random>``,
 finished with ``prepare.json``, and is renamed to ``OUT`` only at the end, so an interrupted or failed
-conversion never leaves a complete-looking ``OUT`` (and an older ``OUT`` stays as it was)."""
+conversion never leaves a complete-looking ``OUT`` (and an older ``OUT`` stays as it was). ``OUT`` must be
+new, empty, or an earlier ``ega-ray prepare`` output (see ``ega_ray.run_folder``).
+
+What is read: symbolic links to folders are never followed; a link to a file is read only when its target
+lies inside ``--src``; both are listed in the report otherwise. An unreadable folder or a file name that is
+not valid UTF-8 stops the conversion naming it. Images over ``max_pixels`` are refused like unreadable ones
+(``--skip-bad`` skips them); 16-bit images are scaled to 8 bits."""
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import pickle
-import shutil
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +29,14 @@ from typing import Any, TextIO
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ega_ray.data.parquet import ShardWriter, encode_png, replace_dir
+from ega_ray.data.parquet import MAX_PIXELS, ShardWriter, encode_png, open_image, to_rgb8
+from ega_ray.errors import UsageError
+from ega_ray.run_folder import check_target, new_marker, read_marker, rebuild, write_marker
 
 DATASETS = ("cifar100", "stl10", "tinyimagenet", "imagefolder", "digits")
 DOWNLOADABLE = ("cifar100", "stl10")
 KEEP_FORMATS = frozenset({"PNG", "JPEG"})  # stored as the original file bytes; anything else → PNG
+HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # re-encoded as 8-bit PNG (scaled)
 PROGRESS_ROWS = 10_000
 PROGRESS_SECONDS = 5.0
 SPLIT_FOLDERS = ("train", "val", "test")
@@ -41,7 +47,7 @@ STDERR = "stderr"  # prepare()'s default log: sys.stderr as it is at call time
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
-class PrepareError(ValueError):
+class PrepareError(UsageError):
     """A conversion cannot go on: a missing or malformed source file, or an unreadable image."""
 
 
@@ -67,6 +73,7 @@ class Source:
     splits: list[Split]
     ignored: list[str] = field(default_factory=list)  # files that are not images, not converted
     notes: list[str] = field(default_factory=list)
+    links: list[str] = field(default_factory=list)  # symbolic links not followed, with why
 
 
 # ---------------------------------------------------------------- helpers
@@ -77,20 +84,21 @@ def _image_extensions() -> frozenset[str]:
     return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
 
 
-def load_image_file(path: Path) -> bytes:
-    """The bytes to store for one image file: the original bytes for PNG and JPEG (after checking that the
-    whole image decodes), a lossless PNG of the RGB image for any other format PIL reads."""
+def load_image_file(path: Path, max_pixels: int = MAX_PIXELS) -> bytes:
+    """The bytes to store for one image file: the original bytes for 8-bit PNG and JPEG (after checking that
+    the whole image decodes), a lossless PNG of the RGB image for any other format PIL reads (16-bit images
+    scaled to 8 bits). More than ``max_pixels`` pixels is refused before the pixels are decoded."""
     try:
         data = path.read_bytes()
     except OSError as err:
         raise BadImage(f"cannot read file ({err.strerror or err})") from None
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with open_image(data, max_pixels) as im:
             fmt = im.format
             im.load()  # a full decode: catches truncated and corrupt files, not only bad headers
-            if fmt in KEEP_FORMATS:
+            if fmt in KEEP_FORMATS and im.mode not in HIGH_BIT_MODES:
                 return data
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
+            rgb = to_rgb8(im)
     except UnidentifiedImageError:
         raise BadImage("not a readable image (no image format PIL knows)") from None
     except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError, DecompressionBombError…
@@ -98,29 +106,71 @@ def load_image_file(path: Path) -> bytes:
     return encode_png(rgb)
 
 
-def _list_files(folder: Path, recursive: bool, exts: frozenset[str]) -> tuple[list[Path], list[Path]]:
-    """Image files under ``folder`` (by extension, sorted by relative path) and the other entries (files with
-    non-image extensions, hidden files such as .DS_Store or ._name.jpg, hidden folders), also sorted."""
+def check_name(path: Path) -> Path:
+    """``path`` if its name is valid UTF-8 (names end up in prepare.json and in messages); else PrepareError."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise PrepareError(f"{os.fsencode(path)!r}: the name is not valid UTF-8; rename it") from None
+    return path
+
+
+def _entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` (names checked), or a PrepareError naming a folder that cannot be read."""
+    try:
+        return [check_name(p) for p in folder.iterdir()]
+    except OSError as err:
+        raise PrepareError(f"{folder}: cannot be read ({err.strerror or err})") from None
+
+
+def _is_dir(p: Path) -> bool:
+    """A real folder; a symbolic link to one is never followed."""
+    return p.is_dir() and not p.is_symlink()
+
+
+def _link_problem(path: Path, src: Path) -> str | None:
+    """Why a symbolic link is not followed (None for a link to a file inside ``src``, which is read)."""
+    if _is_dir(path) or not path.is_symlink():
+        return None
+    target = path.resolve()
+    if path.is_dir():
+        return f"{path.name}: a link to a folder, not followed"
+    if not target.is_file():
+        return f"{path.name}: a broken link"
+    if src != target and src not in target.parents:
+        return f"{path.name}: a link to {target}, outside --src"
+    return None
+
+
+def _list_files(
+    folder: Path, recursive: bool, exts: frozenset[str], src: Path
+) -> tuple[list[Path], list[Path], list[str]]:
+    """Image files under ``folder`` (by extension, sorted by relative path), the other entries (files with
+    non-image extensions, hidden files such as .DS_Store or ._name.jpg, hidden folders), and the symbolic
+    links not followed (with why, relative to ``src``)."""
     images: list[Path] = []
     other: list[Path] = []
-    if recursive:
-        for root, dirs, files in os.walk(folder, followlinks=True):
-            other += [Path(root, d) for d in dirs if d.startswith(".")]  # reported, not searched
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in files:
-                (other if name.startswith(".") or Path(name).suffix.lower() not in exts else images).append(
-                    Path(root, name)
-                )
-    else:
-        for entry in folder.iterdir():
-            if entry.is_file():
-                hidden = entry.name.startswith(".")
+    links: list[str] = []
+    pending = [folder]
+    while pending:
+        current = pending.pop()
+        for entry in _entries(current):
+            hidden = entry.name.startswith(".")
+            problem = _link_problem(entry, src)
+            if problem is not None:
+                links.append(f"{_rel(entry.parent, src)}/{problem}")
+            elif _is_dir(entry):
+                if hidden or not recursive:
+                    other.append(entry)  # reported, not searched
+                else:
+                    pending.append(entry)
+            elif entry.is_file():
                 (other if hidden or entry.suffix.lower() not in exts else images).append(entry)
 
     def key(p: Path) -> str:
         return p.relative_to(folder).as_posix()
 
-    return sorted(images, key=key), sorted(other, key=key)
+    return sorted(images, key=key), sorted(other, key=key), sorted(links)
 
 
 def _rel(path: Path, base: Path) -> str:
@@ -144,10 +194,10 @@ def _official(src: Path, folder: str, marker: str) -> Path:
     return src
 
 
-def _file_rows(files: list[tuple[Path, int]], base: Path) -> Callable[[], Iterator[Row]]:
+def _file_rows(files: list[tuple[Path, int]], base: Path, max_pixels: int) -> Callable[[], Iterator[Row]]:
     def rows() -> Iterator[Row]:
         for path, label in files:
-            yield _rel(path, base), (lambda p=path: load_image_file(p)), label
+            yield _rel(path, base), (lambda p=path: load_image_file(p, max_pixels)), label
 
     return rows
 
@@ -178,6 +228,8 @@ class _ArraysOnlyUnpickler(pickle.Unpickler):
         ("numpy", "dtype"),
         ("numpy.core.multiarray", "_reconstruct"),
         ("numpy._core.multiarray", "_reconstruct"),
+        ("numpy.core.numeric", "_frombuffer"),  # how protocol-5 pickles spell an array: a buffer and a shape
+        ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str) -> Any:
@@ -211,7 +263,7 @@ def _cifar_split(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
 
 
-def open_cifar100(src: Path) -> Source:
+def open_cifar100(src: Path, max_pixels: int = MAX_PIXELS) -> Source:  # noqa: ARG001 - images are 32×32
     src = _official(src, "cifar-100-python", "meta")
     expects = "cifar100 expects --src to be the unpacked cifar-100-python/ folder with the pickles train, test and meta"
     files = {name: _need(src / name, expects) for name in ("train", "test", "meta")}
@@ -260,7 +312,7 @@ def _stl_chunks(path: Path, labels: np.ndarray) -> Callable[[], Iterator[tuple[n
     return chunks
 
 
-def open_stl10(src: Path) -> Source:
+def open_stl10(src: Path, max_pixels: int = MAX_PIXELS) -> Source:  # noqa: ARG001 - images are 96×96
     src = _official(src, "stl10_binary", "train_X.bin")
     expects = (
         "stl10 expects --src to be the unpacked stl10_binary/ folder with train_X.bin, train_y.bin, test_X.bin, "
@@ -294,7 +346,7 @@ def open_stl10(src: Path) -> Source:
 # ---------------------------------------------------------------- Tiny ImageNet
 
 
-def open_tinyimagenet(src: Path) -> Source:
+def open_tinyimagenet(src: Path, max_pixels: int = MAX_PIXELS) -> Source:
     src = _official(src, "tiny-imagenet-200", "wnids.txt")
     expects = (
         "tinyimagenet expects --src to be the unpacked tiny-imagenet-200/ folder with wnids.txt, "
@@ -309,19 +361,22 @@ def open_tinyimagenet(src: Path) -> Source:
     label_of = {w: i for i, w in enumerate(wnids)}
     exts = _image_extensions()
     ignored: list[Path] = []
+    links: list[str] = []
 
     train_dir = _need(src / "train", expects)
-    extra = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and p.name not in label_of and p.name[0] != ".")
+    listing = _entries(train_dir)
+    extra = sorted(p.name for p in listing if p.is_dir() and p.name not in label_of and p.name[0] != ".")
     if extra:
         raise PrepareError(f"{train_dir}: folder(s) {extra[:5]} are not listed in {wnids_file.name}")
-    ignored += [p for p in train_dir.iterdir() if p.is_file() or p.name.startswith(".")]
+    ignored += [p for p in listing if p.is_file() or p.name.startswith(".")]
     train: list[tuple[Path, int]] = []
     for wnid in wnids:
-        images, other = _list_files(_need(train_dir / wnid / "images", expects), False, exts)
+        images, other, bad_links = _list_files(_real_dir(train_dir / wnid / "images", expects), False, exts, src)
         train += [(p, label_of[wnid]) for p in images]
         ignored += other
+        links += bad_links
 
-    val_images_dir = _need(src / "val" / "images", expects)
+    val_images_dir = _real_dir(src / "val" / "images", expects)
     ann_file = _need(src / "val" / "val_annotations.txt", expects)
     val: list[tuple[Path, int]] = []
     seen: set[str] = set()
@@ -335,16 +390,25 @@ def open_tinyimagenet(src: Path) -> Source:
                 f"got {line[:80]!r}"
             )
         name = fields[0].strip()
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            raise PrepareError(
+                f"{ann_file}:{lineno}: {name!r} is not a file name in {val_images_dir} (no folders, no absolute paths)"
+            )
         if name in seen:
             raise PrepareError(f"{ann_file}:{lineno}: {name} is annotated twice")
         seen.add(name)
-        val.append((_need(val_images_dir / name, f"it is listed in {ann_file}"), label_of[fields[1].strip()]))
-    images, other = _list_files(val_images_dir, False, exts)
+        path = _need(val_images_dir / name, f"it is listed in {ann_file}")
+        problem = _link_problem(path, src)
+        if problem is not None:
+            raise PrepareError(f"{ann_file}:{lineno}: {val_images_dir}/{problem}")
+        val.append((path, label_of[fields[1].strip()]))
+    images, other, bad_links = _list_files(val_images_dir, False, exts, src)
     ignored += other
+    links += bad_links
     unannotated = [p for p in images if p.name not in seen]
 
     def val_rows() -> Iterator[Row]:
-        yield from _file_rows(val, src)()
+        yield from _file_rows(val, src, max_pixels)()
         for path in unannotated:  # not dropped silently: an error, or skipped and reported with --skip-bad
 
             def no_label(p: Path = path) -> bytes:
@@ -358,21 +422,34 @@ def open_tinyimagenet(src: Path) -> Source:
     return Source(
         src,
         wnids,
-        [Split("train", _file_rows(train, src), len(train)), Split("val", val_rows, len(val) + len(unannotated))],
+        [
+            Split("train", _file_rows(train, src, max_pixels), len(train)),
+            Split("val", val_rows, len(val) + len(unannotated)),
+        ],
         [_rel(p, src) for p in ignored],
         notes,
+        links,
     )
+
+
+def _real_dir(path: Path, expects: str) -> Path:
+    """``path``, a folder that exists and is not a symbolic link (links to folders are never followed)."""
+    if path.is_symlink():
+        raise PrepareError(f"{path}: a symbolic link; ega-ray prepare does not follow links to folders")
+    return _need(path, expects)
 
 
 # ---------------------------------------------------------------- image folders
 
 
-def open_imagefolder(src: Path) -> Source:
-    if not src.is_dir():
+def open_imagefolder(src: Path, max_pixels: int = MAX_PIXELS) -> Source:
+    if not _is_dir(src):
         raise PrepareError(f"{src}: not a folder; imagefolder expects one subfolder of images per class")
-    subdirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    split_dirs = [src / s for s in SPLIT_FOLDERS if (src / s).is_dir() and any(p.is_dir() for p in (src / s).iterdir())]
-    ignored = [p for p in src.iterdir() if p.is_file() or p.name.startswith(".")]
+    top = _entries(src)
+    links = sorted(problem for p in top if (problem := _link_problem(p, src)) is not None)
+    subdirs = sorted(p for p in top if _is_dir(p) and not p.name.startswith("."))
+    split_dirs = [src / s for s in SPLIT_FOLDERS if _is_dir(src / s) and any(_is_dir(p) for p in _entries(src / s))]
+    ignored = [p for p in top if (p.is_file() and not p.is_symlink()) or p.name.startswith(".")]
     if split_dirs:
         others = [p.name for p in subdirs if p.name not in SPLIT_FOLDERS]
         if others:
@@ -381,13 +458,13 @@ def open_imagefolder(src: Path) -> Source:
                 f"{others[:5]}; put the class folders inside the split folders"
             )
         for s in SPLIT_FOLDERS:
-            if (src / s).is_dir() and src / s not in split_dirs:
+            if _is_dir(src / s) and src / s not in split_dirs:
                 raise PrepareError(f"{src / s}: a split folder without class folders; imagefolder needs one per class")
         roots = {p.name: p for p in split_dirs}
     else:
         roots = {"train": src}
     class_dirs = {
-        split: sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+        split: sorted(p for p in _entries(root) if _is_dir(p) and not p.name.startswith("."))
         for split, root in roots.items()
     }
     classes = sorted({p.name for dirs in class_dirs.values() for p in dirs})
@@ -398,19 +475,22 @@ def open_imagefolder(src: Path) -> Source:
     splits = []
     for split, root in roots.items():
         if root != src:
-            ignored += [p for p in root.iterdir() if p.is_file() or p.name.startswith(".")]
+            entries = _entries(root)
+            ignored += [p for p in entries if (p.is_file() and not p.is_symlink()) or p.name.startswith(".")]
+            links += [f"{split}/{problem}" for p in entries if (problem := _link_problem(p, src)) is not None]
         files: list[tuple[Path, int]] = []
         for class_dir in class_dirs[split]:
-            images, other = _list_files(class_dir, True, exts)
+            images, other, bad_links = _list_files(class_dir, True, exts, src)
             files += [(p, label_of[class_dir.name]) for p in images]
             ignored += other
+            links += bad_links
         if not files:
             raise PrepareError(f"{root}: no image files in its class folders")
-        splits.append(Split(split, _file_rows(files, src), len(files)))
-    return Source(src, classes, splits, sorted(_rel(p, src) for p in ignored))
+        splits.append(Split(split, _file_rows(files, src, max_pixels), len(files)))
+    return Source(src, classes, splits, sorted(_rel(p, src) for p in ignored), links=sorted(links))
 
 
-OPENERS: dict[str, Callable[[Path], Source]] = {
+OPENERS: dict[str, Callable[..., Source]] = {
     "cifar100": open_cifar100,
     "stl10": open_stl10,
     "tinyimagenet": open_tinyimagenet,
@@ -477,26 +557,28 @@ def _write_split(
     return rows, len(writer.files), skipped
 
 
-def _looks_prepared(out: Path) -> bool:
-    """Whether ``out`` may be replaced: empty, written by ``ega-ray prepare`` (has prepare.json), or only
-    split folders of Parquet parts (as written by older versions, e.g. ``prepare digits``)."""
-    entries = list(out.iterdir())
-    if not entries or (out / "prepare.json").is_file():
-        return True
-    return all(e.is_dir() and all(f.suffix == ".parquet" for f in e.iterdir()) for e in entries)
-
-
 def _check_out(out: Path, source: Path | None) -> None:
+    """``out`` may be written: not the source or inside it, and new, empty or an earlier prepare output."""
     if source is not None:
         if out == source or out in source.parents:
             raise PrepareError(f"--out {out} would replace the source folder {source}; choose another --out")
         if source in out.parents:
             raise PrepareError(f"--out {out} is inside the source folder {source}; choose a folder outside it")
-    if out.exists() and (not out.is_dir() or not _looks_prepared(out)):
-        raise PrepareError(
-            f"--out {out} exists and is not an ega-ray prepare output (no prepare.json); "
-            "remove it or choose another folder"
-        )
+    if out.is_dir() and not out.is_symlink() and read_marker(out) is None and _legacy_output(out):
+        write_marker(out, new_marker("prepare"))  # an output of an earlier ega-ray, which wrote no marker
+    check_target(out, "prepare", "--out")
+
+
+def _legacy_output(out: Path) -> bool:
+    """Whether ``out`` holds what ``ega-ray prepare`` wrote before it marked its folders: prepare.json naming
+    a dataset, and only split folders of Parquet parts beside it."""
+    try:
+        report = json.loads((out / "prepare.json").read_text())
+    except (OSError, ValueError):
+        return False
+    splits = set(report.get("splits") or {}) if isinstance(report, dict) else set()
+    others = [p for p in out.iterdir() if p.name != "prepare.json"]
+    return bool(splits) and all(_is_dir(p) and p.name in splits for p in others)
 
 
 def _download(name: str, root: Path) -> Path:
@@ -531,17 +613,21 @@ def prepare(
     skip_bad: bool = False,
     download: bool = False,
     rows_per_file: int = 10_000,
+    max_pixels: int = MAX_PIXELS,
     log: TextIO | str | None = STDERR,
 ) -> dict[str, Any]:
     """Convert dataset ``name`` from ``src`` into ``out/<split>/part-NNNNN.parquet`` plus ``out/prepare.json``,
     atomically; return the report (the content of prepare.json). ``log``: where progress lines go (default:
-    the current stderr; None: nowhere). Raises PrepareError."""
+    the current stderr; None: nowhere). ``max_pixels``: larger image files are refused (or skipped with
+    ``skip_bad``). Raises PrepareError (or OutputFolderError for an ``out`` it may not write)."""
     stream = sys.stderr if log == STDERR else log
     assert stream is None or not isinstance(stream, str), f"log must be a stream, None or {STDERR!r}"
     if name not in DATASETS:
         raise PrepareError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
     if rows_per_file < 1:
         raise PrepareError(f"--rows-per-file must be >= 1, got {rows_per_file}")
+    if max_pixels < 1:
+        raise PrepareError(f"--max-pixels must be >= 1, got {max_pixels}")
     out = Path(out).expanduser().resolve()
     source: Source | None = None
     if name == "digits":
@@ -556,7 +642,7 @@ def prepare(
             src_path = _download(name, src_path)
         elif not src_path.exists():
             raise PrepareError(f"--src {src_path}: not found")
-        source = OPENERS[name](src_path)  # checks the layout before anything is written
+        source = OPENERS[name](src_path, max_pixels)  # checks the layout before anything is written
         source_name = str(source.path)
     _check_out(out, source.path if source else None)
     for note in source.notes if source else []:
@@ -564,10 +650,7 @@ def prepare(
             print(f"prepare {name}: note: {note}", file=stream)
 
     report: dict[str, Any] = {"dataset": name, "source": source_name, "classes": None, "splits": {}, "skipped": []}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
+    with rebuild(out, "prepare", flag="--out") as tmp:
         if source is None:
             from ega_ray.data.digits import prepare_digits
             from ega_ray.data.parquet import read_columns
@@ -585,11 +668,9 @@ def prepare(
                 report["splits"][split.name] = {"rows": rows, "files": files, "skipped": len(skipped)}
                 report["skipped"] += skipped
             report["ignored"] = source.ignored
+            report["links_not_followed"] = source.links
         report["notes"] = source.notes if source else []
         (tmp / "prepare.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     report["out"] = str(out)
     return report
 
@@ -615,12 +696,22 @@ def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
     r.add_argument("--skip-bad", action="store_true", help="skip (and report) image files that cannot be decoded")
     r.add_argument("--download", action="store_true", help="cifar100, stl10: download into --src with torchvision")
     r.add_argument("--rows-per-file", type=int, default=10_000, help="rows per Parquet file (default 10000)")
+    r.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"refuse image files with more pixels (default {MAX_PIXELS:,}; --skip-bad skips them)",
+    )
 
 
 def format_report(report: dict[str, Any], first: int = 5) -> str:
     lines = [f"{report['dataset']} → {report['out']}"]
     lines += [f"{split}: {info['rows']} rows" for split, info in report["splits"].items()]
-    for key, what in (("skipped", "unreadable image files skipped"), ("ignored", "non-image files ignored")):
+    for key, what in (
+        ("skipped", "unreadable image files skipped"),
+        ("ignored", "non-image files ignored"),
+        ("links_not_followed", "symbolic links not followed"),
+    ):
         items = report.get(key) or []
         if key == "skipped":
             names = [f"{s['split']}: {s['file']} ({s['error']})" for s in items]
@@ -642,8 +733,9 @@ def run_prepare(args: argparse.Namespace) -> int:
             skip_bad=args.skip_bad,
             download=args.download,
             rows_per_file=getattr(args, "rows_per_file", 10_000),
+            max_pixels=getattr(args, "max_pixels", MAX_PIXELS),
         )
-    except (PrepareError, OSError) as err:
+    except (UsageError, OSError) as err:
         message = " ".join(str(err).split())
         print(f"ega-ray prepare: error: {message}", file=sys.stderr)
         return 2
