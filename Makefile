@@ -3,7 +3,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint clean install-rsync
 
 $(STAMP): pyproject.toml
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -14,7 +14,16 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)  ## the embedded default: digits, SimCLR teacher, EGA vs CE-only, on a local Ray
 	$(VENV)/bin/ega-ray distill
 
-test: $(STAMP)  ## the whole test suite (slow multi-process tests included)
+# the tests copy a checkout with rsync as `ray up` does: installed here when missing (Debian/Ubuntu)
+ifeq ($(shell command -v rsync),)
+TOOLS := install-rsync
+endif
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+install-rsync:
+	$(SUDO) apt-get install -y -q rsync >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q rsync; }
+
+test: $(STAMP) $(TOOLS)  ## the whole test suite (slow multi-process tests included)
 	$(VENV)/bin/ruff check ega_ray tests jobs bench
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=10 tests
 
