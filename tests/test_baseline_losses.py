@@ -4,6 +4,7 @@ out here with explicit loops, plus CRD's memory: its update, its noise, and a sa
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from itertools import product
 
 import numpy as np
@@ -25,15 +26,6 @@ def _pair(b: int, d: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _unit(v: np.ndarray) -> np.ndarray:
     return v / max(np.linalg.norm(v), 1e-12)
-
-
-def _kl(p: np.ndarray, q: np.ndarray) -> float:
-    return float(sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True)))
-
-
-def _softmax(v: np.ndarray) -> np.ndarray:
-    e = np.exp(v - v.max())
-    return e / e.sum()
 
 
 def test_hint_is_the_mean_squared_difference() -> None:
@@ -117,38 +109,128 @@ def test_pkt_matches_direct_loops() -> None:
     assert PKTLoss()(t, s).item() == pytest.approx(expected, rel=1e-4)
 
 
-def _direct_nce(t: np.ndarray, s: np.ndarray, labels: list[int], tau: float) -> float:
-    zt, zs = np.stack([_unit(r) for r in t]), np.stack([_unit(r) for r in s])
-    total = 0.0
-    for i in range(len(t)):
-        kept = [j for j in range(len(t)) if j == i or labels[i] < 0 or labels[j] != labels[i]]
-        logits = {j: float(zs[i] @ zt[j]) / tau for j in kept}
-        total += -logits[i] + math.log(sum(math.exp(v) for v in logits.values()))
-    return total / len(t)
+def _direct_nce(t: torch.Tensor, s: torch.Tensor, labels: list[int], tau: float) -> torch.Tensor:
+    """The EGA code's NCE written out with loops (float64 torch, for autograd): p_ij = softmax over every j of
+    z_s,i · z_t,j / τ; P_i = {j : y_j = y_i} ∪ {i}, and only {i} for an unlabeled row (y_i = −1);
+    N_i = the rest; L = mean_i [ mean_{P_i} −log(p_ij + 1e−10) + mean_{N_i} −log(1 − p_ij + 1e−10) ]
+    (a row without negatives contributes its positive term only)."""
+    b = len(t)
+    zt = [t[j] / torch.sqrt((t[j] ** 2).sum()) for j in range(b)]
+    zs = [s[i] / torch.sqrt((s[i] ** 2).sum()) for i in range(b)]
+    total = 0
+    for i in range(b):
+        e = [torch.exp((zs[i] * zt[j]).sum() / tau) for j in range(b)]
+        p = [e_j / sum(e) for e_j in e]
+        pos = [j for j in range(b) if j == i or (labels[i] >= 0 and labels[j] == labels[i])]
+        neg = [j for j in range(b) if j not in pos]
+        total = total + sum(-torch.log(p[j] + 1e-10) for j in pos) / len(pos)
+        if neg:
+            total = total + sum(-torch.log(1 - p[j] + 1e-10) for j in neg) / len(neg)
+    return total / b
 
 
-@pytest.mark.parametrize("labels", [[0, 1, 2, 3, 4, 5], [0, 0, 1, 1, 0, 2], [0, -1, -1, 0, 1, 1]])
-def test_nce_masks_same_class_negatives(labels: list[int]) -> None:
+def _loss_and_grads(fn: Callable[..., torch.Tensor], *inputs: torch.Tensor) -> tuple[float, tuple[torch.Tensor, ...]]:
+    """The loss and its gradient with respect to every input."""
+    leaves = [x.detach().clone().requires_grad_() for x in inputs]
+    loss = fn(*leaves)
+    return loss.item(), torch.autograd.grad(loss, leaves)
+
+
+@pytest.mark.parametrize(
+    "labels",
+    [
+        [0, 1, 2, 3, 4, 5],  # every class once: P_i = {i}
+        [0, 0, 1, 1, 0, 2],
+        [0, -1, -1, 0, 1, 1],  # unlabeled rows: themselves their only positive
+        [2, 2, 2, 2, 2, 2],  # one class: no negatives, positive term only
+        [-1, -1, -1, -1, -1, -1],
+    ],
+)
+def test_nce_matches_direct_loops_with_gradients(labels: list[int]) -> None:
     t, s = _pair(6, 4, 3)
     y = torch.tensor(labels)
-    expected = _direct_nce(_np(t), _np(s), labels, 0.1)
-    assert NCELoss(0.1)(t, s, labels=y).item() == pytest.approx(expected, rel=1e-4)
-    if len(set(labels)) < len(labels):  # the mask changes the loss
-        assert abs(expected - _direct_nce(_np(t), _np(s), list(range(6)), 0.1)) > 1e-3
+    want_loss, want = _loss_and_grads(lambda a, b: _direct_nce(a, b, labels, 0.1), t, s)
+    got_loss, got = _loss_and_grads(lambda a, b: NCELoss()(a, b, labels=y), t, s)
+    assert got_loss == pytest.approx(want_loss, rel=1e-9)
+    for g, w in zip(got, want, strict=True):  # teacher and student sides
+        assert torch.allclose(g, w, rtol=1e-7, atol=1e-12)
 
 
-def test_ccl_is_nce_plus_the_symmetric_kl_of_the_logits() -> None:
+def test_nce_counts_same_class_rows_as_positives_and_others_as_negatives() -> None:
+    """The class structure changes the loss both ways: with every row its own class, and with the same-class
+    rows dropped from the softmax (our former loss) the values differ."""
+    t, s = _pair(6, 4, 3)
+    labels = [0, 0, 1, 1, 0, 2]
+    got = NCELoss()(t, s, labels=torch.tensor(labels)).item()
+    assert abs(got - _direct_nce(t, s, list(range(6)), 0.1).item()) > 1e-3
+    zs, zt = torch.nn.functional.normalize(s, dim=1), torch.nn.functional.normalize(t, dim=1)
+    masked = 0.0
+    for i in range(6):
+        kept = [j for j in range(6) if j == i or labels[j] != labels[i]]
+        logits = [float(zs[i] @ zt[j]) / 0.1 for j in kept]
+        masked += -logits[kept.index(i)] + math.log(sum(math.exp(v) for v in logits))
+    assert abs(got - masked / 6) > 1e-2
+
+
+def test_nce_unlabeled_row_is_a_class_of_its_own() -> None:
+    """An unlabeled row (−1) is its own only positive and every other row's negative: the loss equals that of
+    the same batch with each unlabeled row given a fresh class of its own."""
+    t, s = _pair(8, 5, 21)
+    with_unlabeled = torch.tensor([0, -1, 1, 0, -1, 1, -1, 2])
+    fresh = torch.tensor([0, 10, 1, 0, 11, 1, 12, 2])
+    assert NCELoss()(t, s, labels=with_unlabeled).item() == pytest.approx(
+        NCELoss()(t, s, labels=fresh).item(), rel=1e-12
+    )
+    # not one class of unlabeled rows (the EGA code's reading of −1 as a label)
+    assert NCELoss()(t, s, labels=with_unlabeled).item() != pytest.approx(
+        NCELoss()(t, s, labels=torch.tensor([0, 9, 1, 0, 9, 1, 9, 2])).item(), rel=1e-6
+    )
+
+
+def test_nce_float32_and_autocast() -> None:
+    t, s = _pair(6, 4, 8)
+    y = torch.tensor([0, 0, 1, 1, 2, -1])
+    want = _direct_nce(t, s, y.tolist(), 0.1).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = NCELoss()(t.bfloat16(), s.bfloat16(), labels=y)
+    assert got.dtype == torch.float32
+    assert got.item() == pytest.approx(want, rel=2e-2)  # bf16 inputs: their rounding only
+    assert NCELoss()(t.float(), s.float(), labels=y).item() == pytest.approx(want, rel=1e-5)
+
+
+def _direct_sym_kl(zs: torch.Tensor, zt: torch.Tensor, tau: float) -> torch.Tensor:
+    """½ τ² [KL(p_t ‖ p_s) + KL(p_s ‖ p_t)], p = softmax(logits / τ), mean over rows, with loops."""
+    total = 0
+    for i in range(len(zs)):
+        e_s = [torch.exp(v / tau) for v in zs[i]]
+        e_t = [torch.exp(v / tau) for v in zt[i]]
+        p_s = [v / sum(e_s) for v in e_s]
+        p_t = [v / sum(e_t) for v in e_t]
+        kl_ts = sum(a * torch.log(a / b) for a, b in zip(p_t, p_s, strict=True))
+        kl_st = sum(b * torch.log(b / a) for a, b in zip(p_t, p_s, strict=True))
+        total = total + 0.5 * tau * tau * (kl_ts + kl_st)
+    return total / len(zs)
+
+
+@pytest.mark.parametrize(("labels", "tau"), [([0, 0, 1, 2, 2, -1], None), ([0, 1, 0, 1, 0, 1], 3.0)])
+def test_ccl_is_nce_plus_the_symmetric_kl_of_the_logits(labels: list[int], tau: float | None) -> None:
     t, s = _pair(6, 4, 5)
     zt, zs = _pair(6, 7, 6)
-    labels = [0, 0, 1, 2, 2, -1]
-    tau = 3.0
-    sym = 0.0
-    for i in range(6):
-        p_t, p_s = _softmax(_np(zt)[i] / tau), _softmax(_np(zs)[i] / tau)
-        sym += 0.5 * tau * tau * (_kl(p_t, p_s) + _kl(p_s, p_t))
-    expected = _direct_nce(_np(t), _np(s), labels, 0.1) + sym / 6
-    got = CCLLoss(0.1, tau)(t, s, labels=torch.tensor(labels), teacher_logits=zt, student_logits=zs)
-    assert got.item() == pytest.approx(expected, rel=1e-4)
+    y = torch.tensor(labels)
+    ccl = CCLLoss() if tau is None else CCLLoss(logit_temperature=tau)
+    tau = 1.0 if tau is None else tau  # the EGA code's T = 1 is the default
+
+    def direct(a: torch.Tensor, b: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+        return _direct_nce(a, b, labels, 0.1) + _direct_sym_kl(lb, la, tau)
+
+    def ours(a: torch.Tensor, b: torch.Tensor, la: torch.Tensor, lb: torch.Tensor) -> torch.Tensor:
+        return ccl(a, b, labels=y, teacher_logits=la, student_logits=lb)
+
+    want_loss, want = _loss_and_grads(direct, t, s, zt, zs)
+    got_loss, got = _loss_and_grads(ours, t, s, zt, zs)
+    assert got_loss == pytest.approx(want_loss, rel=1e-9)
+    for g, w in zip(got, want, strict=True):  # embeddings and logits, both sides
+        assert torch.allclose(g, w, rtol=1e-7, atol=1e-12)
 
 
 # --------------------------------------------------------------------------- CRD

@@ -120,6 +120,12 @@ def test_unknown_registry_name(section: str, field: str, value: str, allowed: st
     assert repr(value) in msg and "allowed:" in msg and allowed in msg
 
 
+def test_baseline_fields() -> None:
+    d = parse_config(_raw()).distill
+    assert d.ccl_temperature == 1.0  # the EGA code's
+    assert _error(_raw(distill={"ccl_temperature": 0})).startswith("distill.ccl_temperature:")
+
+
 def test_teacher_families_accepted() -> None:
     for name in ("open_clip:RN50", "timm:resnet18", "torchvision:resnet18", "ssl", "zoo:resnet32x4"):
         assert parse_config(_raw(teacher={"name": name})).teacher.name == name

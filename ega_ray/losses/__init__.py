@@ -78,7 +78,7 @@ def nce(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
 
 @DISTILLERS.register("ccl")
 def ccl(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    return CCLLoss(d.contrast_temperature, d.kd_temperature, d.global_graph)
+    return CCLLoss(d.contrast_temperature, d.ccl_temperature, d.global_graph)
 
 
 __all__ = [
