@@ -120,6 +120,10 @@ class DistillConfig(_Section):
     )
     crd_temperature: float = Field(0.07, gt=0)
     crd_negatives: int = Field(16384, ge=1, description="noise rows per anchor (capped at the memory size − 1)")
+    crd_negatives_from: Literal["other_class", "any"] = Field(
+        "other_class",
+        description="crd: noise slots of other classes than the anchor's (CRD's CIFAR recipe) or of any class",
+    )
     crd_momentum: float = Field(0.5, ge=0, lt=1, description="memory update momentum")
     crd_bank: Literal["dataset", "queue"] = Field(
         "dataset", description="one memory slot per training row, or a FIFO queue of crd_queue_size rows"

@@ -236,44 +236,110 @@ def test_ccl_is_nce_plus_the_symmetric_kl_of_the_logits(labels: list[int], tau: 
 # --------------------------------------------------------------------------- CRD
 
 
-def _direct_crd(crd: CRDLoss, t: torch.Tensor, s: torch.Tensor, index: list[int]) -> tuple[float, np.ndarray]:
-    """The CRD loss written out with loops, from the memory as it is before the call; also the memory_s
-    the update should leave."""
-    n, size, k, tau, m = len(t), crd.bank_size, crd.negatives, crd.temperature, crd.momentum
+def _documented_draw(crd: CRDLoss, labels: list[int]) -> list[list[int]]:
+    """CRD's noise slots as its docstring defines them, with loops: r_ik from a generator seeded by (seed, step);
+    other_class: anchor i's allowed slots (class ≠ y_i; all for y_i = −1 or when none is left) in ascending
+    (class, slot) order, n_ik = allowed[r_ik mod |allowed|]; any: uniform integers below the memory size."""
     g = torch.Generator().manual_seed(crd.seed * 1_000_003 + int(crd.step))
-    noise = torch.randint(0, size, (n, k), generator=g).numpy()  # the documented draw: uniform, seeded by step
-    mem_s, mem_t = _np(crd.memory_s).copy(), _np(crd.memory_t).copy()
-    zs, zt = np.stack([_unit(r) for r in _np(s)]), np.stack([_unit(r) for r in _np(t)])
+    size, k = crd.bank_size, crd.negatives
+    if crd.negatives_from == "any":
+        return torch.randint(0, size, (len(labels), k), generator=g).tolist()
+    r = torch.randint(0, 1 << 62, (len(labels), k), generator=g).tolist()
+    slot_class = crd.memory_labels.tolist()
+    ordered = [j for _, j in sorted((slot_class[j], j) for j in range(size))]
+    out = []
+    for i, y in enumerate(labels):
+        allowed = [j for j in ordered if y < 0 or slot_class[j] != y] or ordered
+        out.append([allowed[v % len(allowed)] for v in r[i]])
+    return out
 
-    def scores(anchor: np.ndarray, memory: np.ndarray) -> np.ndarray:
-        rows = [[math.exp(anchor[i] @ memory[j] / tau) for j in [index[i], *noise[i]]] for i in range(n)]
-        return np.array(rows)
 
-    def nce(h: np.ndarray) -> float:
+def _direct_crd(
+    crd: CRDLoss, t: torch.Tensor, s: torch.Tensor, index: list[int], labels: list[int]
+) -> tuple[torch.Tensor, np.ndarray, list[int]]:
+    """The CRD loss written out with loops (float64 torch, for autograd), from the memory as it is before the
+    call; also the memory_s and the slots' classes the update should leave."""
+    n, size, k, tau, m = len(t), crd.bank_size, crd.negatives, crd.temperature, crd.momentum
+    noise = _documented_draw(crd, labels)
+    mem_s, mem_t = crd.memory_s.detach().clone(), crd.memory_t.detach().clone()
+    zs = [s[i] / torch.sqrt((s[i] ** 2).sum()) for i in range(n)]
+    zt = [t[i] / torch.sqrt((t[i] ** 2).sum()) for i in range(n)]
+
+    def scores(anchor: list[torch.Tensor], memory: torch.Tensor) -> list[list[torch.Tensor]]:
+        return [[torch.exp((anchor[i] * memory[j]).sum() / tau) for j in [index[i], *noise[i]]] for i in range(n)]
+
+    def nce(h: list[list[torch.Tensor]], z: float) -> torch.Tensor:
         pn = k / size
-        total = 0.0
-        for i in range(n):
-            total += math.log(h[i, 0] / (h[i, 0] + pn + 1e-7))
-            total += sum(math.log(pn / (h[i, j] + pn + 1e-7)) for j in range(1, k + 1))
+        total = 0
+        for row in h:
+            total = total + torch.log(row[0] / z / (row[0] / z + pn + 1e-7))
+            total = total + sum(torch.log(pn / (v / z + pn + 1e-7)) for v in row[1:])
         return -total / n
 
     h_s, h_t = scores(zs, mem_t), scores(zt, mem_s)
-    z_s, z_t = (h_s.mean() * size, h_t.mean() * size) if crd.z[0] < 0 else (float(crd.z[0]), float(crd.z[1]))
-    loss = nce(h_s / z_s) + nce(h_t / z_t)
+
+    def mean(h: list[list[torch.Tensor]]) -> float:
+        return sum(v.item() for row in h for v in row) / (n * (k + 1))
+
+    z_s, z_t = (mean(h_s) * size, mean(h_t) * size) if crd.z[0] < 0 else (float(crd.z[0]), float(crd.z[1]))
+    loss = nce(h_s, z_s) + nce(h_t, z_t)
+    mem_after, classes_after = _np(mem_s).copy(), crd.memory_labels.tolist()
     for i, row in enumerate(index):
-        mem_s[row] = _unit(m * mem_s[row] + (1 - m) * zs[i])
-    return loss, mem_s
+        mem_after[row] = _unit(m * mem_after[row] + (1 - m) * _np(zs[i]))
+        classes_after[row] = labels[i]
+    return loss, mem_after, classes_after
 
 
-def test_crd_matches_direct_loops_and_updates_its_memory() -> None:
-    crd = CRDLoss(embed_dim=4, bank_size=10, negatives=5, temperature=0.5, momentum=0.5, seed=3).double()
-    for step, index in enumerate([[0, 3, 7], [1, 3, 9]]):
+@pytest.mark.parametrize("negatives_from", ["other_class", "any"])
+def test_crd_matches_direct_loops_and_updates_its_memory(negatives_from: str) -> None:
+    crd = CRDLoss(4, bank_size=10, negatives=5, temperature=0.5, momentum=0.5, seed=3, negatives_from=negatives_from)
+    crd = crd.double()
+    batches = [([0, 3, 7], [1, 0, 1]), ([1, 3, 9], [0, 0, -1]), ([2, 7, 8], [1, -1, 0])]
+    for step, (index, labels) in enumerate(batches):
         t, s = _pair(3, 4, 10 + step)
-        expected, memory_after = _direct_crd(crd, t, s, index)
-        got = crd(t, s, index=torch.tensor(index))
-        assert got.item() == pytest.approx(expected, rel=1e-5), step
-        assert np.allclose(_np(crd.memory_s), memory_after, atol=1e-6), step
-    assert int(crd.step) == 2 and float(crd.z[0]) > 0  # Z fixed at the first batch
+        leaves = [t.clone().requires_grad_(), s.clone().requires_grad_()]
+        expected, memory_after, classes_after = _direct_crd(crd, *leaves, index, labels)
+        want = torch.autograd.grad(expected, leaves)
+        got = crd(*leaves, index=torch.tensor(index), labels=torch.tensor(labels))
+        have = torch.autograd.grad(got, leaves)
+        assert got.item() == pytest.approx(expected.item(), rel=1e-9), step
+        for g, w in zip(have, want, strict=True):
+            assert torch.allclose(g, w, rtol=1e-7, atol=1e-12), step
+        assert np.allclose(_np(crd.memory_s), memory_after, atol=1e-12), step
+        assert crd.memory_labels.tolist() == classes_after, step
+    assert int(crd.step) == 3 and float(crd.z[0]) > 0  # Z fixed at the first batch
+
+
+@pytest.mark.parametrize("bank", ["dataset", "queue"])
+def test_crd_negatives_never_share_the_anchors_class(bank: str) -> None:
+    size, classes = 40, 4
+    crd = CRDLoss(4, bank_size=size, negatives=39, bank=bank, seed=7).double()
+    slot_class = [j % classes if j % 10 else -1 for j in range(size)]  # every 10th row unlabeled
+    for start in range(0, size, 8):  # one pass over the data: every slot receives its row and class
+        rows = list(range(start, start + 8))
+        t, s = _pair(8, 4, start)
+        crd(t, s, index=torch.tensor(rows), labels=torch.tensor([slot_class[j] for j in rows]))
+    # (the queue's slot j holds the j-th row written, here row j)
+    assert crd.memory_labels.tolist() == slot_class
+    anchors = [0, 1, 2, 3, -1] * 16
+    noise = crd.draw_noise(torch.tensor(anchors))
+    assert noise.tolist() == _documented_draw(crd, anchors)
+    for y, row in zip(anchors, noise.tolist(), strict=True):
+        assert y < 0 or all(slot_class[j] != y for j in row), (y, row)
+    for y in range(-1, classes):  # together, a class's anchors reach every slot they may draw
+        drawn = {j for a, row in zip(anchors, noise.tolist(), strict=True) if a == y for j in row}
+        assert drawn == {j for j in range(size) if y < 0 or slot_class[j] != y}, y  # unlabeled slots included
+    # the "any" draw does give same-class negatives: the check above is not vacuous
+    crd.negatives_from = "any"
+    assert any(slot_class[j] == 0 for j in crd.draw_noise(torch.tensor([0] * 4)).flatten().tolist())
+
+
+def test_crd_anchor_whose_class_fills_the_memory_draws_from_any_slot() -> None:
+    crd = CRDLoss(4, bank_size=6, negatives=5, seed=0).double()
+    t, s = _pair(6, 4, 1)
+    crd(t, s, index=torch.arange(6), labels=torch.full((6,), 2))
+    noise = crd.draw_noise(torch.tensor([2, 2]))
+    assert noise.tolist() == _documented_draw(crd, [2, 2]) and 0 <= int(noise.min()) and int(noise.max()) < 6
 
 
 def test_crd_memory_survives_a_save_and_restore() -> None:
@@ -281,7 +347,8 @@ def test_crd_memory_survives_a_save_and_restore() -> None:
         out = []
         for k in steps:
             t, s = _pair(4, 6, 100 + k)
-            out.append(crd(t, s, index=torch.tensor([k % 8, (k + 3) % 8, (k + 5) % 8, (k + 6) % 8])).item())
+            index = torch.tensor([k % 8, (k + 3) % 8, (k + 5) % 8, (k + 6) % 8])
+            out.append(crd(t, s, index=index, labels=index % 3).item())
         return out
 
     straight = CRDLoss(6, 8, negatives=4, seed=1).double()
@@ -294,6 +361,11 @@ def test_crd_memory_survives_a_save_and_restore() -> None:
     assert head + run(resumed, range(3, 6)) == pytest.approx(reference, rel=1e-12)
     fresh = CRDLoss(6, 8, negatives=4, seed=1).double()
     assert run(fresh, range(3, 6)) != pytest.approx(reference[3:], rel=1e-6)  # without the memory: different
+    # the slots' classes are part of the memory: restored with it
+    no_classes = CRDLoss(6, 8, negatives=4, seed=1).double()
+    no_classes.load_state_dict({k: v for k, v in state.items() if k != "memory_labels"})  # an older checkpoint
+    assert (no_classes.memory_labels == -1).all()
+    assert run(no_classes, range(3, 6)) != pytest.approx(reference[3:], rel=1e-6)
 
 
 def test_crd_queue_keeps_the_latest_embeddings() -> None:
@@ -301,12 +373,13 @@ def test_crd_queue_keeps_the_latest_embeddings() -> None:
     seen = []
     for k in range(3):
         t, s = _pair(2, 4, 200 + k)
-        loss = crd(t, s, index=torch.tensor([k, k + 10]))  # any index: the queue does not use it
+        loss = crd(t, s, index=torch.tensor([k, k + 10]), labels=torch.tensor([k, -1]))  # the queue uses no index
         assert math.isfinite(loss.item())
         seen += [_unit(r) for r in _np(s)]
     # 6 rows went into a 5-slot queue: slots hold rows 5, 1, 2, 3, 4 (the first was overwritten)
     expected = np.stack([seen[5], *seen[1:5]])
     assert np.allclose(_np(crd.memory_s), expected, atol=1e-6)
+    assert crd.memory_labels.tolist() == [-1, -1, 1, -1, 2]  # and their classes (rows 5, 1, 2, 3, 4)
     assert int(crd.head) == 1
 
 

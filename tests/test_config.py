@@ -122,7 +122,9 @@ def test_unknown_registry_name(section: str, field: str, value: str, allowed: st
 
 def test_baseline_fields() -> None:
     d = parse_config(_raw()).distill
-    assert d.ccl_temperature == 1.0  # the EGA code's
+    assert (d.ccl_temperature, d.crd_negatives_from) == (1.0, "other_class")  # the references' settings
+    msg = _error(_raw(distill={"crd_negatives_from": "same_class"}))
+    assert msg.startswith("distill.crd_negatives_from:") and "'other_class'" in msg and "'any'" in msg
     assert _error(_raw(distill={"ccl_temperature": 0})).startswith("distill.ccl_temperature:")
 
 

@@ -67,7 +67,15 @@ def pkt(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
 def crd(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
     size = num_samples if d.crd_bank == "dataset" else d.crd_queue_size
     return CRDLoss(
-        d.embed_dim, size, d.crd_negatives, d.crd_temperature, d.crd_momentum, d.crd_bank, d.global_graph, seed
+        d.embed_dim,
+        size,
+        d.crd_negatives,
+        d.crd_temperature,
+        d.crd_momentum,
+        d.crd_bank,
+        d.global_graph,
+        seed,
+        negatives_from=d.crd_negatives_from,
     )
 
 
