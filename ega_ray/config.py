@@ -135,12 +135,19 @@ class DistillConfig(_Section):
     gamma: float = Field(1.0, ge=0, description="weight of the student's cross-entropy")
     beta: float = Field(1.0, ge=0, description="weight of the distiller")
     alpha: float = Field(0.0, ge=0, description="weight of KD against the teacher head's logits")
-    kd_temperature: float = Field(4.0, gt=0, description="KD's temperature (alpha term, kd, ccl's logit term)")
+    kd_temperature: float = Field(4.0, gt=0, description="KD's temperature (the alpha term and kd)")
     rkd_distance_weight: float = Field(25.0, ge=0)
     rkd_angle_weight: float = Field(50.0, ge=0)
     contrast_temperature: float = Field(0.1, gt=0, description="nce, ccl: temperature of the cosine similarities")
+    ccl_temperature: float = Field(
+        1.0, gt=0, description="ccl: temperature of its symmetric KL between the logits (the EGA code's T = 1)"
+    )
     crd_temperature: float = Field(0.07, gt=0)
     crd_negatives: int = Field(16384, ge=1, description="noise rows per anchor (capped at the memory size − 1)")
+    crd_negatives_from: Literal["other_class", "any"] = Field(
+        "other_class",
+        description="crd: noise slots of other classes than the anchor's (CRD's CIFAR recipe) or of any class",
+    )
     crd_momentum: float = Field(0.5, ge=0, lt=1, description="memory update momentum")
     crd_bank: Literal["dataset", "queue"] = Field(
         "dataset", description="one memory slot per training row, or a FIFO queue of crd_queue_size rows"

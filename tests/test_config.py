@@ -120,6 +120,14 @@ def test_unknown_registry_name(section: str, field: str, value: str, allowed: st
     assert repr(value) in msg and "allowed:" in msg and allowed in msg
 
 
+def test_baseline_fields() -> None:
+    d = parse_config(_raw()).distill
+    assert (d.ccl_temperature, d.crd_negatives_from) == (1.0, "other_class")  # the references' settings
+    msg = _error(_raw(distill={"crd_negatives_from": "same_class"}))
+    assert msg.startswith("distill.crd_negatives_from:") and "'other_class'" in msg and "'any'" in msg
+    assert _error(_raw(distill={"ccl_temperature": 0})).startswith("distill.ccl_temperature:")
+
+
 def test_teacher_families_accepted() -> None:
     for name in ("open_clip:RN50", "timm:resnet18", "torchvision:resnet18", "ssl", "zoo:resnet32x4"):
         assert parse_config(_raw(teacher={"name": name})).teacher.name == name

@@ -350,7 +350,14 @@ def test_registry_builds_every_method_from_the_config(name: str) -> None:
         assert (loss.node_weight, loss.edge_weight, loss.temperature, loss.global_graph) == (0.5, 0.24, 0.3, True)
     if name in ("nce", "ccl"):
         assert loss.temperature == 0.2
+    if name == "ccl":
+        assert loss.logit_temperature == 1.0  # the EGA code's T = 1, not kd_temperature (4)
+        ccl_d = d.model_copy(update={"ccl_temperature": 2.0})
+        assert DISTILLERS.build(name, d=ccl_d, num_samples=20, seed=0).logit_temperature == 2.0
     if name == "crd":
         assert loss.memory_s.shape == (20, 8) and loss.negatives == 19  # capped at the memory size − 1
+        assert loss.negatives_from == "other_class"
+        any_d = d.model_copy(update={"crd_negatives_from": "any"})
+        assert DISTILLERS.build(name, d=any_d, num_samples=20, seed=0).negatives_from == "any"
     with pytest.raises(KeyError):
         DISTILLERS.build("no-such-distiller")

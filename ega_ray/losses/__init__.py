@@ -67,7 +67,15 @@ def pkt(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
 def crd(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
     size = num_samples if d.crd_bank == "dataset" else d.crd_queue_size
     return CRDLoss(
-        d.embed_dim, size, d.crd_negatives, d.crd_temperature, d.crd_momentum, d.crd_bank, d.global_graph, seed
+        d.embed_dim,
+        size,
+        d.crd_negatives,
+        d.crd_temperature,
+        d.crd_momentum,
+        d.crd_bank,
+        d.global_graph,
+        seed,
+        negatives_from=d.crd_negatives_from,
     )
 
 
@@ -78,7 +86,7 @@ def nce(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
 
 @DISTILLERS.register("ccl")
 def ccl(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    return CCLLoss(d.contrast_temperature, d.kd_temperature, d.global_graph)
+    return CCLLoss(d.contrast_temperature, d.ccl_temperature, d.global_graph)
 
 
 __all__ = [

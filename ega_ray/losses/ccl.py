@@ -1,16 +1,23 @@
-"""CCL: the label-masked NCE plus a symmetric divergence between student and teacher-head logits.
+"""CCL: the EGA code's NCE plus a symmetric divergence between student and teacher-head logits.
 
-The EGA paper's strongest baseline (Ma, Chen, Akata, BMVC 2022), in its code's form. With p_s, p_t the
-softmax of student and teacher-head logits at temperature T:
+The EGA paper's strongest baseline (Ma, Chen, Akata, BMVC 2022), as its code computes it
+(``distiller_zoo/CCL.py`` of github.com/yccm/EGA: ``CCL()`` = ``nce(temperature=0.1)`` + ``JSDLoss(T=1)``).
+With p_s, p_t the softmax of student and teacher-head logits at temperature T (default 1, the code's):
 
-    JSD = ½ · T² · [ KL(p_t ‖ p_s) + KL(p_s ‖ p_t) ]          (batch mean; the code calls this JSD)
-    L   = NCE(t, s; labels) + JSD
+    SKL = ½ · T² · [ KL(p_t ‖ p_s) + KL(p_s ‖ p_t) ]          (batch mean; the code calls it JSD)
+    L   = NCE(t, s; y, τ = 0.1) + SKL
 
-(the divergence is the symmetrised KL, as in that code, not the Jensen–Shannon divergence to the mixture).
+NCE is ``nce.py``'s loss (softmax over the whole batch, same-class positives, other-class negatives),
+with the same treatment of unlabeled rows: an unlabeled row's positive set is itself alone, every other
+row is its negative (the EGA code has no unlabeled rows). The divergence is the symmetrised KL, as in
+that code, not the Jensen–Shannon divergence to the mixture; it is per instance, so it needs no gather.
+T is ``distill.ccl_temperature``, separate from KD's ``kd_temperature`` (4), which the code does not use
+here.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -19,15 +26,16 @@ from ega_ray.losses.nce import NCELoss
 
 
 def symmetric_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=1)
-    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=1)
+    dtype = torch.promote_types(torch.promote_types(student_logits.dtype, teacher_logits.dtype), torch.float32)
+    log_s = F.log_softmax(student_logits.to(dtype) / temperature, dim=1)
+    log_t = F.log_softmax(teacher_logits.to(dtype) / temperature, dim=1)
     forward = F.kl_div(log_s, log_t, log_target=True, reduction="batchmean")
     backward = F.kl_div(log_t, log_s, log_target=True, reduction="batchmean")
     return 0.5 * temperature**2 * (forward + backward)
 
 
 class CCLLoss(NCELoss):
-    def __init__(self, temperature: float = 0.1, logit_temperature: float = 4.0, global_batch: bool = True) -> None:
+    def __init__(self, temperature: float = 0.1, logit_temperature: float = 1.0, global_batch: bool = True) -> None:
         super().__init__(temperature, global_batch)
         if logit_temperature <= 0:
             raise ValueError(f"CCL logit temperature must be > 0, got {logit_temperature}")
@@ -47,4 +55,8 @@ class CCLLoss(NCELoss):
         nce = super().forward(teacher_emb, student_emb, labels=labels)
         t_logits = need("ccl", "teacher_logits", teacher_logits)
         s_logits = need("ccl", "student_logits", student_logits)
-        return nce + symmetric_kl(s_logits, t_logits, self.logit_temperature)
+        with torch.autocast(device_type=s_logits.device.type, enabled=False):
+            return nce + symmetric_kl(s_logits, t_logits, self.logit_temperature)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, logit_temperature={self.logit_temperature}"
