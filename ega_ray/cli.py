@@ -10,15 +10,13 @@ import sys
 from ega_ray.config import load_config
 from ega_ray.data.prepare import add_prepare_parser, run_prepare
 from ega_ray.errors import find_usage_error
+from ega_ray.losses import DISTILLERS
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ega-ray", description="Embedding Graph Alignment distillation on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("distill", help="distill a teacher into a student (no --config: the embedded default)")
-    d.add_argument("--config", help="YAML config; without it, the embedded default on built-in digits")
-    d.add_argument(
+def _config_args(p: argparse.ArgumentParser, config_help: str, required: bool = False) -> None:
+    """``--config`` and ``--set``, the same for every verb that reads a config."""
+    p.add_argument("--config", required=required, help=config_help)
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -26,30 +24,38 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set optim.epochs=10 (repeatable)",
     )
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ega-ray", description="Embedding Graph Alignment distillation on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="distill a teacher into a student (no --config: the embedded default)")
+    _config_args(d, "YAML config; without it, the embedded default on built-in digits")
     d.add_argument("--output", help="run folder (default: runs/<run.name>); an existing run there resumes")
 
     t = sub.add_parser("pretrain-teacher", help="SimCLR-pretrain this project's self-supervised teacher")
-    t.add_argument("--config", required=True)
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(t, "YAML config (sections data, pretrain, augment, scaling, run)", required=True)
     t.add_argument("--output", help="run folder; the teacher file is <output>/teacher.pt")
 
     u = sub.add_parser("tune", help="search temperature, loss weights and lr with Ray Tune (ASHA)")
-    u.add_argument("--config", help="YAML config with an optional tune: section; without it, the embedded default")
-    u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(u, "YAML config with an optional tune: section; without it, the embedded default")
     u.add_argument("--num-samples", type=int, help="trials (overrides tune.num_samples)")
     u.add_argument("--output", default="runs/tune", help="search folder: trials.csv, best.yaml, search.png, trials/")
     u.add_argument("--resume", action="store_true", help="continue the interrupted search in --output")
 
     c = sub.add_parser("cache-teacher", help="embed K random teacher views of every training image once")
-    c.add_argument("--config", required=True)
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(c, "YAML config (its teacher, data and augment sections)", required=True)
     c.add_argument("--views", type=int, default=4, help="random teacher views per image (K)")
     c.add_argument("--output", required=True, help="cache folder: embeddings/ (Parquet) and manifest.json")
 
     b = sub.add_parser("benchmark", help="every distiller (and CE only) on the same data, teacher, student, seeds")
-    b.add_argument("--config", help="YAML config; without it, the embedded default")
-    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    b.add_argument("--methods", default="ega,kd,hint,rkd,pkt,crd,nce,ccl", help="comma-separated distillers")
+    _config_args(b, "YAML config; without it, the embedded default")
+    b.add_argument(
+        "--methods",
+        default="all",
+        help=f"comma-separated distillers from: {', '.join(DISTILLERS.names())}; all: every one (default)",
+    )
     b.add_argument("--seeds", type=int, default=3, help="runs per method, seeds 0..N-1")
     b.add_argument("--output", default="runs/benchmark", help="results.csv, results.md, results.png, trials/")
     b.add_argument("--resume", action="store_true", help="continue the interrupted benchmark in --output")

@@ -1,8 +1,9 @@
 """The run configuration: YAML validated by pydantic before anything starts.
 
 Every error is raised as :class:`ConfigError` with one line naming the field and what is allowed;
-the CLI prints it without a traceback. Paths are resolved on the driver (Ray Train workers run in
-another working directory).
+the CLI prints it without a traceback. Importing this module imports neither torch nor Ray: registry names
+are checked against the registries' tables, and what needs the models, the data or the disk (paths,
+splits, weights) is checked by ``ega_ray.train.preflight`` on the driver.
 """
 
 from __future__ import annotations
@@ -13,12 +14,15 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ega_ray.constants import CLIP_MEAN, CLIP_STD
 from ega_ray.errors import ConfigError
-from ega_ray.models.teachers.base import CLIP_MEAN, CLIP_STD, is_weights_file
+from ega_ray.losses import DISTILLERS
+from ega_ray.models.students import STUDENTS
+from ega_ray.models.teachers import TEACHERS
+from ega_ray.teacher_modes import TEACHER_MODES
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides"]
 
@@ -75,7 +79,7 @@ class TeacherConfig(_Section):
     name: str = Field("open_clip:ViT-B-32", description="teacher registry name, see docs/config.md")
     weights: str | None = Field(None, description="local weights file, or a hub tag (e.g. 'openai')")
     sha256: str | None = Field(None, description="expected SHA-256 of a local weights file")
-    mode: Literal["online", "cached", "pipeline"] = Field(
+    mode: str = Field(
         "online",
         description="online: in each training worker; cached: embeddings from `ega-ray cache-teacher`; "
         "pipeline: the run's teacher actors, fed by a Ray Data stage between reader and workers",
@@ -86,17 +90,21 @@ class TeacherConfig(_Section):
     actor_gpus: float = Field(1.0, gt=0, description="GPUs per teacher actor when scaling.use_gpu")
     batch_size: int = Field(256, ge=1, description="images per teacher forward in the Ray Data stage")
 
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, v: str) -> str:
+        if v not in TEACHER_MODES:
+            raise ValueError(f"unknown teacher mode {v!r}; allowed: {', '.join(TEACHER_MODES)}")
+        return v
+
     @model_validator(mode="after")
-    def _cache_given(self) -> TeacherConfig:
-        if self.mode == "cached" and not self.cache:
-            raise ValueError("cache is required when mode is cached (the folder `ega-ray cache-teacher` writes)")
+    def _mode_needs(self) -> TeacherConfig:
+        TEACHER_MODES[self.mode].check_config(self)
         return self
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from ega_ray.models.teachers import TEACHERS
-
         return TEACHERS.check(v)
 
 
@@ -106,15 +114,7 @@ class StudentConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from ega_ray.models.students import STUDENTS
-
-        family, _, model = STUDENTS.check(v).partition(":")
-        if family == "torchvision":
-            import torchvision
-
-            if model not in torchvision.models.list_models():
-                raise ValueError(f"unknown torchvision model {model!r}; see torchvision.models.list_models()")
-        return v
+        return STUDENTS.check(v)  # a family's member (torchvision:NAME) is checked by the preflight
 
 
 class DistillConfig(_Section):
@@ -157,8 +157,6 @@ class DistillConfig(_Section):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        from ega_ray.losses import DISTILLERS
-
         return DISTILLERS.check(v)
 
 
@@ -192,16 +190,6 @@ class OptimConfig(_Section):
         if any(m < 1 for m in v) or any(b <= a for a, b in pairwise(v)):
             raise ValueError("must be strictly increasing positive epochs")
         return v
-
-    def compute_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype of the student's autocast region and of the frozen teacher's weights on ``device``."""
-        if self.precision == "fp32" or (self.precision == "auto" and device.type != "cuda"):
-            return torch.float32
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            if self.precision == "auto":
-                return torch.float32
-            raise ConfigError(f"optim.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}")
-        return torch.bfloat16
 
     def lr_factor(self, epoch: int) -> float:
         """The lr multiplier in ``epoch`` (0-based): linear warm-up, then ×lr_decay at every milestone passed."""
@@ -407,42 +395,6 @@ class Config(_Section):
     def checkpoint_root(self) -> str:
         """Ray Train's storage_path; the run's checkpoints are in ``<checkpoint_root>/<output folder name>``."""
         return self.run.storage or str(self.output_dir.parent)
-
-    def resolved(self, check_teacher: bool = True) -> Config:
-        """A copy whose local paths are absolute and exist (checked here, on the driver).
-        ``check_teacher=False`` skips the teacher's weights (pretraining does not use them)."""
-        cfg = self.model_copy(deep=True)
-        for field, split in (("train", "train"), ("val", "val")):
-            value = getattr(cfg.data, field)
-            if value.startswith("builtin:"):
-                from ega_ray.data.digits import builtin_split
-
-                try:
-                    value = builtin_split(value, split)
-                except ValueError as err:
-                    raise ConfigError(f"data.{field}: {err}") from None
-            if not is_uri(value):
-                path = Path(value).expanduser().resolve()
-                if not path.exists():
-                    raise ConfigError(f"data.{field}: {value!r} does not exist (a Parquet folder or s3:// / gs:// URI)")
-                setattr(cfg.data, field, str(path))
-        w = cfg.teacher.weights
-        if check_teacher and w is not None and is_weights_file(w):
-            path = Path(w).expanduser().resolve()
-            if not path.is_file():
-                raise ConfigError(f"teacher.weights: file {w!r} does not exist")
-            cfg.teacher.weights = str(path)
-        if cfg.teacher.mode == "cached":
-            cache = Path(str(cfg.teacher.cache)).expanduser().resolve()
-            if not (cache / "manifest.json").is_file():
-                raise ConfigError(
-                    f"teacher.cache: {cfg.teacher.cache!r} holds no manifest.json (run ega-ray cache-teacher)"
-                )
-            cfg.teacher.cache = str(cache)
-        cfg.run.output = str(cfg.output_dir.expanduser().resolve())
-        if cfg.run.storage is not None and not is_uri(cfg.run.storage):
-            cfg.run.storage = str(Path(cfg.run.storage).expanduser().resolve())
-        return cfg
 
 
 def _format_error(err: ValidationError, model: type[BaseModel]) -> str:

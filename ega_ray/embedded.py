@@ -18,8 +18,9 @@ import yaml
 
 from ega_ray.config import Config, apply_overrides, parse_config
 from ega_ray.run_folder import check_target, claim
-from ega_ray.train.launch import clear_run, run_distill, run_pretrain
+from ega_ray.train.launch import run_distill, run_pretrain
 from ega_ray.train.outputs import write_json
+from ega_ray.train.preflight import clear_run, resolve
 
 
 def embedded_config(overrides: list[str] | None = None, output: str | None = None) -> Config:
@@ -66,7 +67,7 @@ STAGES = ("ega", "ce")  # the EGA student, then the same student with CE only
 
 def run_embedded(overrides: list[str] | None = None, output: str | None = None) -> dict[str, Any]:
     t0 = time.time()
-    base = embedded_config(overrides, output).resolved()
+    base = resolve(embedded_config(overrides, output))
     root = base.output_dir
     with claim(root, "embedded"):
         # every stage folder is checked before the first stage starts: each may be replaced by its stage
@@ -132,7 +133,7 @@ def embedded_tune_config(overrides: list[str] | None, output: str) -> Config:
 def embedded_with_teacher(overrides: list[str] | None, output: str) -> Config:
     """The embedded default with its teacher (pretrained, or reused, under ``output``/teacher) and data.
     Call it once ``output`` is claimed (the teacher is written inside it)."""
-    base = embedded_config(overrides, output).resolved()
+    base = resolve(embedded_config(overrides, output))
     teacher_file, _ = ensure_teacher(base, base.output_dir / "teacher")
     raw = base.model_dump(mode="json")
     raw["teacher"]["weights"] = str(teacher_file)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from ega_ray.config import Config, ConfigError, OptimConfig, apply_overrides, load_config, parse_config
+from ega_ray.train.preflight import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL: dict[str, Any] = {"data": {"train": "train", "val": "val"}}
@@ -47,7 +48,7 @@ def _write(path: Path, raw: Any) -> Path:
 
 @pytest.fixture
 def splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory holding (empty) train/ and val/ folders; resolved() only checks they exist."""
+    """A working directory holding (empty) train/ and val/ folders; resolve() only checks they exist."""
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -184,16 +185,16 @@ def test_missing_data_field() -> None:
 
 
 def test_nonexistent_data_path(splits: Path) -> None:
-    cfg = parse_config(_raw(data={"train": "no_such_folder"}))  # parses: existence is checked by resolved()
+    cfg = parse_config(_raw(data={"train": "no_such_folder"}))  # parses: existence is checked by resolve()
     with pytest.raises(ConfigError) as info:
-        cfg.resolved()
+        resolve(cfg)
     msg = _one_line(info.value)
     assert msg.startswith("data.train:") and "no_such_folder" in msg and "does not exist" in msg
 
 
 def test_unknown_builtin_dataset(splits: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config(_raw(data={"val": "builtin:cifar10"})).resolved()
+        resolve(parse_config(_raw(data={"val": "builtin:cifar10"})))
     msg = _one_line(info.value)
     assert msg.startswith("data.val:") and "digits" in msg
 
@@ -201,13 +202,13 @@ def test_unknown_builtin_dataset(splits: Path) -> None:
 def test_nonexistent_teacher_weights(splits: Path) -> None:
     cfg = parse_config(_raw(teacher={"name": "zoo:resnet8", "weights": "missing/teacher.pt"}))
     with pytest.raises(ConfigError) as info:
-        cfg.resolved()
+        resolve(cfg)
     msg = _one_line(info.value)
     assert msg.startswith("teacher.weights:") and "missing/teacher.pt" in msg
 
 
 def test_hub_tag_weights_left_alone(splits: Path) -> None:
-    cfg = parse_config(_raw(teacher={"name": "open_clip:RN50", "weights": "openai"})).resolved()
+    cfg = resolve(parse_config(_raw(teacher={"name": "open_clip:RN50", "weights": "openai"})))
     assert cfg.teacher.weights == "openai"
 
 
@@ -303,7 +304,7 @@ def test_resolved_makes_paths_absolute(splits: Path) -> None:
     (splits / "weights").mkdir()
     (splits / "weights" / "t.pt").write_bytes(b"")
     cfg = parse_config(_raw(teacher={"name": "zoo:resnet8", "weights": "weights/t.pt"}))
-    res = cfg.resolved()
+    res = resolve(cfg)
     assert res.data.train == str(splits.resolve() / "train")
     assert res.data.val == str(splits.resolve() / "val")
     assert res.teacher.weights == str(splits.resolve() / "weights" / "t.pt")
@@ -312,7 +313,7 @@ def test_resolved_makes_paths_absolute(splits: Path) -> None:
 
 
 def test_resolved_keeps_uris(splits: Path) -> None:
-    res = parse_config(_raw(data={"train": "s3://bucket/train", "val": "gs://bucket/val"})).resolved()
+    res = resolve(parse_config(_raw(data={"train": "s3://bucket/train", "val": "gs://bucket/val"})))
     assert (res.data.train, res.data.val) == ("s3://bucket/train", "gs://bucket/val")
 
 
@@ -320,7 +321,7 @@ def test_resolved_prepares_builtin_digits(tmp_path: Path, monkeypatch: pytest.Mo
     cache = tmp_path / "cache"
     monkeypatch.setenv("EGA_RAY_CACHE", str(cache))
     monkeypatch.chdir(tmp_path)
-    res = parse_config(_raw(data={"train": "builtin:digits", "val": "builtin:digits"})).resolved()
+    res = resolve(parse_config(_raw(data={"train": "builtin:digits", "val": "builtin:digits"})))
     train, val = Path(res.data.train), Path(res.data.val)
     assert train.is_absolute() and val.is_absolute() and train != val
     assert train.is_relative_to(cache.resolve()) and val.is_relative_to(cache.resolve())
@@ -411,7 +412,7 @@ def test_cli_config_error(tmp_path: Path, raw: dict[str, Any], field: str) -> No
 
 @pytest.mark.slow
 def test_cli_missing_data_path(tmp_path: Path) -> None:
-    """Fails in Config.resolved() inside run_distill: after importing Ray, before starting it."""
+    """Fails in the preflight (resolve) inside run_distill: before Ray starts."""
     proc = _cli(_write(tmp_path / "bad.yaml", _raw(data={"train": "no_such_folder"})), tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr

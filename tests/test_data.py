@@ -164,22 +164,24 @@ def write_raw_split(folder, label, index, image=None) -> str:
 )
 def test_bad_training_columns_are_refused_before_ray_naming_the_split(tmp_path, label, index, message):
     from ega_ray.config import ConfigError, load_config
-    from ega_ray.train.launch import prepare_data
+    from ega_ray.train.preflight import prepare_data, resolve
 
-    cfg = load_config(
-        None,
-        [f"data.train={write_raw_split(tmp_path / 'train', label, index)}", "data.val=builtin:digits"],
-    ).resolved(check_teacher=False)
+    cfg = resolve(
+        load_config(
+            None, [f"data.train={write_raw_split(tmp_path / 'train', label, index)}", "data.val=builtin:digits"]
+        ),
+        check_teacher_file=False,
+    )
     with pytest.raises(ConfigError, match=r"^data\.train: .*" + message):
         prepare_data(cfg)
 
 
 def test_validation_rows_need_labels_and_the_classes_must_cover_them(tmp_path):
     from ega_ray.config import ConfigError, load_config
-    from ega_ray.train.launch import prepare_data
+    from ega_ray.train.preflight import prepare_data, resolve
 
     def cfg(val, *more):
-        return load_config(None, ["data.train=builtin:digits", f"data.val={val}", *more]).resolved(check_teacher=False)
+        return resolve(load_config(None, ["data.train=builtin:digits", f"data.val={val}", *more]), False)
 
     unlabeled = write_raw_split(tmp_path / "v1", [0, -1, 2], [0, 1, 2])
     with pytest.raises(ConfigError, match=r"^data\.val: .* has label -1 \(index 1\); labels are 0..C−1 \(validation"):

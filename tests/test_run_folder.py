@@ -15,7 +15,7 @@ import pytest
 from ega_ray.config import load_config
 from ega_ray.errors import OutputFolderError
 from ega_ray.run_folder import MARKER, check_target, claim, read_marker, rebuild, remove_own, settings_differences
-from ega_ray.train.launch import run_folder
+from ega_ray.train.preflight import resolve, run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -149,7 +149,7 @@ def test_settings_differences_name_each_field_and_let_epochs_grow():
 
 
 def smoke(out: Path, *overrides: str):
-    return load_config(REPO / "configs" / "smoke.yaml", [f"run.output={out}", *overrides]).resolved()
+    return resolve(load_config(REPO / "configs" / "smoke.yaml", [f"run.output={out}", *overrides]))
 
 
 def test_a_run_folder_resumes_only_the_same_run(tmp_path):

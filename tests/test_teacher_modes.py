@@ -15,10 +15,12 @@ import ray
 import torch
 
 from ega_ray.config import ConfigError, load_config
+from ega_ray.data.cache_format import check_manifest, file_digests, load_cached_embeddings
 from ega_ray.data.teacher_stage import view_for
 from ega_ray.models import build_student, build_teacher
 from ega_ray.train.launch import run_distill
-from ega_ray.train.teacher_cache import build_cache, check_manifest, file_digests, load_cached_embeddings
+from ega_ray.train.preflight import resolve
+from ega_ray.train.teacher_cache import build_cache
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
@@ -79,7 +81,7 @@ def test_cache_then_cached_training_and_a_refused_mismatch(tmp_path, teacher_fil
     with pytest.raises(
         ConfigError, match=rf"differs from what its manifest recorded: embeddings/{part.name} \(changed\)"
     ):
-        check_manifest(cached.resolved(), spec)
+        check_manifest(resolve(cached), spec)
     part.write_bytes(genuine)
     full = pq.read_table(tmp_path / "cache" / "embeddings")
     manifest_file = tmp_path / "cache" / "manifest.json"
@@ -89,7 +91,7 @@ def test_cache_then_cached_training_and_a_refused_mismatch(tmp_path, teacher_fil
     pq.write_table(full.slice(50), part)  # 50 view rows gone, manifest rewritten to match the files
     manifest["files"] = file_digests(tmp_path / "cache" / "embeddings")
     manifest_file.write_text(json.dumps(manifest))
-    check_manifest(cached.resolved(), spec)
+    check_manifest(resolve(cached), spec)
     with pytest.raises(ConfigError, match=r"lacks 25 training images|lacks 50 of its 2874 views"):
         load_cached_embeddings(str(tmp_path / "cache"), np.arange(1437))
 

@@ -13,7 +13,9 @@ from ray.train import TrainingFailedError
 
 from ega_ray.config import load_config
 from ega_ray.errors import OutputFolderError
+from ega_ray.train.common import latest_state
 from ega_ray.train.launch import run_distill
+from ega_ray.train.preflight import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -55,6 +57,12 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, local_ray):
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
     assert run_distill(smoke(tmp_path, "optim.epochs=4", "run.max_failures=0"))["epochs"] == 4
     assert [(int(r["epoch"]), int(r["restarts"])) for r in read_metrics(run_dir)] == [(1, 0), (2, 1), (3, 1), (4, 2)]
+
+    # the latest checkpoint is the one Ray Train registered, not the newest-looking folder on disk
+    stray = run_dir / "checkpoint_2099-12-31_23-59-59.999999"
+    stray.mkdir()
+    torch.save({**state, "epoch": 999}, stray / "state.pt")
+    assert latest_state(str(tmp_path), run_dir.name)["epoch"] == 4
 
 
 def test_an_undecodable_image_stops_the_run_naming_its_row(tmp_path, local_ray):
@@ -102,6 +110,6 @@ def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):
     rows = read_metrics(tmp_path / "embedded" / "teacher")
     assert [int(r["epoch"]) for r in rows] == [1] and rows[-1]["knn_top1"] != ""
     mtime = teacher_file.stat().st_mtime
-    base = embedded_config(overrides, output=str(tmp_path / "embedded")).resolved()
+    base = resolve(embedded_config(overrides, output=str(tmp_path / "embedded")))
     assert ensure_teacher(base, teacher_file.parent)[0] == teacher_file
     assert teacher_file.stat().st_mtime == mtime, "the cached teacher is reused when its settings match"

@@ -17,12 +17,17 @@ here.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ega_ray.losses.base import check_pair, need
 from ega_ray.losses.nce import NCELoss
+
+if TYPE_CHECKING:
+    from ega_ray.config import DistillConfig
 
 
 def symmetric_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
@@ -35,6 +40,10 @@ def symmetric_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: fl
 
 
 class CCLLoss(NCELoss):
+    @classmethod
+    def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> CCLLoss:
+        return cls(d.contrast_temperature, d.ccl_temperature, d.global_graph)
+
     def __init__(self, temperature: float = 0.1, logit_temperature: float = 1.0, global_batch: bool = True) -> None:
         super().__init__(temperature, global_batch)
         if logit_temperature <= 0:

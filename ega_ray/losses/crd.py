@@ -51,6 +51,7 @@ the other side's current embedding, and each batch is enqueued after the step, w
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +59,9 @@ from torch import Tensor
 
 from ega_ray.losses.base import Distiller, check_pair, need
 from ega_ray.losses.distributed import gather_global
+
+if TYPE_CHECKING:
+    from ega_ray.config import DistillConfig
 
 EPS = 1e-7
 NEGATIVES_FROM = ("other_class", "any")
@@ -73,6 +77,21 @@ def nce_contrast(h: Tensor, noise: int, bank_size: int) -> Tensor:
 
 class CRDLoss(Distiller):
     default_beta = 0.8
+
+    @classmethod
+    def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> CRDLoss:
+        size = num_samples if d.crd_bank == "dataset" else d.crd_queue_size
+        return cls(
+            d.embed_dim,
+            size,
+            d.crd_negatives,
+            d.crd_temperature,
+            d.crd_momentum,
+            d.crd_bank,
+            d.global_graph,
+            seed,
+            negatives_from=d.crd_negatives_from,
+        )
 
     def __init__(
         self,

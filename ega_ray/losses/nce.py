@@ -27,12 +27,17 @@ batch and every rank computes the whole batch's loss (gradients flow back to eac
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ega_ray.losses.base import Distiller, check_pair, need
 from ega_ray.losses.distributed import gather_global
+
+if TYPE_CHECKING:
+    from ega_ray.config import DistillConfig
 
 EPS = 1e-10
 
@@ -52,6 +57,10 @@ def class_nce(teacher: Tensor, student: Tensor, labels: Tensor, temperature: flo
 
 
 class NCELoss(Distiller):
+    @classmethod
+    def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> NCELoss:
+        return cls(d.contrast_temperature, d.global_graph)
+
     def __init__(self, temperature: float = 0.1, global_batch: bool = True) -> None:
         super().__init__()
         if temperature <= 0:

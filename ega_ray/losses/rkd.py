@@ -21,12 +21,17 @@ this file as ``torch.cdist``; both are the Euclidean distance, and the ÷μ norm
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ega_ray.losses.base import Distiller, check_pair
 from ega_ray.losses.distributed import gather_global
+
+if TYPE_CHECKING:
+    from ega_ray.config import DistillConfig
 
 
 def normalized_distances(x: Tensor) -> Tensor:
@@ -42,6 +47,10 @@ def angles(x: Tensor) -> Tensor:
 
 
 class RKDLoss(Distiller):
+    @classmethod
+    def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> RKDLoss:
+        return cls(d.rkd_distance_weight, d.rkd_angle_weight, d.global_graph)
+
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, global_batch: bool = True) -> None:
         super().__init__()
         if distance_weight < 0 or angle_weight < 0:

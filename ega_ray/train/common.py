@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import logging
 import os
 import random
@@ -11,9 +10,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow.fs
 import ray.train
 import torch
 import torch.distributed as dist
@@ -62,20 +61,34 @@ def load_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
 
 
 def latest_state(storage: str, name: str) -> dict | None:
-    """The state of run ``name``'s newest checkpoint under Ray Train's ``storage`` (a folder, s3:// or
-    gs://), read on the driver; None when it has none."""
-    if "://" in storage:
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
-    else:
-        fs, root = pyarrow.fs.LocalFileSystem(), storage
-    found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
-    checkpoints = sorted(
-        i.path for i in found if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
-    )
-    if not checkpoints:
+    """The state of run ``name``'s latest checkpoint under Ray Train's ``storage`` (a folder, s3:// or gs://),
+    read on the driver from Ray Train's own record of the run (its checkpoint-manager snapshot): a
+    checkpoint folder that Ray never registered (a copy, an upload cut short) is not taken. None when the run
+    has no registered checkpoint."""
+    try:
+        result = ray.train.Result.from_path(f"{storage.rstrip('/')}/{name}")
+    except RuntimeError:  # no such run folder, or no snapshot in it yet
         return None
-    with fs.open_input_file(f"{checkpoints[-1]}/{STATE_FILE}") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    return load_state(result.checkpoint)
+
+
+class Checkpointed:
+    """What a checkpoint holds, listed once: named objects with ``state_dict`` / ``load_state_dict`` (models,
+    optimizers, schedulers, a distiller's memory) beside plain values (epoch, history, ...). ``optional``
+    names objects that older checkpoints may lack (their ``load_state_dict`` is skipped then)."""
+
+    def __init__(self, objects: dict[str, Any], optional: tuple[str, ...] = ()) -> None:
+        self.objects, self.optional = objects, optional
+
+    def state(self, **values: Any) -> dict[str, Any]:
+        return {name: obj.state_dict() for name, obj in self.objects.items()} | values
+
+    def restore(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Load every object from ``state``; return the plain values."""
+        for name, obj in self.objects.items():
+            if name in state or name not in self.optional:
+                obj.load_state_dict(state[name])
+        return {k: v for k, v in state.items() if k not in self.objects}
 
 
 def report(metrics: dict, state: dict | None) -> None:

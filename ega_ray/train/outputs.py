@@ -16,7 +16,8 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
-from ega_ray.models import EmbeddingHead, StudentClassifier, build_student  # noqa: E402
+from ega_ray.models import build_student  # noqa: E402
+from ega_ray.models.heads import EmbeddingHead, StudentClassifier  # noqa: E402
 
 
 def write_config(cfg: Config, out: Path) -> None:

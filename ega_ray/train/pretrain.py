@@ -19,9 +19,10 @@ from torch import nn
 
 from ega_ray.config import Config
 from ega_ray.data.augment import resize, simclr_view, to_unit_float
-from ega_ray.losses import NTXentLoss
+from ega_ray.losses.ntxent import NTXentLoss
 from ega_ray.models import build_student
 from ega_ray.train.common import (
+    Checkpointed,
     Progress,
     all_reduce_sum,
     epoch_seed,
@@ -95,13 +96,12 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
     loss_fn = NTXentLoss(p.temperature)
     gen = torch.Generator(device=device)
 
+    saved = Checkpointed({"net": unwrap(net), "opt": opt, "sched": sched})  # what a checkpoint holds
     start_epoch, history, restarts = 0, [], 0
     state = load_state(ray.train.get_checkpoint())
     if state is not None:
-        unwrap(net).load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start_epoch, history, restarts = state["epoch"], state["history"], state["restarts"] + 1
+        values = saved.restore(state)
+        start_epoch, history, restarts = values["epoch"], values["history"], values["restarts"] + 1
 
     shard = ray.train.get_dataset_shard("train")
     knn_train, knn_val = ray.train.get_dataset_shard("knn_train"), ray.train.get_dataset_shard("val")
@@ -146,15 +146,5 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
             metrics["knn_top1"] = knn_top1(unwrap(net).backbone, knn_train, knn_val, cfg, device)
         history.append(metrics)
         progress.epoch(epoch, metrics)
-        report(
-            metrics,
-            {
-                "epoch": epoch + 1,
-                "history": history,
-                "restarts": restarts,
-                "net": unwrap(net).state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-            },
-        )
+        report(metrics, saved.state(epoch=epoch + 1, history=history, restarts=restarts))
         maybe_inject_failure(epoch + 1, cfg.run.fail_after_epoch, cfg.output_dir)

@@ -22,31 +22,38 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import ray
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
 
 from ega_ray.config import Config, ConfigError, parse_config
-from ega_ray.losses import DISTILLER_CLASSES, DISTILLERS
+from ega_ray.losses import DISTILLERS
 from ega_ray.train.common import latest_state
-from ega_ray.train.launch import connect_ray, run_distill
+from ega_ray.train.launch import connect_ray
 from ega_ray.tune.experiment import (
     checked,
     experiment_folder,
     experiment_location,
     run_experiment,
+    run_trial,
     save_experiment_config,
     saved_experiment_config,
+    trial_concurrency,
+    trial_config,
+    trial_storage,
     verify_state,
 )
-from ega_ray.tune.search import finished_history, trial_concurrency, trial_storage
 
 CE_ONLY = "ce"  # the student without a teacher: distill.beta = 0
 EXPERIMENT = "benchmark"
 
 
+ALL_METHODS = "all"
+
+
 def parse_methods(text: str) -> list[str]:
-    """``ega,kd,…`` → names, each checked against the registry (or ``ce``); refused before Ray starts."""
+    """``ega,kd,…`` → names, each checked against the registry (or ``ce``); ``all``: every registered
+    distiller, EGA first. Refused before Ray starts."""
+    if text.strip() == ALL_METHODS:
+        return sorted(DISTILLERS.names(), key=lambda m: m != "ega")
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods: empty; give a comma-separated list such as ega,kd,crd")
@@ -73,28 +80,16 @@ def method_config(
     else:
         raw["distill"]["method"] = method
         if method != "ega" and reference_weights:
-            cls = DISTILLER_CLASSES[method]
+            cls = DISTILLERS.get(method)
             raw["distill"] |= {"gamma": cls.default_gamma, "beta": cls.default_beta, "alpha": 0.0}
-    name = run_name(method, seed)
-    raw["run"] |= {
-        "name": name,
-        "seed": seed,
-        "output": str(root / "trials" / name),
-        "storage": trial_storage(base["run"]["storage"], root),
-        "progress_bar": False,
-    }
-    return raw
+    raw["run"]["seed"] = seed
+    return trial_config(raw, root, run_name(method, seed))
 
 
 def run_benchmark_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
-    ray.data.DataContext.get_current().enable_progress_bars = False
     reference = base["benchmark_reference_weights"]
     base = {k: v for k, v in base.items() if k != "benchmark_reference_weights"}
-    cfg = parse_config(method_config(base, params["method"], params["seed"], Path(root), reference))
-    finished = finished_history(cfg, cfg.optim.epochs)
-    run_distill(cfg, callbacks=[TuneReportCallback()])  # resumes from the run's latest checkpoint, if any
-    if finished:
-        tune.report(finished[-1])
+    run_trial(method_config(base, params["method"], params["seed"], Path(root), reference))
 
 
 def run_benchmark(

@@ -1,5 +1,5 @@
-"""One Ray Tune experiment in an output folder (a search or a benchmark), started or resumed, and the
-guard that keeps a resume from unpickling state that ega-ray did not write.
+"""One Ray Tune experiment in an output folder (a search or a benchmark), started or resumed; the one trial
+runner both use; and the guard that keeps a resume from unpickling state that ega-ray did not write.
 
 Ray Tune resumes an experiment by unpickling its state (``tuner.pkl``, ``experiment_state-*.json`` with
 pickled fields, searcher and trial ``*.pkl`` files): whoever can write those files can run code on the
@@ -11,22 +11,83 @@ not one that was recorded. See docs/security.md for what this covers and what it
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import logging
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pyarrow.fs
+import ray
 import yaml
 from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
 
-from ega_ray.config import Config
+from ega_ray.config import Config, parse_config
 from ega_ray.errors import ConfigError, OutputFolderError
 from ega_ray.run_folder import claim, read_marker, write_marker
-from ega_ray.train.launch import check_teacher, prepare_data
+from ega_ray.train.common import latest_state
+from ega_ray.train.launch import run_distill
+from ega_ray.train.preflight import check_distill, resolve
+
+logger = logging.getLogger(__name__)
 
 TRIAL_DRIVER_CPU = 0.1
 STATE_VERSIONS_KEPT = 50  # per file: storage can lag the staging folder by a few uploads
+
+
+def trial_storage(storage: str | None, output: Path) -> str:
+    """Where the trials' Ray Train checkpoints go: ``<output>/trials``, or under ``run.storage`` when set."""
+    return f"{storage.rstrip('/')}/{output.name}/trials" if storage else str(output / "trials")
+
+
+def trial_config(raw: dict[str, Any], output: Path, name: str) -> dict[str, Any]:
+    """A trial's config: ``raw`` run as ``name`` in ``<output>/trials/<name>`` (checkpoints under
+    ``run.storage`` when set), without a progress bar (Tune's trial table is the display)."""
+    raw = copy.deepcopy(raw)
+    raw["run"] |= {
+        "name": name,
+        "output": str(output / "trials" / name),
+        "storage": trial_storage(raw["run"]["storage"], output),
+        "progress_bar": False,
+    }
+    return raw
+
+
+def run_trial(raw: dict[str, Any]) -> None:
+    """The one trial runner of searches and benchmarks: a full distillation run (a TorchTrainer) with
+    ``TuneReportCallback`` forwarding each epoch's metrics to Tune. It resumes from the trial's latest
+    checkpoint, if any; a trial rescheduled after an interruption with every epoch already done trains and
+    reports nothing, so its last epoch is reported here."""
+    cfg = parse_config(raw)
+    finished = finished_history(cfg, cfg.optim.epochs)
+    run_distill(cfg, callbacks=[TuneReportCallback()])
+    if finished:
+        tune.report(finished[-1])
+
+
+def finished_history(cfg: Config, epochs: int) -> list[dict[str, Any]] | None:
+    """The metric history of a run whose latest checkpoint already holds the last epoch."""
+    state = latest_state(cfg.checkpoint_root, cfg.output_dir.name)
+    return state["history"] if state is not None and state["epoch"] >= epochs else None
+
+
+def trial_concurrency(cfg: Config) -> int:
+    """How many trials the cluster holds at once: CPUs (and GPUs) over what one trial takes (its workers,
+    its driver's token share, and half a CPU left to its Ray Data reads)."""
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    s, res = cfg.scaling, ray.cluster_resources()
+    if s.use_gpu and not res.get("GPU"):
+        logger.warning(
+            "the cluster has no GPUs yet: trials run one at a time until the autoscaler adds some; "
+            "set tune.max_concurrent to the number of trials your GPU nodes can hold at full size"
+        )
+    by_cpu = res.get("CPU", 1) / (s.num_workers * s.cpus_per_worker + 0.5 + TRIAL_DRIVER_CPU)
+    by_gpu = res.get("GPU", 0) / (s.num_workers * s.gpus_per_worker) if s.use_gpu else math.inf
+    return max(1, int(min(by_cpu, by_gpu)))
 
 
 def is_state_file(relpath: str) -> bool:
@@ -113,10 +174,9 @@ class StateRecorder(tune.Callback):
 
 
 def checked(cfg: Config) -> Config:
-    """``cfg`` resolved, with its data and teacher checked on the driver (before any trial starts)."""
-    cfg = cfg.resolved()
-    prepare_data(cfg)
-    check_teacher(cfg)
+    """``cfg`` resolved, with what every trial's run checks checked once on the driver, before any starts."""
+    cfg = resolve(cfg)
+    check_distill(cfg)
     return cfg
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,12 +9,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ega_ray.registry import Registry
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ega_ray.models.weights import sha256_of
 
 
 @dataclass(frozen=True)
@@ -53,22 +47,6 @@ class Teacher(nn.Module):
         """Move to ``device`` with weights in ``dtype`` (bf16 halves the frozen network's memory and time;
         nothing here is trained). Embeddings come out as float32 either way."""
         return self.to(device=device, dtype=dtype)
-
-
-TEACHERS: Registry[Teacher] = Registry("teacher")
-
-
-def is_weights_file(weights: str) -> bool:
-    """Weights values with a path separator or a dot name files; others are hub tags (``openai``, ``DEFAULT``)."""
-    return "/" in weights or "\\" in weights or "." in weights
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def load_weights_file(path: str | Path, sha256: str | None = None) -> dict:

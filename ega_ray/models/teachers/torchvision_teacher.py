@@ -6,22 +6,19 @@
 
 from __future__ import annotations
 
-import torchvision
-
+from ega_ray.constants import IMAGENET_MEAN, IMAGENET_STD
 from ega_ray.models.students.torchvision_models import torchvision_backbone
 from ega_ray.models.teachers.base import (
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    TEACHERS,
     Teacher,
     TeacherSpec,
-    is_weights_file,
     load_weights_file,
 )
+from ega_ray.models.weights import is_weights_file
 
 
-@TEACHERS.register("torchvision:*")
 def torchvision_teacher(model_name: str, weights: str | None = None, sha256: str | None = None) -> Teacher:
+    import torchvision  # here: importing it takes seconds, and only this family needs it
+
     local = weights is not None and is_weights_file(weights)
     hub = None if (weights is None or local) else torchvision.models.get_model_weights(model_name)[weights]
     backbone = torchvision_backbone(model_name, weights=hub)

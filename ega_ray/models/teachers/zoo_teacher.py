@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import warnings
 
+from ega_ray.constants import CLIP_MEAN, CLIP_STD
 from ega_ray.models.students import build_student
 from ega_ray.models.teachers.base import (
-    CLIP_MEAN,
-    CLIP_STD,
-    TEACHERS,
     Teacher,
     TeacherSpec,
     load_weights_file,
@@ -21,7 +19,6 @@ from ega_ray.models.teachers.base import (
 )
 
 
-@TEACHERS.register("zoo:*")
 def zoo_teacher(arch: str, weights: str | None = None, sha256: str | None = None, input_size: int = 32) -> Teacher:
     backbone = build_student(arch)
     if weights is None:

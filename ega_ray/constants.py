@@ -1,0 +1,9 @@
+"""Values shared across layers (config, models, data, training). Imports nothing of the package."""
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# the column a cached or pipeline teacher's embeddings travel in, beside image, label and index
+TEACHER_EMB = "teacher_emb"
