@@ -51,5 +51,5 @@ def test_bad_method_lists_are_refused(text: str, message: str) -> None:
 
 
 def test_benchmark_resume_needs_a_benchmark(tmp_path):
-    with pytest.raises(ConfigError, match="no benchmark to resume"):
+    with pytest.raises(ConfigError, match="holds no `ega-ray benchmark` to resume"):
         run_benchmark(None, [], seeds=0, output=tmp_path, resume=True)

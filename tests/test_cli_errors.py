@@ -4,7 +4,10 @@ and nothing written that the command does not own."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -32,9 +35,9 @@ def someones_folder(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
 
-def test_no_command_touches_a_folder_it_did_not_write(tmp_path, capsys):
-    import ray
-
+def test_no_command_touches_a_folder_it_did_not_write(tmp_path):
+    """Every verb, in one fresh process (so that no other test's Ray counts): exit 2 and one line for each,
+    the folder unchanged, Ray never started."""
     home = tmp_path / "home"
     before = someones_folder(home)
     runs = [
@@ -46,12 +49,21 @@ def test_no_command_touches_a_folder_it_did_not_write(tmp_path, capsys):
         ["distill", "--output", str(home)],  # the embedded default
         ["prepare", "digits", "--out", str(home)],
     ]
-    for argv in runs:
-        assert main(argv) == 2, argv
-        line = one_line(capsys)
-        assert "home: holds files ega-ray did not write (photos/, thesis.txt)" in line, line
+    script = (
+        "import json, sys, ray\n"
+        "from ega_ray.cli import main\n"
+        "codes = [main(argv) for argv in json.loads(sys.argv[1])]\n"
+        "print(json.dumps({'codes': codes, 'ray': ray.is_initialized()}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result == {"codes": [2] * len(runs), "ray": False}, done.stderr
+    lines = [line for line in done.stderr.splitlines() if line.startswith("ega-ray")]
+    assert len(lines) == len(runs) and "Traceback" not in done.stderr, done.stderr
+    assert all("home: holds files ega-ray did not write (photos/, thesis.txt)" in line for line in lines), lines
     assert {p.name: p.read_bytes() for p in home.rglob("*") if p.is_file()} == before
-    assert not ray.is_initialized(), "refused before Ray started"
 
 
 def test_the_embedded_default_checks_every_stage_folder_before_the_first_stage(tmp_path, capsys):
