@@ -25,7 +25,7 @@ from ega_ray.data import prepare as prepare_module
 from ega_ray.data.digits import builtin_split
 from ega_ray.data.formats import FORMATS, PrepareError
 from ega_ray.data.parquet import check_split, decode_images
-from ega_ray.data.prepare import add_prepare_parser, prepare, run_prepare
+from ega_ray.data.prepare import prepare, run_prepare
 from ega_ray.errors import OutputFolderError
 
 RNG = np.random.default_rng(0)
@@ -346,9 +346,7 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ega-ray")
-    add_prepare_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return _parser().parse_args(argv)
 
 
 def test_the_cli_offers_exactly_the_registered_formats_one_file_each():

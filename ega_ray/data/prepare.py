@@ -1,6 +1,6 @@
 """``ega-ray prepare``: the writer that turns a dataset format (``ega_ray.data.formats``: CIFAR-100, STL-10,
 Tiny ImageNet, any class-per-folder image tree, the bundled digits) into ega-ray's Parquet format (see
-``ega_ray.data.parquet`` and docs/data.md).
+``ega_ray.data.parquet`` and docs/data.md). The command line's arguments are parsed in ``ega_ray.cli``.
 
 Every conversion streams: images are read, checked and encoded one at a time and written in shards of at
 most ``rows_per_file`` rows. The whole output goes to a temporary sibling folder ``.OUT.tmp-<random>``,
@@ -192,36 +192,6 @@ def prepare(
         (tmp / "prepare.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     report["out"] = str(out)
     return report
-
-
-def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``prepare NAME --src DIR --out DIR [--skip-bad] [--download]`` to ``ega-ray``'s subcommands."""
-    r = subparsers.add_parser(
-        "prepare",
-        help="convert a dataset into ega-ray's Parquet format",
-        description="Convert a dataset's official files into OUT/<split>/part-NNNNN.parquet (columns image, label, "
-        "index) and OUT/prepare.json, atomically. See docs/data.md.",
-    )
-    r.add_argument("name", choices=FORMATS.names(), help="the source format")
-    r.add_argument(
-        "--src",
-        help="the official folder (cifar-100-python/, stl10_binary/, tiny-imagenet-200/) or the image folder; "
-        f"with --download, where to download to. Not used by {', '.join(FORMATS.bundled())}",
-    )
-    r.add_argument("--out", required=True, help="output folder; receives one folder per split and prepare.json")
-    r.add_argument("--skip-bad", action="store_true", help="skip (and report) image files that cannot be decoded")
-    r.add_argument(
-        "--download",
-        action="store_true",
-        help=f"{', '.join(FORMATS.downloadable())}: download into --src with torchvision",
-    )
-    r.add_argument("--rows-per-file", type=int, default=10_000, help="rows per Parquet file (default 10000)")
-    r.add_argument(
-        "--max-pixels",
-        type=int,
-        default=MAX_PIXELS,
-        help=f"refuse image files with more pixels (default {MAX_PIXELS:,}; --skip-bad skips them)",
-    )
 
 
 def format_report(report: dict[str, Any], first: int = 5) -> str:
