@@ -8,7 +8,8 @@ import signal
 import sys
 
 from ega_ray.config import load_config
-from ega_ray.data.prepare import add_prepare_parser, run_prepare
+from ega_ray.data.formats import FORMATS
+from ega_ray.data.parquet import MAX_PIXELS
 from ega_ray.errors import find_usage_error
 from ega_ray.losses import DISTILLERS
 
@@ -65,7 +66,32 @@ def _parser() -> argparse.ArgumentParser:
         help="every method with the config's distill.gamma/beta/alpha instead of its reference weights",
     )
 
-    add_prepare_parser(sub)
+    r = sub.add_parser(
+        "prepare",
+        help="convert a dataset into ega-ray's Parquet format",
+        description="Convert a dataset's official files into OUT/<split>/part-NNNNN.parquet (columns image, label, "
+        "index) and OUT/prepare.json, atomically. See docs/data.md.",
+    )
+    r.add_argument("name", choices=FORMATS.names(), help="the source format")
+    r.add_argument(
+        "--src",
+        help="the official folder (cifar-100-python/, stl10_binary/, tiny-imagenet-200/) or the image folder; "
+        f"with --download, where to download to. Not used by {', '.join(FORMATS.bundled())}",
+    )
+    r.add_argument("--out", required=True, help="output folder; receives one folder per split and prepare.json")
+    r.add_argument("--skip-bad", action="store_true", help="skip (and report) image files that cannot be decoded")
+    r.add_argument(
+        "--download",
+        action="store_true",
+        help=f"{', '.join(FORMATS.downloadable())}: download into --src with torchvision",
+    )
+    r.add_argument("--rows-per-file", type=int, default=10_000, help="rows per Parquet file (default 10000)")
+    r.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"refuse image files with more pixels (default {MAX_PIXELS:,}; --skip-bad skips them)",
+    )
     return p
 
 
@@ -95,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     if args.command == "prepare":
+        from ega_ray.data.prepare import run_prepare
+
         return run_prepare(args)
     if args.command == "distill" and args.config is None:
         from ega_ray.embedded import run_embedded

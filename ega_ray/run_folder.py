@@ -182,6 +182,22 @@ def replace_dir(new: Path, dest: Path) -> None:
 
 
 @contextmanager
+def replacing(dest: str | Path) -> Iterator[Path]:
+    """Write a new ``dest`` whole, with no checks and no marker: yields an empty temporary sibling folder
+    ``.<name>.tmp-<random>`` (its parents created) to fill; when the block ends without error it replaces
+    ``dest`` (``replace_dir``); otherwise it is removed and ``dest`` stays as it was. The one way a folder is
+    rewritten: ``rebuild`` adds the checks, the lock and the marker of a command's output folder."""
+    dest = Path(dest)
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        replace_dir(tmp, dest)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextmanager
 def rebuild(
     dest: str | Path, kind: str, *, flag: str = "--output", record: dict[str, Any] | None = None
 ) -> Iterator[Path]:
@@ -192,20 +208,16 @@ def rebuild(
     check_target(dest, kind, flag)
     created = not dest.exists()
     _make_dir(dest, flag)  # an (empty) dest carries the lock while the new content is built
-    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:
         with locked(dest, flag):
             check_target(dest, kind, flag)
-            tmp.mkdir()
-            write_marker(tmp, new_marker(kind, **(record or {})))
-            yield tmp
-            replace_dir(tmp, dest)
+            with replacing(dest) as tmp:
+                write_marker(tmp, new_marker(kind, **(record or {})))
+                yield tmp
     except BaseException:
         if created and dest.is_dir() and not any(dest.iterdir()):
             dest.rmdir()
         raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def settings_differences(before: dict[str, Any], now: dict[str, Any], growing: str | None = None) -> list[str]:

@@ -20,9 +20,12 @@ import pytest
 from PIL import Image
 from unprivileged import as_nobody, shared_folder
 
+from ega_ray.cli import _parser
 from ega_ray.data import prepare as prepare_module
+from ega_ray.data.digits import builtin_split
+from ega_ray.data.formats import FORMATS, PrepareError
 from ega_ray.data.parquet import check_split, decode_images
-from ega_ray.data.prepare import PrepareError, add_prepare_parser, prepare, run_prepare
+from ega_ray.data.prepare import prepare, run_prepare
 from ega_ray.errors import OutputFolderError
 
 RNG = np.random.default_rng(0)
@@ -343,9 +346,34 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ega-ray")
-    add_prepare_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return _parser().parse_args(argv)
+
+
+def test_the_cli_offers_exactly_the_registered_formats_one_file_each():
+    assert FORMATS.names() == ["cifar100", "digits", "imagefolder", "stl10", "tinyimagenet"]
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    name = next(a for a in sub.choices["prepare"]._actions if a.dest == "name")
+    assert list(name.choices) == FORMATS.names()
+    files = Path(prepare_module.__file__).parent / "formats"
+    assert sorted(p.stem for p in files.glob("*.py")) == sorted([*FORMATS.names(), "__init__", "base"])
+    for format_name in FORMATS.names():  # each format registers itself, from its own file
+        assert FORMATS[format_name].open.__module__ == f"ega_ray.data.formats.{format_name}"
+    assert FORMATS.downloadable() == ["cifar100", "stl10"] and FORMATS.bundled() == ["digits"]
+
+
+def test_prepare_digits_writes_the_rows_of_builtin_digits(tmp_path):
+    report = prepare("digits", None, tmp_path / "out", log=None)
+    assert report["classes"] == [str(i) for i in range(10)] and report["source"] == "sklearn.datasets.load_digits"
+    assert report["splits"] == {
+        "train": {"rows": 1437, "files": 1, "skipped": 0},
+        "val": {"rows": 360, "files": 1, "skipped": 0},
+    }
+    for split in ("train", "val"):
+        builtin = Path(builtin_split("builtin:digits", split))
+        ours = read(tmp_path / "out" / split)
+        assert ours == read(builtin)  # images, labels and index, row for row
+        assert sorted(ours["index"]) == list(range(report["splits"][split]["rows"]))
+        assert tree(tmp_path / "out" / split) == tree(builtin), "the same Parquet files, byte for byte"
 
 
 def test_cli_error_is_one_line_and_status_2(tmp_path, capsys):
@@ -519,7 +547,8 @@ def test_sigterm_mid_prepare_cleans_up_like_ctrl_c(tmp_path):
     gradient = np.broadcast_to(np.arange(1200, dtype=np.uint8)[None, :, None], (1200, 1200, 3)).copy()
     for i in range(40):  # slow enough to be caught mid-way: ~40 ms each to check and store
         write_png(src / "a" / f"{i:02d}.png", gradient)
-    argv = ["prepare", "imagefolder", "--src", str(src), "--out", str(tmp_path / "out")]
+    # one row per file: the first part file appears after the first image, long before the last
+    argv = ["prepare", "imagefolder", "--src", str(src), "--out", str(tmp_path / "out"), "--rows-per-file", "1"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "ega_ray.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )

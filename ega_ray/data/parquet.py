@@ -5,8 +5,6 @@ See docs/data.md; ``ega_ray.data.prepare`` converts the official dataset formats
 from __future__ import annotations
 
 import io
-import shutil
-import uuid
 import warnings
 from pathlib import Path
 
@@ -17,7 +15,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from ega_ray.errors import DataError
-from ega_ray.run_folder import replace_dir
+from ega_ray.run_folder import replacing
 
 REQUIRED_COLUMNS = ("image", "label", "index")
 # The largest image decoded (pixels): a small file can expand to gigabytes (a 10000×10000 PNG is ~300 KB).
@@ -112,21 +110,16 @@ class ShardWriter:
 
 
 def write_split(out_dir: str | Path, images: np.ndarray, labels: np.ndarray, rows_per_file: int = 10_000) -> Path:
-    """Write one split atomically: into a temporary sibling folder, renamed into place at the end."""
+    """Write one split atomically (``run_folder.replacing``: into a temporary sibling folder, renamed into
+    place at the end)."""
     out_dir = Path(out_dir)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
-        with ShardWriter(tmp, rows_per_file) as writer:
-            for image, label in zip(images, labels, strict=True):
-                writer.add(encode_png(image), int(label))
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replacing(out_dir) as tmp, ShardWriter(tmp, rows_per_file) as writer:
+        for image, label in zip(images, labels, strict=True):
+            writer.add(encode_png(image), int(label))
     return out_dir
 
 
