@@ -20,7 +20,6 @@ from PIL import Image, UnidentifiedImageError
 
 from ega_ray.data.parquet import MAX_PIXELS, encode_png, open_image, to_rgb8
 from ega_ray.errors import UsageError
-from ega_ray.registry import Registry
 
 KEEP_FORMATS = frozenset({"PNG", "JPEG"})  # stored as the original file bytes; anything else → PNG
 HIGH_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})  # re-encoded as 8-bit PNG (scaled)
@@ -82,11 +81,12 @@ class Format:
         return self.bundled_with is None
 
 
-class FormatRegistry(Registry[Source]):
-    """The project's name → opener registry, keeping the rest of each ``Format`` beside it."""
+class FormatRegistry:
+    """Format name → its ``Format`` (opener and attributes), filled by ``@FORMATS.register`` in each format's
+    file. The formats are light (no torch), so they register as they are imported, timm-style, unlike the
+    model and loss registries, whose tables name modules imported only when used."""
 
     def __init__(self) -> None:
-        super().__init__("dataset")
         self._formats: dict[str, Format] = {}
 
     def register(
@@ -98,18 +98,28 @@ class FormatRegistry(Registry[Source]):
         no_download: str | None = None,
     ) -> Callable[[Opener], Opener]:
         """Decorate the opener of format ``name`` (see ``Format`` for the keywords)."""
-        add = super().register(name)
 
         def deco(opener: Opener) -> Opener:
-            add(opener)
+            if name in self._formats:
+                raise ValueError(f"dataset format {name!r} is registered twice")
             self._formats[name] = Format(name, opener, bundled_with, download, no_download)
             return opener
 
         return deco
 
+    def names(self) -> list[str]:
+        return sorted(self._formats)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._formats
+
+    def check(self, name: str) -> str:
+        if name not in self._formats:
+            raise ValueError(f"unknown dataset {name!r}; allowed: {', '.join(self.names())}")
+        return name
+
     def __getitem__(self, name: str) -> Format:
-        self.check(name)
-        return self._formats[name]
+        return self._formats[self.check(name)]
 
     def downloadable(self) -> list[str]:
         """The formats ``--download`` can fetch."""
