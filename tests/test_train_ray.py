@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from ray.train import TrainingFailedError
+from test_tracking import read_scalars
 
 from ega_ray.config import load_config
 from ega_ray.errors import OutputFolderError
@@ -36,6 +37,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, local_ray):
     with pytest.raises(TrainingFailedError):
         run_distill(cfg)
     run_dir = tmp_path / "run"
+    # recorded as the run went, not when it ended: the failed run left its first epoch
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [1]
     first = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(first) == 1, "the failed run keeps the checkpoint of epoch 1"
     state = torch.load(first[0] / "state.pt", weights_only=True)
@@ -58,6 +61,7 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, local_ray):
     assert run_distill(smoke(tmp_path, "optim.epochs=4", "run.max_failures=0"))["epochs"] == 4
     assert [(int(r["epoch"]), int(r["restarts"])) for r in read_metrics(run_dir)] == [(1, 0), (2, 1), (3, 1), (4, 2)]
 
+    assert [step for step, _ in read_scalars(run_dir / "tensorboard")["val/top1"]] == [1, 2, 3, 4]
     # the latest checkpoint is the one Ray Train registered, not the newest-looking folder on disk
     stray = run_dir / "checkpoint_2099-12-31_23-59-59.999999"
     stray.mkdir()

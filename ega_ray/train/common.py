@@ -113,59 +113,29 @@ def maybe_inject_failure(epoch: int, fail_after_epoch: int | None, marker_dir: s
 
 
 class Progress:
-    """What rank 0 shows while a run trains: Ray's distributed progress bar (``ray.experimental.tqdm_ray``,
-    drawn by the driver) over the run's steps, and one log line per epoch (and every ``every_s`` seconds
-    within long epochs) with an ETA, which is what job logs and Tune trials keep."""
+    """The step progress bar that rank 0 draws while a run trains (``ray.experimental.tqdm_ray``: drawn by the
+    driver, so it works on any node). The one line per epoch is printed by the driver
+    (``tracking.epoch_lines``), from what every epoch reports."""
 
-    def __init__(
-        self,
-        label: str,
-        total_epochs: int,
-        start_epoch: int,
-        steps_per_epoch: int | None = None,
-        bar: bool = True,
-        every_s: float = 30.0,
-    ) -> None:
-        self.label, self.total, self.start_epoch, self.every_s = label, total_epochs, start_epoch, every_s
-        self.t0 = self.last = time.monotonic()
-        self.rank0 = ray.train.get_context().get_world_rank() == 0
-        self.bar = None
-        if self.rank0 and bar and steps_per_epoch:
+    def __init__(self, label: str, total_epochs: int, start_epoch: int, steps_per_epoch: int, bar: bool) -> None:
+        self.label, self.total, self.bar = label, total_epochs, None
+        if bar and ray.train.get_context().get_world_rank() == 0 and steps_per_epoch:
             from ray.experimental.tqdm_ray import tqdm
 
-            remaining = total_epochs - start_epoch
-            self.bar = tqdm(total=steps_per_epoch * remaining, desc=f"{label} epoch {start_epoch + 1}/{total_epochs}")
-        if self.rank0 and start_epoch > 0:
-            self._print(f"resumed from the checkpoint of epoch {start_epoch}")
+            steps = steps_per_epoch * (total_epochs - start_epoch)
+            self.bar = tqdm(total=steps, desc=f"{label} epoch {start_epoch + 1}/{total_epochs}")
 
-    def _print(self, text: str) -> None:
-        # through logging: Ray Train's worker print() patch would emit a print to sys.stdout twice
-        logger.info("[%s] %s", self.label, text)
-
-    def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
-        if not self.rank0:
-            return
+    def step(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self._print(f"epoch {epoch + 1}/{self.total} step {step} loss {loss.item():.4f}")
 
-    def epoch(self, epoch: int, metrics: dict) -> None:
-        if not self.rank0:
+    def epoch_done(self, epoch: int) -> None:
+        if self.bar is None:
             return
-        done = epoch + 1 - self.start_epoch
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed / done * (self.total - epoch - 1)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        self._print(f"epoch {epoch + 1}/{self.total} | {shown} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
-        self.last = time.monotonic()
-        if self.bar is not None:
-            if epoch + 1 < self.total:
-                self.bar.set_description(f"{self.label} epoch {epoch + 2}/{self.total}")
-            else:
-                self.bar.close()
+        if epoch + 1 < self.total:
+            self.bar.set_description(f"{self.label} epoch {epoch + 2}/{self.total}")
+        else:
+            self.bar.close()
 
 
 class StepTimer:

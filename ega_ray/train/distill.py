@@ -50,6 +50,7 @@ from ega_ray.train.common import (
     torch_threads,
     unwrap,
 )
+from ega_ray.train.tracking import quiet_ray_logs
 
 EVAL_BATCH = 256
 
@@ -257,6 +258,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch_threads(cfg.scaling.cpus_per_worker)
+    quiet_ray_logs(cfg.run.verbose)
     seed_everything(seed)  # identical initial weights on every rank
     p = build_parts(cfg, device, args.num_classes, args.teacher_dim, args.num_indices, ray.train.torch.prepare_model)
     saved = p.checkpointed()
@@ -273,7 +275,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     per_worker = o.batch_size // world
     val_rows = ValidationRows(args, rank, world, device)
     steps_per_epoch = min(args.num_train // o.batch_size, o.max_steps_per_epoch or args.num_train)
-    progress = Progress(f"distill {cfg.run.name}", o.epochs, start_epoch, steps_per_epoch, args.progress_bar)
+    progress = Progress(cfg.run.name, o.epochs, start_epoch, steps_per_epoch, args.progress_bar)
 
     for epoch in range(start_epoch, o.epochs):
         # --- train one epoch on this worker's shard
@@ -297,7 +299,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             sums += torch.stack(losses).double()
             steps += 1
             timer.step()
-            progress.step(epoch, step, losses.loss)
+            progress.step()
         timer.stop()
         lr = p.opt_s.param_groups[0]["lr"]
         p.sched_s.step()
@@ -331,7 +333,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         if metrics["val_top1"] > best["val_top1"]:
             best = {"val_top1": metrics["val_top1"], "epoch": epoch + 1}
         metrics |= {"best_val_top1": best["val_top1"], "best_epoch": best["epoch"]}
-        progress.epoch(epoch, metrics)
+        progress.epoch_done(epoch)
         # --- checkpoint every epoch: everything needed to resume exactly here
         state = saved.state(
             epoch=epoch + 1, history=history, best=best, num_classes=args.num_classes, restarts=restarts, seed=seed

@@ -5,6 +5,7 @@ fit, and write the run folder from the reported checkpoints.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import sys
@@ -18,12 +19,14 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ega_ray.config import Config
-from ega_ray.data.parquet import decode_images, mask_labels, read_decoded
+from ega_ray.data.images import decode_images
+from ega_ray.data.parquet import mask_labels, read_decoded
 from ega_ray.errors import ConfigError
 from ega_ray.teacher_modes import TEACHER_MODES
 from ega_ray.train.common import load_state
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
 from ega_ray.train.preflight import PreparedData, check_distill, check_student, prepare_data, resolve, run_folder
+from ega_ray.train.tracking import RunRecorder, epoch_lines, quiet_ray_logs
 
 MATERIALIZE_AUTO_BYTES = 2 << 30
 VAL_IN_MEMORY_BYTES = 256 << 20
@@ -36,6 +39,7 @@ def configure_ray_data() -> None:
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.raise_original_map_exception = True
+    ctx.print_on_execution_start = False  # Ray Data's execution plans: Ray's, not the run's
 
 
 def connect_ray(cfg: Config) -> None:
@@ -47,15 +51,24 @@ def connect_ray(cfg: Config) -> None:
     running on this machine, and refuse the CPU count.
     """
     configure_ray_data()
+    quiet_ray_logs(cfg.run.verbose)
     if ray.is_initialized():
         return
+    level = logging.INFO if cfg.run.verbose else logging.WARNING  # Ray's own INFO lines only with --verbose
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=level)
         return
     s, t = cfg.scaling, cfg.teacher
     teacher_actor_cpus = 0.0 if s.use_gpu else t.actors * t.actor_cpus
     needed = math.ceil(s.num_workers * s.cpus_per_worker + teacher_actor_cpus) + 1
-    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed))
+    # a preemption watcher is for spot nodes of a cluster; on one machine it only adds an actor (and Ray's
+    # error-looking note about its arguments)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Data's processes (its coordinators, the workers' iterators) warn about settings made on purpose,
+    # and Ray's own code about its deprecated internals: not the run's business unless --verbose
+    quiet = {"RAY_DATA_LOG_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env = {} if cfg.run.verbose else {"runtime_env": {"env_vars": quiet}}
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), logging_level=level, **env)
 
 
 def decoded_splits(
@@ -91,14 +104,19 @@ def fit(
     datasets: dict[str, ray.data.Dataset],
     args: Any,
     score: str | None,
+    epochs: int,
     callbacks: list | None = None,
+    console: bool = True,
 ) -> ray.train.Result:
     """One TorchTrainer over ``datasets`` (``train`` split between the workers), resuming from the run's
-    latest checkpoint when it has one; keeps the best (by ``score``) and the latest checkpoints."""
+    latest checkpoint when it has one; keeps the best (by ``score``) and the latest checkpoints. Every epoch
+    is recorded in the run folder (``RunRecorder``) and, with ``console``, printed as one line."""
     keep = {"checkpoint_score_attribute": score, "checkpoint_score_order": "max"} if score else {}
+    out, config = cfg.output_dir, cfg.model_dump(mode="json")
+    recorder = RunRecorder(str(out), cfg.run.name, epochs, cfg.run.loggers, config, cfg.run.verbose)
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), "args": args},
+        train_loop_config={"cfg": config, "args": args},
         scaling_config=ScalingConfig(
             num_workers=cfg.scaling.num_workers,
             use_gpu=cfg.scaling.use_gpu,
@@ -109,18 +127,23 @@ def fit(
             name=cfg.output_dir.name,
             storage_path=cfg.checkpoint_root,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=callbacks,
+            callbacks=[recorder, *(callbacks or [])],
             checkpoint_config=CheckpointConfig(num_to_keep=1, **keep),  # the latest is always kept too
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    if not console:
+        return trainer.fit()
+    with epoch_lines(out, cfg.run.name, epochs):
+        return trainer.fit()
 
 
-def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
+def run_distill(cfg: Config, callbacks: list | None = None, console: bool = True) -> dict[str, Any]:
     """Check, train with Ray Train, write the run folder; returns the summary. ``callbacks``: Ray Train
-    callbacks (a Tune trial passes the one that forwards metrics to Tune)."""
+    callbacks (a Tune trial passes the one that forwards metrics to Tune, and no ``console``: Tune's trial
+    table is the display)."""
     from ega_ray.train.distill import WorkerArgs, train_func_per_worker
 
     cfg = resolve(cfg)
@@ -148,7 +171,7 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
             train, val, materialized = decoded_splits(cfg, data, with_val=not val_on_driver)
             train, val = mode.wire(cfg, data, train, val, actors, materialized)
             datasets = {"train": train} | ({} if val_on_driver else {"val": val})
-            result = fit(cfg, train_func_per_worker, datasets, args, "val_top1", callbacks)
+            result = fit(cfg, train_func_per_worker, datasets, args, "val_top1", cfg.optim.epochs, callbacks, console)
             mode_summary = mode.summary(actors)
         return write_distill_outputs(cfg, data, result, out, time.time() - t0) | mode_summary
 
@@ -214,7 +237,8 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         t0 = time.time()
         connect_ray(cfg)
         train, val, _ = decoded_splits(cfg, data)
-        result = fit(cfg, pretrain_func_per_worker, {"train": train, "knn_train": train, "val": val}, None, None)
+        datasets = {"train": train, "knn_train": train, "val": val}
+        result = fit(cfg, pretrain_func_per_worker, datasets, None, None, cfg.pretrain.epochs)
         state = load_state(result.checkpoint)
         history = state["history"]
         write_metrics_csv(history, out / "metrics.csv")
