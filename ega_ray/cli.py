@@ -7,9 +7,8 @@ import json
 import signal
 import sys
 
-from ega_ray.config import load_config
+from ega_ray.constants import MAX_PIXELS
 from ega_ray.data.formats import FORMATS
-from ega_ray.data.parquet import MAX_PIXELS
 from ega_ray.errors import find_usage_error
 from ega_ray.losses import DISTILLERS
 
@@ -25,6 +24,7 @@ def _config_args(p: argparse.ArgumentParser, config_help: str, required: bool = 
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set optim.epochs=10 (repeatable)",
     )
+    p.add_argument("--verbose", action="store_true", help="show Ray's own INFO logs too (run.verbose)")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -115,15 +115,22 @@ def main(argv: list[str] | None = None) -> int:
         found = find_usage_error(err)
         if found is None:
             raise
-        print(f"ega-ray: {found.label}: {' '.join(str(found).split())}", file=sys.stderr)
+        for problem in found.problems:  # one line each (every problem of a config file at once)
+            print(f"ega-ray: {found.label}: {problem}", file=sys.stderr)
         return 2
 
 
 def _run(args: argparse.Namespace) -> int:
+    from ega_ray.config import load_config  # here, not at import: `ega-ray --help` stays fast
+    from ega_ray.lockfile import check_environment
+
+    check_environment()  # under `ray job submit`: this node runs the lock's versions
     if args.command == "prepare":
         from ega_ray.data.prepare import run_prepare
 
         return run_prepare(args)
+    if args.verbose:
+        args.overrides.append("run.verbose=true")
     if args.command == "distill" and args.config is None:
         from ega_ray.embedded import run_embedded
 

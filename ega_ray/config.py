@@ -35,6 +35,12 @@ EXECUTION_FIELDS = (
     "run.output",
     "run.name",
     "run.progress_bar",
+    "run.verbose",
+    "run.loggers",
+    "run.wandb_project",
+    "run.wandb_mode",
+    "run.mlflow_tracking_uri",
+    "run.mlflow_experiment",
     "run.max_failures",
     "run.fail_after_epoch",
     "data.prefetch_batches",
@@ -308,12 +314,31 @@ class RunSection(_Section):
     )
     seed: int = 0
     progress_bar: bool | None = Field(
-        None, description="Ray's progress bar over the run's steps; default: when the driver runs in a terminal"
+        None, description="a progress bar over the run's steps; default: when the driver runs in a terminal"
     )
+    verbose: bool = Field(False, description="show Ray's own INFO logs (reports, checkpoints, Ray Data plans)")
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"],
+        description="trackers every epoch is logged to, beside metrics.csv; wandb and mlflow need the extra [tracking]",
+    )
+    wandb_project: str = Field("ega-ray", description="Weights & Biases project")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="offline: no network (`wandb sync` later)")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: file:<run folder>/mlruns")
+    mlflow_experiment: str = Field("ega-ray", description="MLflow experiment name")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
     fail_after_epoch: int | None = Field(
         None, ge=1, description="testing: raise once after this epoch's checkpoint, to exercise recovery"
     )
+
+    @field_validator("loggers")
+    @classmethod
+    def _installed(cls, v: list[str]) -> list[str]:
+        import importlib.util
+
+        for name, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+            if name in v and importlib.util.find_spec(module) is None:
+                raise ValueError(f"{name} needs the optional extra: pip install 'ega-ray[tracking]'")
+        return v
 
 
 class Config(_Section):
@@ -397,18 +422,18 @@ class Config(_Section):
         return self.run.storage or str(self.output_dir.parent)
 
 
-def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
+def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
+    """One of pydantic's errors as one line naming the field."""
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
         parent: Any = model
-        for part in first["loc"][:-1]:
+        for part in error["loc"][:-1]:
             parent = parent.model_fields[str(part)].annotation
         return f"{loc}: unknown field; allowed here: {', '.join(parent.model_fields)}"
-    if first["type"] == "missing":
+    if error["type"] == "missing":
         return f"{loc}: required field is missing"
-    msg = first["msg"].removeprefix("Value error, ")
-    got = first.get("input")
+    msg = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
     suffix = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{loc}: {msg}{suffix}" if loc else f"{msg}{suffix}"
 
@@ -433,10 +458,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
+    """The validated config; a ConfigError with one line per problem, every field's problems at once (the
+    rules that relate fields of several sections are checked once every field is valid)."""
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, Config)) from None
+        raise ConfigError(*dict.fromkeys(_format_error(e, Config) for e in err.errors())) from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:

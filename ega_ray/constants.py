@@ -7,3 +7,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # the column a cached or pipeline teacher's embeddings travel in, beside image, label and index
 TEACHER_EMB = "teacher_emb"
+
+# The largest image decoded (pixels): a small file can expand to gigabytes (a 10000×10000 PNG is ~300 KB).
+# ``ega-ray prepare --max-pixels`` refuses larger ones when a dataset is converted; this guards the readers.
+MAX_PIXELS = 50_000_000

@@ -5,9 +5,14 @@ from __future__ import annotations
 
 
 class UsageError(ValueError):
-    """Bad input the user can correct; ``label`` heads the CLI's one-line message."""
+    """Bad input the user can correct; ``label`` heads the CLI's one-line message. Given several messages
+    (every problem of a config file), it holds them all: ``problems``, one line each."""
 
     label = "error"
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = [" ".join(p.split()) for p in problems] or [""]
 
 
 class ConfigError(UsageError):

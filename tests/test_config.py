@@ -435,3 +435,30 @@ def test_paper_scale_configs_follow_the_seed_recipe(path) -> None:
     assert cfg.optim.scaled_lr(cfg.optim.lr) == pytest.approx(0.05 * cfg.optim.batch_size / 64)
     assert cfg.scaling.use_gpu and cfg.run.max_failures > 0
     assert "GPU-hours" in path.read_text(), "each recipe states the compute it needs"
+
+
+def test_every_problem_of_a_file_at_once_and_help_without_torch_or_ray(tmp_path: Path) -> None:
+    """A config error lists every field's problem, one line each; neither it nor --help imports torch or Ray
+    (which is what keeps both near a second on a small machine)."""
+    bad = _write(
+        tmp_path / "bad.yaml",
+        _raw(distill={"temperature": 0, "bogus": 1}, optim={"epochs": 0}, teacher={"name": "nope:x"}),
+    )
+    script = (
+        "import sys\n"
+        "from ega_ray.cli import main\n"
+        "for argv in (['--help'], ['distill', '--help'], ['distill', '--config', sys.argv[1]]):\n"
+        "    try:\n"
+        "        code = main(argv)\n"
+        "    except SystemExit as done:\n"
+        "        code = done.code\n"
+        "    print(code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(bad)], capture_output=True, text=True, timeout=120)
+    results = [line for line in done.stdout.splitlines() if line[:1].isdigit()]  # the help texts go there too
+    assert results == ["0 []", "0 []", "2 []"], done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert [line.split(":")[2].strip() for line in lines] == [
+        "teacher.name", "distill.temperature", "distill.bogus", "optim.epochs"
+    ], lines  # fmt: skip
+    assert all(line.startswith("ega-ray: config error: ") for line in lines)

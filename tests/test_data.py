@@ -12,7 +12,8 @@ from PIL import Image
 
 from ega_ray.data.augment import ViewMaker, random_crop_flip, resize, simclr_view
 from ega_ray.data.digits import digits_images, prepare_digits
-from ega_ray.data.parquet import check_split, decode_images, mask_labels, stratified_label_mask, write_split
+from ega_ray.data.images import decode_images
+from ega_ray.data.parquet import check_split, mask_labels, stratified_label_mask, write_split
 from ega_ray.models.teachers.base import TeacherSpec
 
 
@@ -204,7 +205,7 @@ def test_an_undecodable_image_names_its_split_and_row():
 
 
 def test_decoding_refuses_a_decompression_bomb_and_scales_16_bit_images():
-    from ega_ray.data.parquet import MAX_PIXELS
+    from ega_ray.data.images import MAX_PIXELS
     from ega_ray.errors import DataError
 
     side = int(MAX_PIXELS**0.5) + 1

@@ -24,7 +24,8 @@ from ega_ray.cli import _parser
 from ega_ray.data import prepare as prepare_module
 from ega_ray.data.digits import builtin_split
 from ega_ray.data.formats import FORMATS, PrepareError
-from ega_ray.data.parquet import check_split, decode_images
+from ega_ray.data.images import decode_images
+from ega_ray.data.parquet import check_split
 from ega_ray.data.prepare import prepare, run_prepare
 from ega_ray.errors import OutputFolderError
 

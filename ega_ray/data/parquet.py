@@ -4,31 +4,17 @@ See docs/data.md; ``ega_ray.data.prepare`` converts the official dataset formats
 
 from __future__ import annotations
 
-import io
-import warnings
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from PIL import Image
 
-from ega_ray.errors import DataError
+from ega_ray.data.images import decode_images, encode_png
 from ega_ray.run_folder import replacing
 
 REQUIRED_COLUMNS = ("image", "label", "index")
-# The largest image decoded (pixels): a small file can expand to gigabytes (a 10000×10000 PNG is ~300 KB).
-# ``ega-ray prepare --max-pixels`` refuses larger ones when a dataset is converted; this guards the readers.
-MAX_PIXELS = 50_000_000
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
 
 
@@ -152,51 +138,6 @@ def check_split(path: str, field: str) -> int:
     if rows == 0:
         raise ValueError(f"{field}: {path!r} has no rows")
     return rows
-
-
-def to_rgb8(im: Image.Image) -> np.ndarray:
-    """An opened image as uint8 (H, W, 3). 16-bit images are scaled to 8 bits (PIL's own conversion would
-    clip every value above 255 to white); everything else goes through PIL's RGB conversion."""
-    if im.mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):  # 16-bit grayscale (PIL opens some as 32-bit "I")
-        gray = np.asarray(im).astype(np.int64).clip(0, 65535) >> 8
-        return np.repeat(gray.astype(np.uint8)[..., None], 3, axis=-1)
-    return np.asarray(im.convert("RGB"), dtype=np.uint8)
-
-
-def open_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
-    """Open encoded image bytes, refusing (ValueError) more than ``max_pixels`` before any pixel is decoded."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own limit below decides
-        im = Image.open(io.BytesIO(data))
-    w, h = im.size
-    if w * h > max_pixels:
-        raise ValueError(f"{w}×{h} = {w * h:,} pixels is over the limit of {max_pixels:,}")
-    return im
-
-
-def decode_images(batch: dict[str, np.ndarray], image_size: int, split: str = "images") -> dict[str, np.ndarray]:
-    """Ray Data batch transform: PNG/JPEG bytes (or uint8 arrays) → uint8 (N, S, S, 3). An image that cannot
-    be decoded stops the run with a DataError naming ``split`` and the row's ``index``."""
-    out = []
-    for i, item in enumerate(batch["image"]):
-        if isinstance(item, (bytes, bytearray)):
-            try:
-                im = open_image(item)
-                im.load()
-                rgb = to_rgb8(im)
-            except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError…
-                row = f"index {batch['index'][i]}" if "index" in batch else f"batch row {i}"
-                raise DataError(
-                    f"{split}: the image of the row with {row} cannot be decoded ({type(err).__name__}: {err}); "
-                    "convert the data with `ega-ray prepare` (its --skip-bad leaves such images out)"
-                ) from None
-            if rgb.shape[:2] != (image_size, image_size):
-                rgb = np.asarray(Image.fromarray(rgb).resize((image_size, image_size), Image.BICUBIC))
-            out.append(rgb)
-        else:
-            out.append(np.asarray(item, dtype=np.uint8))
-    batch["image"] = np.stack(out)
-    return batch
 
 
 def check_labels(path: str, field: str, rows: int, unlabeled_ok: bool) -> tuple[np.ndarray, np.ndarray]:

@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+from ega_ray.constants import MAX_PIXELS
 from ega_ray.data.formats import FORMATS, BadImage, Format, PrepareError, Source, Split
 from ega_ray.data.formats.base import is_real_dir
-from ega_ray.data.parquet import MAX_PIXELS, ShardWriter
+from ega_ray.data.parquet import ShardWriter
 from ega_ray.errors import UsageError
 from ega_ray.run_folder import check_target, new_marker, read_marker, rebuild, write_marker
 

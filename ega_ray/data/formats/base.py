@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ega_ray.data.parquet import MAX_PIXELS, encode_png, open_image, to_rgb8
+from ega_ray.data.images import MAX_PIXELS, encode_png, open_image, to_rgb8
 from ega_ray.errors import UsageError
 
 KEEP_FORMATS = frozenset({"PNG", "JPEG"})  # stored as the original file bytes; anything else → PNG
