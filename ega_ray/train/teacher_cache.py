@@ -16,7 +16,7 @@ import ray.data
 
 from ega_ray.config import Config
 from ega_ray.data.cache_format import expected_manifest, file_digests
-from ega_ray.data.parquet import decode_images
+from ega_ray.data.images import decode_images
 from ega_ray.data.teacher_stage import embed_with_actor_pool
 from ega_ray.errors import ConfigError
 from ega_ray.run_folder import rebuild
