@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import open_clip
 import pytest
@@ -11,9 +12,11 @@ import torch
 import torchvision
 
 from ega_ray.config import CLIP_MEAN
+from ega_ray.constants import IMAGENET_MEAN, IMAGENET_STD
 from ega_ray.models import build_student, build_teacher
 from ega_ray.models.teachers.base import sha256_of
 from ega_ray.models.teachers.ssl_teacher import save_ssl_teacher
+from ega_ray.models.teachers.torchvision_teacher import hub_weights, spec_from_weights
 
 
 def same_weights(a: torch.nn.Module, b: torch.nn.Module) -> bool:
@@ -76,6 +79,60 @@ def test_torchvision_teacher_from_a_local_file(tmp_path):
     teacher = build_teacher("torchvision:resnet18", weights=str(tmp_path / "r18.pth"))
     assert torch.equal(teacher.encoder.conv1.weight, model.conv1.weight)
     assert teacher(torch.randn(2, 3, 64, 64)).shape == (2, 512)
+
+
+@pytest.mark.parametrize(
+    ("model", "tag", "view"),
+    [  # (input size, resize size, interpolation, mean, std) as torchvision's metadata declares them
+        ("resnet50", "IMAGENET1K_V1", (224, 256, "bilinear", IMAGENET_MEAN, IMAGENET_STD)),
+        ("resnet50", "DEFAULT", (224, 232, "bilinear", IMAGENET_MEAN, IMAGENET_STD)),
+        ("swin_t", "IMAGENET1K_V1", (224, 232, "bicubic", IMAGENET_MEAN, IMAGENET_STD)),
+        ("vit_b_16", "IMAGENET1K_SWAG_E2E_V1", (384, None, "bicubic", IMAGENET_MEAN, IMAGENET_STD)),
+        ("efficientnet_v2_l", "IMAGENET1K_V1", (480, None, "bicubic", (0.5,) * 3, (0.5,) * 3)),
+    ],
+)
+def test_torchvision_hub_weights_give_the_view_of_their_own_transforms(model, tag, view):
+    """The spec a hub teacher gets, from the weights' metadata (the builder reads it before downloading)."""
+    spec = spec_from_weights(hub_weights(model, tag), embed_dim=7)
+    assert (spec.input_size, spec.resize_size, spec.interpolation) == view[:3]
+    assert spec.mean == pytest.approx(view[3]) and spec.std == pytest.approx(view[4]) and spec.embed_dim == 7
+
+
+def test_a_local_torchvision_file_takes_the_view_of_the_weights_its_name_tags(tmp_path):
+    torch.manual_seed(0)
+    model = torchvision.models.efficientnet_b0(weights=None)
+    torch.save(model.state_dict(), tmp_path / "b0.pth")
+    plain = build_teacher("torchvision:efficientnet_b0", weights=str(tmp_path / "b0.pth")).spec
+    assert (plain.input_size, plain.resize_size, plain.interpolation, plain.mean) == (
+        224,
+        None,
+        "bilinear",
+        IMAGENET_MEAN,
+    )
+    teacher = build_teacher("torchvision:efficientnet_b0.IMAGENET1K_V1", weights=str(tmp_path / "b0.pth"))
+    assert (teacher.spec.input_size, teacher.spec.resize_size, teacher.spec.interpolation) == (224, 256, "bicubic")
+    assert torch.equal(teacher.encoder.features[0][0].weight, model.features[0][0].weight)
+    assert teacher.name == "torchvision:efficientnet_b0.IMAGENET1K_V1" and teacher.spec.embed_dim == 1280
+
+
+def test_torchvision_tags_are_checked_before_anything_downloads(tmp_path):
+    with pytest.raises(
+        ValueError, match="the name says ResNet50_Weights.IMAGENET1K_V1, teacher.weights ResNet50_Weights.IMAGENET1K_V2"
+    ):
+        build_teacher("torchvision:resnet50.IMAGENET1K_V1", weights="IMAGENET1K_V2")
+    with pytest.raises(KeyError, match="no weights 'IMAGENET9K'; known: IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"):
+        build_teacher("torchvision:resnet50.IMAGENET9K")
+    with pytest.raises(KeyError, match="unknown torchvision model 'resnet5O'"):
+        build_teacher("torchvision:resnet5O", weights="DEFAULT")
+    assert build_teacher("torchvision:resnet18.DEFAULT").spec.resize_size == 256  # null weights: random init
+
+
+def test_a_file_named_as_torchvision_names_its_download_gets_a_hint(tmp_path):
+    model = torchvision.models.resnet18(weights=None)
+    path = tmp_path / Path(torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url).name
+    torch.save(model.state_dict(), path)
+    with pytest.warns(UserWarning, match="teacher.name torchvision:resnet18.IMAGENET1K_V1"):
+        build_teacher("torchvision:resnet18", weights=str(path))
 
 
 def test_ssl_teacher_round_trip(tmp_path):

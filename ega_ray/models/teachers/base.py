@@ -15,13 +15,19 @@ from ega_ray.models.weights import sha256_of
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """What a teacher expects of its input, and the width of what it returns."""
+    """What a teacher expects of its input, and the width of what it returns.
+
+    The teacher's view of an image: resized to ``input_size`` with ``interpolation``, or, with ``resize_size``,
+    resized to that and center-cropped to ``input_size`` (torchvision's evaluation transform); then
+    normalized with ``mean`` and ``std``.
+    """
 
     embed_dim: int
     input_size: int
     interpolation: str  # "bicubic" | "bilinear" | "nearest"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_size: int | None = None
 
 
 class Teacher(nn.Module):
