@@ -130,7 +130,14 @@ def test_baseline_fields() -> None:
 
 
 def test_teacher_families_accepted() -> None:
-    for name in ("open_clip:RN50", "timm:resnet18", "torchvision:resnet18", "ssl", "zoo:resnet32x4"):
+    for name in (
+        "open_clip:RN50",
+        "timm:resnet18",
+        "torchvision:resnet18",
+        "ssl",
+        "zoo:resnet32x4",
+        "repdistiller:vgg13",
+    ):
         assert parse_config(_raw(teacher={"name": name})).teacher.name == name
     assert parse_config(_raw(student={"name": "torchvision:mobilenet_v3_small"})).student.name.startswith("torch")
 

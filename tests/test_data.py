@@ -117,6 +117,28 @@ def test_views_have_the_teachers_geometry_and_statistics():
     assert t.min() >= (0 - 0.4) / 0.2 - 1e-5 and t.max() <= (1 - 0.4) / 0.2 + 1e-5  # bicubic is clamped
 
 
+def test_a_teacher_with_a_resize_size_sees_a_center_crop_as_torchvisions_transform_makes_it():
+    """torchvision's evaluation transform: resize to resize_size, then the central crop_size window."""
+    import torchvision.transforms.v2.functional as TF
+
+    images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
+    spec = TeacherSpec(512, 224, "bicubic", (0.4, 0.4, 0.4), (0.2, 0.2, 0.2), resize_size=256)
+    views = ViewMaker(
+        pad=4,
+        flip=True,
+        student_size=32,
+        student_mean=(0.5,) * 3,
+        student_std=(0.25,) * 3,
+        device=torch.device("cpu"),
+        teacher=spec,
+    )
+    assert views.teacher(images, train=True).shape == (2, 3, 224, 224)
+    x = resize(images.permute(0, 3, 1, 2).float() / 255, 256, "bicubic")
+    ref = (TF.center_crop(x, [224, 224]) - 0.4) / 0.2
+    assert torch.equal(views.teacher(images, train=False), ref)
+    assert torch.equal(ref, (x[..., 16:240, 16:240] - 0.4) / 0.2)
+
+
 def test_simclr_views_differ_and_stay_in_range():
     x = torch.rand(8, 3, 32, 32)
     g = torch.Generator().manual_seed(0)

@@ -54,7 +54,8 @@ def expected_manifest(cfg: Config, spec) -> dict[str, Any]:
             "mean": list(spec.mean),
             "std": list(spec.std),
             "image_size": cfg.data.image_size,
-        },
+        }
+        | ({"resize_size": spec.resize_size} if spec.resize_size is not None else {}),
         "data_fingerprint": split_fingerprint(cfg.data.train),
     }
 

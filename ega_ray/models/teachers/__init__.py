@@ -1,4 +1,5 @@
-"""Frozen teachers by name: ``open_clip:ViT-B-32``, ``timm:NAME``, ``torchvision:NAME``, ``ssl``, ``zoo:NAME``.
+"""Frozen teachers by name: ``open_clip:ViT-B-32``, ``timm:NAME``, ``torchvision:NAME``, ``ssl``, ``zoo:NAME``,
+``repdistiller:NAME`` and ``mdistiller:NAME``.
 
 The table below is the registry (see ``ega_ray.registry``): a new teacher family is its file plus a line.
 """
@@ -19,6 +20,8 @@ TEACHERS: Registry[Teacher] = Registry(
         "timm:*": "ega_ray.models.teachers.timm_teacher:timm_teacher",
         "torchvision:*": "ega_ray.models.teachers.torchvision_teacher:torchvision_teacher",
         "zoo:*": "ega_ray.models.teachers.zoo_teacher:zoo_teacher",
+        "repdistiller:*": "ega_ray.models.teachers.repdistiller_teacher:repdistiller_teacher",
+        "mdistiller:*": "ega_ray.models.teachers.repdistiller_teacher:mdistiller_teacher",
         "ssl": "ega_ray.models.teachers.ssl_teacher:ssl_teacher",
     },
 )

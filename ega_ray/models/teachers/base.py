@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,13 +15,19 @@ from ega_ray.models.weights import sha256_of
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """What a teacher expects of its input, and the width of what it returns."""
+    """What a teacher expects of its input, and the width of what it returns.
+
+    The teacher's view of an image: resized to ``input_size`` with ``interpolation``, or, with ``resize_size``,
+    resized to that and center-cropped to ``input_size`` (torchvision's evaluation transform); then
+    normalized with ``mean`` and ``std``.
+    """
 
     embed_dim: int
     input_size: int
     interpolation: str  # "bicubic" | "bilinear" | "nearest"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_size: int | None = None
 
 
 class Teacher(nn.Module):
@@ -49,8 +56,14 @@ class Teacher(nn.Module):
         return self.to(device=device, dtype=dtype)
 
 
-def load_weights_file(path: str | Path, sha256: str | None = None) -> dict:
-    """Load a weights file safely: safetensors, or torch.load(weights_only=True); check SHA-256 if given."""
+def load_weights_file(path: str | Path, sha256: str | None = None, allow: Sequence[type] = ()) -> dict:
+    """Load a weights file safely: safetensors, or torch.load(weights_only=True); check SHA-256 if given.
+
+    ``allow``: classes a teacher family's files are known to hold besides tensors and plain containers
+    (RepDistiller's ``argparse.Namespace``), admitted by the weights-only unpickler for this load only. List
+    only classes whose unpickling runs no code of the file's choosing: their contents are still unpickled
+    under the same restrictions.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights file {str(path)!r} does not exist")
@@ -63,7 +76,8 @@ def load_weights_file(path: str | Path, sha256: str | None = None) -> dict:
 
         return load_file(str(path))
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals(list(allow)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         # torch's own advice (allowlist the class) is not ours to give: a checkpoint's objects can run code
         refused = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0].split(" was not an allowed")[0]

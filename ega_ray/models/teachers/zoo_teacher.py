@@ -2,6 +2,7 @@
 
 For CRD-style setups with a CIFAR teacher, and for smoke tests: ``weights`` is a local state dict of the
 backbone; without weights the teacher is randomly initialised (useful only to exercise the pipeline).
+Checkpoints of RepDistiller or mdistiller load as ``repdistiller:NAME`` / ``mdistiller:NAME`` instead.
 Input: the image at its stored size (32 px), CLIP statistics like the default student view.
 """
 
@@ -24,5 +25,15 @@ def zoo_teacher(arch: str, weights: str | None = None, sha256: str | None = None
     if weights is None:
         warnings.warn(f"teacher zoo:{arch} has no weights: randomly initialised", stacklevel=2)
     else:
-        backbone.load_state_dict(strip_prefix(load_weights_file(weights, sha256), "backbone."))
+        state = strip_prefix(load_weights_file(weights, sha256), "backbone.")
+        try:
+            backbone.load_state_dict(state)
+        except RuntimeError:
+            theirs = "model" in state or any(k.startswith(("layer1.", "block0.")) for k in state)
+            if theirs and not arch.startswith("torchvision:"):
+                raise ValueError(
+                    f"teacher zoo:{arch}: {weights!r} is laid out as a RepDistiller / mdistiller checkpoint "
+                    "(a 'model' entry, or layerN / blockN keys): name the teacher repdistiller:NAME or mdistiller:NAME"
+                ) from None
+            raise
     return Teacher(backbone, TeacherSpec(backbone.feat_dim, input_size, "bilinear", CLIP_MEAN, CLIP_STD), f"zoo:{arch}")
