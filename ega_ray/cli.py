@@ -66,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     )
 
     add_prepare_parser(sub)
+
+    e = sub.add_parser("export", help="write a saved student's other formats beside it (.safetensors, .pt2, --onnx)")
+    e.add_argument("--student", required=True, help="a run's student_best.pt / student_last.pt (or .safetensors)")
+    e.add_argument(
+        "--onnx", action="store_true", help="also <stem>.onnx (needs the extra: pip install 'ega-ray[onnx]')"
+    )
     return p
 
 
@@ -132,6 +138,12 @@ def _run(args: argparse.Namespace) -> int:
         run_benchmark(
             cfg, methods, args.seeds, args.output, resume=args.resume, reference_weights=not args.config_weights
         )
+        return 0
+    if args.command == "export":
+        from ega_ray.export import run_export
+
+        written = run_export(args.student, args.onnx)
+        print("\n".join(f"{fmt}: {path}" for fmt, path in written.items()))
         return 0
     if args.command == "cache-teacher":
         from ega_ray.train.teacher_cache import build_cache
