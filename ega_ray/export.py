@@ -131,6 +131,7 @@ def write_student(
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; known: {list(FORMATS)}")
     meta = {k: meta[k] for k in META_KEYS}
+    folder.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     written: dict[str, Path] = {}
