@@ -19,7 +19,6 @@ Every file is written to a temporary sibling and renamed into place, so a reader
 from __future__ import annotations
 
 import json
-import logging
 import os
 import pickle
 import uuid
@@ -34,8 +33,6 @@ from torch import Tensor, nn
 from ega_ray.errors import UsageError
 from ega_ray.models import STUDENTS, build_student
 from ega_ray.models.heads import EmbeddingHead, StudentClassifier
-
-logger = logging.getLogger(__name__)
 
 META_KEYS = ("student", "num_classes", "embed_dim", "image_size", "mean", "std", "epoch")
 FORMATS = ("pt", "safetensors", "pt2", "onnx")
