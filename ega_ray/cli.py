@@ -92,6 +92,25 @@ def _parser() -> argparse.ArgumentParser:
         default=MAX_PIXELS,
         help=f"refuse image files with more pixels (default {MAX_PIXELS:,}; --skip-bad skips them)",
     )
+
+    v = sub.add_parser("eval", help="a saved student on a split: top-1/5, per class, confusion matrix, kNN probe")
+    v.add_argument("--student", required=True, help="a run's student_best.pt / student_last.pt (or .safetensors)")
+    v.add_argument("--data", required=True, help="a labeled Parquet split (`ega-ray prepare`); builtin:digits: its val")
+    v.add_argument(
+        "--knn-train", help="the kNN probe's labeled bank, e.g. the training split; default: leave-one-out on --data"
+    )
+    v.add_argument("--knn-k", type=int, default=10, help="neighbours that vote in the kNN probe (default 10)")
+    v.add_argument(
+        "--output", help="folder for eval.json and confusion.png (default: <student's folder>/eval-<stem>-<split>)"
+    )
+    v.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when there is one")
+
+    e = sub.add_parser("export", help="write a saved student's other formats beside it (.safetensors, .pt2, --onnx)")
+    e.add_argument("--student", required=True, help="a run's student_best.pt / student_last.pt (or .safetensors)")
+    e.add_argument(
+        "--onnx", action="store_true", help="also <stem>.onnx (needs the extra: pip install 'ega-ray[onnx]')"
+    )
     return p
 
 
@@ -129,6 +148,20 @@ def _run(args: argparse.Namespace) -> int:
         from ega_ray.data.prepare import run_prepare
 
         return run_prepare(args)
+    if args.command == "eval":
+        from ega_ray.evaluate import run_eval, summary_lines
+
+        result = run_eval(
+            args.student, args.data, args.knn_train, args.knn_k, args.output, args.batch_size, args.device
+        )
+        print("\n".join(summary_lines(result)))
+        return 0
+    if args.command == "export":
+        from ega_ray.export import run_export
+
+        written = run_export(args.student, args.onnx)
+        print("\n".join(f"{fmt}: {path}" for fmt, path in written.items()))
+        return 0
     if args.verbose:
         args.overrides.append("run.verbose=true")
     if args.command == "distill" and args.config is None:

@@ -84,14 +84,15 @@ def test_ray_job_submit_to_an_autoscaling_cluster_with_token_auth(tmp_path):
     assert all(float(r["train_img_per_s"]) == pytest.approx(2 * float(r["train_img_per_s_per_worker"])) for r in rows)
     assert all(float(r["gpu_mem_peak_gib"]) == 0.0 and float(r["gpu_util_pct"]) == 0.0 for r in rows)  # CPU run
     assert list(out.glob("checkpoint_*/state.pt")), "no checkpoint in the run folder"
-    for name in ("config.yaml", "learning_curves.png", "student_last.pt", "student_best.torchscript.pt"):
+    exports = ("student_last.pt", "student_last.safetensors", "student_best.pt2")
+    for name in ("config.yaml", "learning_curves.png", *exports):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["num_workers"] == 2 and 0.0 <= summary["last_val_top1"] <= 100.0
     assert summary["labeled_train_rows"] == pytest.approx(0.5 * summary["train_rows"], abs=10)  # label_fraction
     assert (out / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
-    scripted = torch.jit.load(str(out / "student_best.torchscript.pt"))
-    assert scripted(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+    deployed = torch.export.load(out / "student_best.pt2").module()  # float images in [0, 1], dynamic batch
+    assert deployed(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
     exported = torch.load(out / "student_last.pt", weights_only=True)
     assert exported["student"] == "resnet8" and exported["num_classes"] == 10
 

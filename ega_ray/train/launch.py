@@ -140,10 +140,10 @@ def fit(
         return trainer.fit()
 
 
-def run_distill(cfg: Config, callbacks: list | None = None, console: bool = True) -> dict[str, Any]:
+def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False) -> dict[str, Any]:
     """Check, train with Ray Train, write the run folder; returns the summary. ``callbacks``: Ray Train
-    callbacks (a Tune trial passes the one that forwards metrics to Tune, and no ``console``: Tune's trial
-    table is the display)."""
+    callbacks (a Tune trial passes the one that forwards metrics to Tune, with ``trial``: no console lines,
+    Tune's trial table is the display, and no ``.pt2`` program of the student)."""
     from ega_ray.train.distill import WorkerArgs, train_func_per_worker
 
     cfg = resolve(cfg)
@@ -171,15 +171,16 @@ def run_distill(cfg: Config, callbacks: list | None = None, console: bool = True
             train, val, materialized = decoded_splits(cfg, data, with_val=not val_on_driver)
             train, val = mode.wire(cfg, data, train, val, actors, materialized)
             datasets = {"train": train} | ({} if val_on_driver else {"val": val})
-            result = fit(cfg, train_func_per_worker, datasets, args, "val_top1", cfg.optim.epochs, callbacks, console)
+            result = fit(cfg, train_func_per_worker, datasets, args, "val_top1", cfg.optim.epochs, callbacks, not trial)
             mode_summary = mode.summary(actors)
-        return write_distill_outputs(cfg, data, result, out, time.time() - t0) | mode_summary
+        return write_distill_outputs(cfg, data, result, out, time.time() - t0, not trial) | mode_summary
 
 
 def write_distill_outputs(
-    cfg: Config, data: PreparedData, result: ray.train.Result, out: Path, wall_s: float
+    cfg: Config, data: PreparedData, result: ray.train.Result, out: Path, wall_s: float, deployable: bool = True
 ) -> dict[str, Any]:
-    """metrics.csv, learning_curves.png, the exported students and summary.json, from the checkpoints."""
+    """metrics.csv, learning_curves.png, the exported students and summary.json, from the checkpoints; the
+    best student also as a ``.pt2`` program when ``deployable`` (a search's trials skip it: seconds each)."""
     last = load_state(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
     best = load_state(best_ckpt) if best_ckpt is not None else last
@@ -190,8 +191,8 @@ def write_distill_outputs(
         out / "learning_curves.png",
         f"{cfg.run.name}: {cfg.distill.method} (β={cfg.distill.beta}) {cfg.teacher.name} → {cfg.student.name}",
     )
-    export_student(cfg, last, out, "student_last")
-    export_student(cfg, best, out, "student_best")
+    export_student(cfg, last, out, "student_last", pt2=False)  # `ega-ray export` makes one when wanted
+    export_student(cfg, best, out, "student_best", pt2=deployable)
     final = history[-1]
     summary = {
         "name": cfg.run.name,

@@ -63,7 +63,7 @@ def run_trial(raw: dict[str, Any]) -> None:
     reports nothing, so its last epoch is reported here."""
     cfg = parse_config(raw)
     finished = finished_history(cfg, cfg.optim.epochs)
-    run_distill(cfg, callbacks=[TuneReportCallback()], console=False)  # Tune's trial table is the display
+    run_distill(cfg, callbacks=[TuneReportCallback()], trial=True)
     if finished:
         tune.report(finished[-1])
 
