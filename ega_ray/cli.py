@@ -65,6 +65,14 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every method with the config's distill.gamma/beta/alpha instead of its reference weights",
     )
+    b.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also give every method the same K-trial search (ASHA) over its own knobs and the lr, then run "
+        "the seeds with each method's best settings: tuned rows beside the reference ones",
+    )
 
     r = sub.add_parser(
         "prepare",
@@ -198,7 +206,13 @@ def _run(args: argparse.Namespace) -> int:
         else:
             cfg = load_config(args.config, args.overrides)
         run_benchmark(
-            cfg, methods, args.seeds, args.output, resume=args.resume, reference_weights=not args.config_weights
+            cfg,
+            methods,
+            args.seeds,
+            args.output,
+            resume=args.resume,
+            reference_weights=not args.config_weights,
+            tune_trials=args.tune_trials,
         )
         return 0
     if args.command == "cache-teacher":

@@ -71,7 +71,7 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
         (lambda: tuner_pkl.write_bytes(genuine + b"\n"), lambda: tuner_pkl.write_bytes(genuine)),
     ):
         plant()
-        with pytest.raises(OutputFolderError, match=r"holds file\(s\) ega-ray did not write \((evil|tuner)\.pkl\)"):
+        with pytest.raises(OutputFolderError, match=r"did not write \(search/(evil|tuner)\.pkl\)"):
             run_search(None, out, resume=True)
         restore()
     assert not (REPO / "pwned").exists() and not (out / "pwned").exists()
@@ -147,10 +147,10 @@ def test_resume_accepts_only_state_files_it_recorded(tmp_path):
         record_state(out, state_digests(str(exp)))
         (exp / "tuner.pkl").write_bytes(b"v2")  # Tune rewrites its state as the experiment runs
         record_state(out, state_digests(str(exp)))
-    assert set(state_digests(str(exp))) == {"tuner.pkl"}
+    assert set(state_digests(str(exp))) == {"search/tuner.pkl"}
     verify_state(out, str(exp))
     (exp / "tuner.pkl").write_bytes(b"v1")  # storage may lag behind: an older recorded version is fine
     verify_state(out, str(exp))
     (exp / "trial_1" / "error.pkl").write_bytes(b"planted")
-    with pytest.raises(OutputFolderError, match=r"did not write \(trial_1/error\.pkl\)"):
+    with pytest.raises(OutputFolderError, match=r"did not write \(search/trial_1/error\.pkl\)"):
         verify_state(out, str(exp))

@@ -17,7 +17,7 @@ distiller builds itself from the config (``from_config``) and is registered by n
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 from torch import Tensor, nn
 
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
 class Distiller(nn.Module):
     default_gamma: float = 1.0
     default_beta: float = 1.0
+    # the method's own knobs (config field → tune.space entry), searched by `ega-ray benchmark --tune-trials`
+    search_space: ClassVar[dict[str, dict]] = {}
 
     @classmethod
     def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> Distiller:

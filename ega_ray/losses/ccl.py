@@ -17,7 +17,7 @@ here.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -40,6 +40,12 @@ def symmetric_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: fl
 
 
 class CCLLoss(NCELoss):
+    search_space: ClassVar[dict[str, dict]] = {
+        "distill.contrast_temperature": {"type": "loguniform", "low": 0.03, "high": 0.5},
+        "distill.ccl_temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+        "distill.beta": {"type": "uniform", "low": 0.2, "high": 2.0},
+    }
+
     @classmethod
     def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> CCLLoss:
         return cls(d.contrast_temperature, d.ccl_temperature, d.global_graph)

@@ -51,7 +51,7 @@ the other side's current embedding, and each batch is enqueued after the step, w
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -76,6 +76,10 @@ def nce_contrast(h: Tensor, noise: int, bank_size: int) -> Tensor:
 
 
 class CRDLoss(Distiller):
+    search_space: ClassVar[dict[str, dict]] = {
+        "distill.crd_temperature": {"type": "loguniform", "low": 0.03, "high": 0.3},
+        "distill.beta": {"type": "uniform", "low": 0.2, "high": 2.0},
+    }
     default_beta = 0.8
 
     @classmethod

@@ -11,7 +11,7 @@ Per instance, so under DDP the mean of the ranks' losses is the global one (equa
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 
 class HintLoss(Distiller):
+    search_space: ClassVar[dict[str, dict]] = {"distill.beta": {"type": "loguniform", "low": 10.0, "high": 1000.0}}
     default_beta = 100.0  # CRD's repository
 
     @classmethod

@@ -9,7 +9,7 @@ The τ² factor keeps the gradient scale independent of the temperature.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -38,6 +38,11 @@ class LogitKD(Distiller):
     """KD as the distiller (``distill.method: kd``): the teacher head's logits are the soft targets.
 
     The reference recipe (CRD's repository) weighs it 0.9 against 0.1 cross-entropy."""
+
+    search_space: ClassVar[dict[str, dict]] = {
+        "distill.kd_temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+        "distill.beta": {"type": "uniform", "low": 0.1, "high": 2.0},
+    }
 
     default_gamma, default_beta = 0.1, 0.9
 

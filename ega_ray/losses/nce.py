@@ -27,7 +27,7 @@ batch and every rank computes the whole batch's loss (gradients flow back to eac
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,11 @@ def class_nce(teacher: Tensor, student: Tensor, labels: Tensor, temperature: flo
 
 
 class NCELoss(Distiller):
+    search_space: ClassVar[dict[str, dict]] = {
+        "distill.contrast_temperature": {"type": "loguniform", "low": 0.03, "high": 0.5},
+        "distill.beta": {"type": "uniform", "low": 0.2, "high": 2.0},
+    }
+
     @classmethod
     def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> NCELoss:
         return cls(d.contrast_temperature, d.global_graph)

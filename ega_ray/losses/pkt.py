@@ -13,7 +13,7 @@ distributions span the global batch under DDP.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +35,7 @@ def similarity_distribution(x: Tensor) -> Tensor:
 
 
 class PKTLoss(Distiller):
+    search_space: ClassVar[dict[str, dict]] = {"distill.beta": {"type": "loguniform", "low": 3000.0, "high": 300000.0}}
     default_beta = 30000.0
 
     @classmethod

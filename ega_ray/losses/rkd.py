@@ -21,7 +21,7 @@ this file as ``torch.cdist``; both are the Euclidean distance, and the ÷μ norm
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,11 @@ def angles(x: Tensor) -> Tensor:
 
 
 class RKDLoss(Distiller):
+    search_space: ClassVar[dict[str, dict]] = {
+        "distill.rkd_distance_weight": {"type": "loguniform", "low": 2.5, "high": 250.0},
+        "distill.rkd_angle_weight": {"type": "loguniform", "low": 5.0, "high": 500.0},
+    }
+
     @classmethod
     def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> RKDLoss:
         return cls(d.rkd_distance_weight, d.rkd_angle_weight, d.global_graph)

@@ -102,15 +102,17 @@ def _fs_and_path(uri_or_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
 
 
 def state_digests(location: str) -> dict[str, str]:
-    """SHA-256 of every state file under ``location`` (a folder or URI), by path relative to it."""
+    """SHA-256 of every state file under ``location`` (a folder or URI), by path: the experiment's name (the
+    folder's) and the path within it, so that the experiments of one output folder are kept apart."""
     fs, root = _fs_and_path(location)
+    name = root.rstrip("/").rsplit("/", 1)[-1]
     found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
     out = {}
     for info in found:
         rel = info.path[len(root) :].lstrip("/")
         if info.type == pyarrow.fs.FileType.File and is_state_file(rel):
             with fs.open_input_stream(info.path) as f:
-                out[rel] = hashlib.sha256(f.readall()).hexdigest()
+                out[f"{name}/{rel}"] = hashlib.sha256(f.readall()).hexdigest()
     return out
 
 
@@ -160,8 +162,10 @@ class StateRecorder(tune.Callback):
 
     def _record(self, trials: list) -> None:
         digests: dict[str, str] = {}
-        if trials:  # the driver's staging folder: what Tune uploads to storage next
-            digests |= state_digests(trials[0].storage.experiment_driver_staging_path)
+        if trials:  # the driver's staging folder: what Tune uploads to storage next (named as the experiment)
+            staging = state_digests(trials[0].storage.experiment_driver_staging_path)
+            name = self.location.rstrip("/").rsplit("/", 1)[-1]
+            digests |= {f"{name}/{k.split('/', 1)[1]}": v for k, v in staging.items()}
         if "://" not in self.location:
             digests |= state_digests(self.location)
         record_state(Path(self.output), digests)
