@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import traceback
 from pathlib import Path
 
 import matplotlib
@@ -84,7 +85,11 @@ def export_student(cfg: Config, state: dict, out: Path, stem: str, pt2: bool = T
     try:
         write_student(model, meta, out, stem, ("pt2",))
     except Exception as err:  # noqa: BLE001 - torch.export's failures have no common type
-        logger.warning("%s.pt2 not written: torch.export failed (%s: %s)", stem, type(err).__name__, err)
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        logger.warning(
+            "%s.pt2 not written: torch.export failed (%s: %s, at %s:%d)",
+            stem, type(err).__name__, err, Path(where.filename).name, where.lineno,
+        )  # fmt: skip
 
 
 def write_json(data: dict, path: Path) -> None:
