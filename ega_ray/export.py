@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import tempfile
 import uuid
 import zipfile
 from collections.abc import Iterable
@@ -88,6 +89,13 @@ def _meta_strings(meta: dict[str, Any]) -> dict[str, str]:
 
 def export_program(model: StudentClassifier, meta: dict[str, Any]) -> torch.export.ExportedProgram:
     """``torch.export`` of ``DeployedStudent(model)`` with a dynamic batch dimension."""
+    # torch.export's first use reads os.getcwd() (torch._dynamo's debug folder). A job's working directory can
+    # vanish under a long driver (Ray deletes a released runtime_env package; seen with fake-multinode nodes on
+    # one machine) and the export would fail on that alone; nothing relative can resolve there anyway.
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        os.chdir(tempfile.gettempdir())
     deployed = DeployedStudent(model, meta["mean"], meta["std"]).eval()
     size = meta["image_size"]
     example = torch.rand(EXAMPLE_BATCH, 3, size, size)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -170,6 +172,23 @@ def one_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
     return err.strip()
+
+
+def test_a_pt2_is_written_when_the_working_directory_was_deleted(tmp_path):
+    """A job's working directory can be deleted under its driver (Ray releasing the runtime_env package);
+    torch.export's first use reads the working directory. A fresh interpreter, since the first use counts."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    script = (
+        "import os, sys; from ega_ray.export import build_classifier, write_student; "
+        f"os.chdir({str(gone)!r}); os.rmdir({str(gone)!r}); "
+        "meta = dict(student='resnet8', num_classes=3, embed_dim=8, image_size=32, "
+        "mean=[0.5] * 3, std=[0.25] * 3, epoch=1); "
+        f"print(sorted(write_student(build_classifier(meta), meta, {str(tmp_path)!r}, 's', ('pt2',))))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "['pt2']", done.stderr[-2000:]
+    assert torch.export.load(tmp_path / "s.pt2").module()(torch.rand(2, 3, 32, 32)).shape == (2, 3)
 
 
 def test_ega_ray_export_writes_the_other_formats_beside_the_student(tmp_path, capsys):
