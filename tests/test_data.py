@@ -97,18 +97,18 @@ def test_crop_and_flip():
     assert any(torch.equal(f, x.flip(3)) or torch.equal(f[0], x[0].flip(2)) for f in flipped)
 
 
+def cifar_views(spec: TeacherSpec) -> ViewMaker:
+    """32 px student views (pad 4, flip) beside the views ``spec``'s teacher sees, on the CPU."""
+    return ViewMaker(
+        pad=4, flip=True, student_size=32, student_mean=(0.5,) * 3, student_std=(0.25,) * 3,
+        device=torch.device("cpu"), teacher=spec,
+    )  # fmt: skip
+
+
 def test_views_have_the_teachers_geometry_and_statistics():
     images = torch.randint(0, 256, (4, 32, 32, 3), dtype=torch.uint8)
     spec = TeacherSpec(512, 224, "bicubic", (0.4, 0.4, 0.4), (0.2, 0.2, 0.2))
-    views = ViewMaker(
-        pad=4,
-        flip=True,
-        student_size=32,
-        student_mean=(0.5,) * 3,
-        student_std=(0.25,) * 3,
-        device=torch.device("cpu"),
-        teacher=spec,
-    )
+    views = cifar_views(spec)
     s, t = views.student(images, train=True), views.teacher(images, train=True)
     assert s.shape == (4, 3, 32, 32) and t.shape == (4, 3, 224, 224)
     ev = views.teacher(images, train=False)
@@ -123,15 +123,7 @@ def test_a_teacher_with_a_resize_size_sees_a_center_crop_as_torchvisions_transfo
 
     images = torch.randint(0, 256, (2, 32, 32, 3), dtype=torch.uint8)
     spec = TeacherSpec(512, 224, "bicubic", (0.4, 0.4, 0.4), (0.2, 0.2, 0.2), resize_size=256)
-    views = ViewMaker(
-        pad=4,
-        flip=True,
-        student_size=32,
-        student_mean=(0.5,) * 3,
-        student_std=(0.25,) * 3,
-        device=torch.device("cpu"),
-        teacher=spec,
-    )
+    views = cifar_views(spec)
     assert views.teacher(images, train=True).shape == (2, 3, 224, 224)
     x = resize(images.permute(0, 3, 1, 2).float() / 255, 256, "bicubic")
     ref = (TF.center_crop(x, [224, 224]) - 0.4) / 0.2
