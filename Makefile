@@ -1,20 +1,35 @@
-# The two set-up commands of the README: each creates or reuses .venv and installs the project into it.
+# The two set-up commands of the README: each creates or reuses .venv and installs the project into it,
+# at the versions of requirements.lock (the ones cluster.yaml's nodes install too).
 PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test gpu-dry-run lint clean
+.PHONY: demo test gpu-dry-run lint clean install-rsync lock
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
-	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[dev]'
+	$(VENV)/bin/pip install -q -r requirements.lock
+	$(VENV)/bin/pip install -q --no-deps -e .
 	touch $(STAMP)
+
+# after changing pyproject.toml's dependencies: pin every package again (needs the package index)
+lock: $(STAMP)
+	$(VENV)/bin/pip-compile --quiet --all-extras --strip-extras --allow-unsafe --no-emit-index-url \
+	  --no-emit-find-links --output-file requirements.lock pyproject.toml
 
 demo: $(STAMP)  ## the embedded default: digits, SimCLR teacher, EGA vs CE-only, on a local Ray
 	$(VENV)/bin/ega-ray distill
 
-test: $(STAMP)  ## the whole test suite (slow multi-process tests included)
+# the tests copy a checkout with rsync as `ray up` does: installed here when missing (Debian/Ubuntu)
+ifeq ($(shell command -v rsync),)
+TOOLS := install-rsync
+endif
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+install-rsync:
+	$(SUDO) apt-get install -y -q rsync >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q rsync; }
+
+test: $(STAMP) $(TOOLS)  ## the whole test suite (slow multi-process tests included)
 	$(VENV)/bin/ruff check ega_ray tests jobs bench
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=10 tests
 

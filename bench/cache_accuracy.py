@@ -24,7 +24,8 @@ def main() -> int:
 
     from ega_ray.config import parse_config
     from ega_ray.embedded import embedded_config, run_embedded
-    from ega_ray.train.launch import clear_run, run_distill
+    from ega_ray.train.launch import run_distill
+    from ega_ray.train.preflight import clear_run
     from ega_ray.train.teacher_cache import build_cache
 
     root = args.output.resolve()

@@ -90,14 +90,14 @@ def measure(args: argparse.Namespace) -> int:
     from ega_ray.embedded import embedded_with_teacher
     from ega_ray.train.common import seed_everything
     from ega_ray.train.distill import build_parts, step_losses, train_step
-    from ega_ray.train.launch import check_teacher, prepare_data
     from ega_ray.train.noise_scale import measure_noise_scale
+    from ega_ray.train.preflight import check_teacher, prepare_data, resolve
 
     out = args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)
     overrides = [*args.overrides, "teacher.mode=online"]
     if args.config:
-        cfg = load_config(args.config, overrides).resolved()
+        cfg = resolve(load_config(args.config, overrides))
     else:
         cfg = embedded_with_teacher(overrides, str(out))
     o, g = cfg.optim, cfg.distill.graph_size
@@ -121,9 +121,8 @@ def measure(args: argparse.Namespace) -> int:
     p = build_parts(cfg, device, prepared.num_classes, teacher_dim, int(prepared.indices.max()) + 1)
     params = list(p.student_net.parameters())
 
-    def features(batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        with torch.no_grad():
-            return p.teacher(p.views.teacher(batch["image"], train=True))
+    def features(batch: dict[str, torch.Tensor]) -> torch.Tensor:  # the online teacher on its view of the batch
+        return p.features(batch, 0, cfg.run.seed, train=True)
 
     def batch_losses(b: int) -> dict[str, torch.Tensor]:
         rows = torch.randperm(n, device=device)[:b]

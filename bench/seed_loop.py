@@ -42,8 +42,9 @@ import torchvision.transforms as T
 from PIL import Image
 from torch import nn
 
-from ega_ray.models import EmbeddingHead, build_student
-from ega_ray.models.teachers.base import CLIP_MEAN, CLIP_STD
+from ega_ray.constants import CLIP_MEAN, CLIP_STD
+from ega_ray.models import build_student
+from ega_ray.models.heads import EmbeddingHead
 
 CIFAR100_MEAN = (0.5071, 0.4867, 0.4408)  # the CRD/EGA repositories' CIFAR-100 statistics
 CIFAR100_STD = (0.2675, 0.2565, 0.2761)

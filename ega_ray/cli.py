@@ -4,19 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
-from ega_ray.config import ConfigError, load_config
-from ega_ray.data.prepare import add_prepare_parser, run_prepare
+from ega_ray.constants import MAX_PIXELS
+from ega_ray.data.formats import FORMATS
+from ega_ray.errors import find_usage_error
+from ega_ray.losses import DISTILLERS
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ega-ray", description="Embedding Graph Alignment distillation on Ray.")
-    sub = p.add_subparsers(dest="command", required=True)
-
-    d = sub.add_parser("distill", help="distill a teacher into a student (no --config: the embedded default)")
-    d.add_argument("--config", help="YAML config; without it, the embedded default on built-in digits")
-    d.add_argument(
+def _config_args(p: argparse.ArgumentParser, config_help: str, required: bool = False) -> None:
+    """``--config`` and ``--set``, the same for every verb that reads a config."""
+    p.add_argument("--config", required=required, help=config_help)
+    p.add_argument(
         "--set",
         dest="overrides",
         action="append",
@@ -24,30 +24,39 @@ def _parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set optim.epochs=10 (repeatable)",
     )
+    p.add_argument("--verbose", action="store_true", help="show Ray's own INFO logs too (run.verbose)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ega-ray", description="Embedding Graph Alignment distillation on Ray.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("distill", help="distill a teacher into a student (no --config: the embedded default)")
+    _config_args(d, "YAML config; without it, the embedded default on built-in digits")
     d.add_argument("--output", help="run folder (default: runs/<run.name>); an existing run there resumes")
 
     t = sub.add_parser("pretrain-teacher", help="SimCLR-pretrain this project's self-supervised teacher")
-    t.add_argument("--config", required=True)
-    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(t, "YAML config (sections data, pretrain, augment, scaling, run)", required=True)
     t.add_argument("--output", help="run folder; the teacher file is <output>/teacher.pt")
 
     u = sub.add_parser("tune", help="search temperature, loss weights and lr with Ray Tune (ASHA)")
-    u.add_argument("--config", help="YAML config with an optional tune: section; without it, the embedded default")
-    u.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(u, "YAML config with an optional tune: section; without it, the embedded default")
     u.add_argument("--num-samples", type=int, help="trials (overrides tune.num_samples)")
     u.add_argument("--output", default="runs/tune", help="search folder: trials.csv, best.yaml, search.png, trials/")
     u.add_argument("--resume", action="store_true", help="continue the interrupted search in --output")
 
     c = sub.add_parser("cache-teacher", help="embed K random teacher views of every training image once")
-    c.add_argument("--config", required=True)
-    c.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _config_args(c, "YAML config (its teacher, data and augment sections)", required=True)
     c.add_argument("--views", type=int, default=4, help="random teacher views per image (K)")
     c.add_argument("--output", required=True, help="cache folder: embeddings/ (Parquet) and manifest.json")
 
     b = sub.add_parser("benchmark", help="every distiller (and CE only) on the same data, teacher, student, seeds")
-    b.add_argument("--config", help="YAML config; without it, the embedded default")
-    b.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    b.add_argument("--methods", default="ega,kd,hint,rkd,pkt,crd,nce,ccl", help="comma-separated distillers")
+    _config_args(b, "YAML config; without it, the embedded default")
+    b.add_argument(
+        "--methods",
+        default="all",
+        help=f"comma-separated distillers from: {', '.join(DISTILLERS.names())}; all: every one (default)",
+    )
     b.add_argument("--seeds", type=int, default=3, help="runs per method, seeds 0..N-1")
     b.add_argument("--output", default="runs/benchmark", help="results.csv, results.md, results.png, trials/")
     b.add_argument("--resume", action="store_true", help="continue the interrupted benchmark in --output")
@@ -56,8 +65,60 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="every method with the config's distill.gamma/beta/alpha instead of its reference weights",
     )
+    b.add_argument(
+        "--tune-trials",
+        type=int,
+        default=0,
+        metavar="K",
+        help="also give every method the same K-trial search (ASHA) over its own knobs and the lr, then run "
+        "the seeds with each method's best settings: tuned rows beside the reference ones",
+    )
 
-    add_prepare_parser(sub)
+    r = sub.add_parser(
+        "prepare",
+        help="convert a dataset into ega-ray's Parquet format",
+        description="Convert a dataset's official files into OUT/<split>/part-NNNNN.parquet (columns image, label, "
+        "index) and OUT/prepare.json, atomically. See docs/data.md.",
+    )
+    r.add_argument("name", choices=FORMATS.names(), help="the source format")
+    r.add_argument(
+        "--src",
+        help="the official folder (cifar-100-python/, stl10_binary/, tiny-imagenet-200/) or the image folder; "
+        f"with --download, where to download to. Not used by {', '.join(FORMATS.bundled())}",
+    )
+    r.add_argument("--out", required=True, help="output folder; receives one folder per split and prepare.json")
+    r.add_argument("--skip-bad", action="store_true", help="skip (and report) image files that cannot be decoded")
+    r.add_argument(
+        "--download",
+        action="store_true",
+        help=f"{', '.join(FORMATS.downloadable())}: download into --src with torchvision",
+    )
+    r.add_argument("--rows-per-file", type=int, default=10_000, help="rows per Parquet file (default 10000)")
+    r.add_argument(
+        "--max-pixels",
+        type=int,
+        default=MAX_PIXELS,
+        help=f"refuse image files with more pixels (default {MAX_PIXELS:,}; --skip-bad skips them)",
+    )
+
+    v = sub.add_parser("eval", help="a saved student on a split: top-1/5, per class, confusion matrix, kNN probe")
+    v.add_argument("--student", required=True, help="a run's student_best.pt / student_last.pt (or .safetensors)")
+    v.add_argument("--data", required=True, help="a labeled Parquet split (`ega-ray prepare`); builtin:digits: its val")
+    v.add_argument(
+        "--knn-train", help="the kNN probe's labeled bank, e.g. the training split; default: leave-one-out on --data"
+    )
+    v.add_argument("--knn-k", type=int, default=10, help="neighbours that vote in the kNN probe (default 10)")
+    v.add_argument(
+        "--output", help="folder for eval.json and confusion.png (default: <student's folder>/eval-<stem>-<split>)"
+    )
+    v.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    v.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="default: cuda when there is one")
+
+    e = sub.add_parser("export", help="write a saved student's other formats beside it (.safetensors, .pt2, --onnx)")
+    e.add_argument("--student", required=True, help="a run's student_best.pt / student_last.pt (or .safetensors)")
+    e.add_argument(
+        "--onnx", action="store_true", help="also <stem>.onnx (needs the extra: pip install 'ega-ray[onnx]')"
+    )
     return p
 
 
@@ -67,68 +128,112 @@ def commands() -> list[str]:
     return list(sub.choices)
 
 
+def _terminate(signum: int, frame) -> None:  # noqa: ARG001 - signal handler signature
+    """SIGTERM ends a command like Ctrl-C does: temporary folders removed, locks released (exit 143)."""
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
     try:
-        if args.command == "prepare":
-            return run_prepare(args)
-        if args.command == "distill" and args.config is None:
-            from ega_ray.embedded import run_embedded
+        return _run(args)
+    except Exception as err:  # noqa: BLE001 - a user's error raised inside Ray comes back wrapped
+        found = find_usage_error(err)
+        if found is None:
+            raise
+        for problem in found.problems:  # one line each (every problem of a config file at once)
+            print(f"ega-ray: {found.label}: {problem}", file=sys.stderr)
+        return 2
 
-            run_embedded(args.overrides, args.output)
-            return 0
-        # JSON-quoted: a folder named like a number or a mapping stays a string when parsed as YAML
-        if args.command == "tune":
-            from ega_ray.tune.search import run_search
 
-            overrides = args.overrides + ([f"tune.num_samples={args.num_samples}"] if args.num_samples else [])
-            if args.resume:
-                cfg = None
-            elif args.config is None:
-                from ega_ray.embedded import embedded_tune_config
+def _run(args: argparse.Namespace) -> int:
+    from ega_ray.config import load_config  # here, not at import: `ega-ray --help` stays fast
+    from ega_ray.lockfile import check_environment
 
-                cfg = embedded_tune_config(overrides, args.output)
-            else:
-                cfg = load_config(args.config, overrides)
-            run_search(cfg, args.output, resume=args.resume)
-            return 0
-        if args.command == "benchmark":
-            from ega_ray.tune.benchmark import parse_methods, run_benchmark
+    check_environment()  # under `ray job submit`: this node runs the lock's versions
+    if args.command == "prepare":
+        from ega_ray.data.prepare import run_prepare
 
-            methods = parse_methods(args.methods)
-            if args.resume:
-                cfg = None
-            elif args.config is None:
-                from ega_ray.embedded import embedded_with_teacher
+        return run_prepare(args)
+    if args.command == "eval":
+        from ega_ray.evaluate import run_eval, summary_lines
 
-                cfg = embedded_with_teacher(args.overrides, args.output)
-            else:
-                cfg = load_config(args.config, args.overrides)
-            run_benchmark(
-                cfg, methods, args.seeds, args.output, resume=args.resume, reference_weights=not args.config_weights
-            )
-            return 0
-        if args.command == "cache-teacher":
-            from ega_ray.train.teacher_cache import build_cache
+        result = run_eval(
+            args.student, args.data, args.knn_train, args.knn_k, args.output, args.batch_size, args.device
+        )
+        print("\n".join(summary_lines(result)))
+        return 0
+    if args.command == "export":
+        from ega_ray.export import run_export
 
-            summary = build_cache(load_config(args.config, args.overrides), args.views, args.output)
-            print("\n".join(f"{k}: {v}" for k, v in summary.items()))
-            return 0
-        overrides = args.overrides + ([f"run.output={json.dumps(args.output)}"] if args.output else [])
-        cfg = load_config(args.config, overrides)
-        if args.command == "distill":
-            from ega_ray.train.launch import run_distill
+        written = run_export(args.student, args.onnx)
+        print("\n".join(f"{fmt}: {path}" for fmt, path in written.items()))
+        return 0
+    if args.verbose:
+        args.overrides.append("run.verbose=true")
+    if args.command == "distill" and args.config is None:
+        from ega_ray.embedded import run_embedded
 
-            summary = run_distill(cfg)
+        run_embedded(args.overrides, args.output)
+        return 0
+    if args.command == "tune":
+        from ega_ray.tune.search import run_search
+
+        overrides = args.overrides + ([f"tune.num_samples={args.num_samples}"] if args.num_samples else [])
+        if args.resume:
+            cfg = None
+        elif args.config is None:
+            from ega_ray.embedded import embedded_tune_config
+
+            def cfg():  # the embedded default's teacher is pretrained inside the claimed search folder
+                return embedded_tune_config(overrides, args.output)
         else:
-            from ega_ray.train.launch import run_pretrain
+            cfg = load_config(args.config, overrides)
+        run_search(cfg, args.output, resume=args.resume)
+        return 0
+    if args.command == "benchmark":
+        from ega_ray.tune.benchmark import parse_methods, run_benchmark
 
-            summary = run_pretrain(cfg)
+        methods = parse_methods(args.methods)
+        if args.resume:
+            cfg = None
+        elif args.config is None:
+            from ega_ray.embedded import embedded_with_teacher
+
+            def cfg():
+                return embedded_with_teacher(args.overrides, args.output)
+        else:
+            cfg = load_config(args.config, args.overrides)
+        run_benchmark(
+            cfg,
+            methods,
+            args.seeds,
+            args.output,
+            resume=args.resume,
+            reference_weights=not args.config_weights,
+            tune_trials=args.tune_trials,
+        )
+        return 0
+    if args.command == "cache-teacher":
+        from ega_ray.train.teacher_cache import build_cache
+
+        summary = build_cache(load_config(args.config, args.overrides), args.views, args.output)
         print("\n".join(f"{k}: {v}" for k, v in summary.items()))
         return 0
-    except ConfigError as err:
-        print(f"ega-ray: config error: {err}", file=sys.stderr)
-        return 2
+    # JSON-quoted: a folder named like a number or a mapping stays a string when parsed as YAML
+    overrides = args.overrides + ([f"run.output={json.dumps(args.output)}"] if args.output else [])
+    cfg = load_config(args.config, overrides)
+    if args.command == "distill":
+        from ega_ray.train.launch import run_distill
+
+        summary = run_distill(cfg)
+    else:
+        from ega_ray.train.launch import run_pretrain
+
+        summary = run_pretrain(cfg)
+    print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
 
 
 if __name__ == "__main__":

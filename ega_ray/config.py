@@ -1,8 +1,9 @@
 """The run configuration: YAML validated by pydantic before anything starts.
 
 Every error is raised as :class:`ConfigError` with one line naming the field and what is allowed;
-the CLI prints it without a traceback. Paths are resolved on the driver (Ray Train workers run in
-another working directory).
+the CLI prints it without a traceback. Importing this module imports neither torch nor Ray: registry names
+are checked against the registries' tables, and what needs the models, the data or the disk (paths,
+splits, weights) is checked by ``ega_ray.train.preflight`` on the driver.
 """
 
 from __future__ import annotations
@@ -13,17 +14,50 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from ega_ray.models.teachers.base import CLIP_MEAN, CLIP_STD, is_weights_file
+from ega_ray.constants import CLIP_MEAN, CLIP_STD
+from ega_ray.errors import ConfigError
+from ega_ray.losses import DISTILLERS
+from ega_ray.models.students import STUDENTS
+from ega_ray.models.teachers import TEACHERS
+from ega_ray.teacher_modes import TEACHER_MODES
+
+__all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides"]
 
 _URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "http://", "https://")
 
-
-class ConfigError(ValueError):
-    """A configuration that cannot run; the message is one line naming the field."""
+# Settings that say where or how fast a run executes, not what it computes: a run may be resumed with other
+# values (e.g. on fewer workers after losing a node). A key ending in "." stands for its whole section.
+EXECUTION_FIELDS = (
+    "scaling.",
+    "run.output",
+    "run.name",
+    "run.progress_bar",
+    "run.verbose",
+    "run.loggers",
+    "run.wandb_project",
+    "run.wandb_mode",
+    "run.mlflow_tracking_uri",
+    "run.mlflow_experiment",
+    "run.max_failures",
+    "run.fail_after_epoch",
+    "data.prefetch_batches",
+    "data.materialize",
+    "teacher.actors",
+    "teacher.actor_cpus",
+    "teacher.actor_gpus",
+    "teacher.batch_size",
+    "optim.compile",
+)
+# The sections whose settings define the results of each training command.
+RESULT_SECTIONS = {
+    "distill": ("data", "teacher", "student", "distill", "optim", "augment", "run"),
+    "pretrain-teacher": ("data", "augment", "pretrain", "run"),
+}
+# The one setting a finished or interrupted run may be resumed with a larger value of.
+EPOCHS_FIELD = {"distill": "optim.epochs", "pretrain-teacher": "pretrain.epochs"}
 
 
 def is_uri(path: str) -> bool:
@@ -51,7 +85,7 @@ class TeacherConfig(_Section):
     name: str = Field("open_clip:ViT-B-32", description="teacher registry name, see docs/config.md")
     weights: str | None = Field(None, description="local weights file, or a hub tag (e.g. 'openai')")
     sha256: str | None = Field(None, description="expected SHA-256 of a local weights file")
-    mode: Literal["online", "cached", "pipeline"] = Field(
+    mode: str = Field(
         "online",
         description="online: in each training worker; cached: embeddings from `ega-ray cache-teacher`; "
         "pipeline: the run's teacher actors, fed by a Ray Data stage between reader and workers",
@@ -62,17 +96,21 @@ class TeacherConfig(_Section):
     actor_gpus: float = Field(1.0, gt=0, description="GPUs per teacher actor when scaling.use_gpu")
     batch_size: int = Field(256, ge=1, description="images per teacher forward in the Ray Data stage")
 
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, v: str) -> str:
+        if v not in TEACHER_MODES:
+            raise ValueError(f"unknown teacher mode {v!r}; allowed: {', '.join(TEACHER_MODES)}")
+        return v
+
     @model_validator(mode="after")
-    def _cache_given(self) -> TeacherConfig:
-        if self.mode == "cached" and not self.cache:
-            raise ValueError("cache is required when mode is cached (the folder `ega-ray cache-teacher` writes)")
+    def _mode_needs(self) -> TeacherConfig:
+        TEACHER_MODES[self.mode].check_config(self)
         return self
 
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from ega_ray.models.teachers import TEACHERS
-
         return TEACHERS.check(v)
 
 
@@ -82,15 +120,7 @@ class StudentConfig(_Section):
     @field_validator("name")
     @classmethod
     def _known(cls, v: str) -> str:
-        from ega_ray.models.students import STUDENTS
-
-        family, _, model = STUDENTS.check(v).partition(":")
-        if family == "torchvision":
-            import torchvision
-
-            if model not in torchvision.models.list_models():
-                raise ValueError(f"unknown torchvision model {model!r}; see torchvision.models.list_models()")
-        return v
+        return STUDENTS.check(v)  # a family's member (torchvision:NAME) is checked by the preflight
 
 
 class DistillConfig(_Section):
@@ -111,12 +141,19 @@ class DistillConfig(_Section):
     gamma: float = Field(1.0, ge=0, description="weight of the student's cross-entropy")
     beta: float = Field(1.0, ge=0, description="weight of the distiller")
     alpha: float = Field(0.0, ge=0, description="weight of KD against the teacher head's logits")
-    kd_temperature: float = Field(4.0, gt=0, description="KD's temperature (alpha term, kd, ccl's logit term)")
+    kd_temperature: float = Field(4.0, gt=0, description="KD's temperature (the alpha term and kd)")
     rkd_distance_weight: float = Field(25.0, ge=0)
     rkd_angle_weight: float = Field(50.0, ge=0)
     contrast_temperature: float = Field(0.1, gt=0, description="nce, ccl: temperature of the cosine similarities")
+    ccl_temperature: float = Field(
+        1.0, gt=0, description="ccl: temperature of its symmetric KL between the logits (the EGA code's T = 1)"
+    )
     crd_temperature: float = Field(0.07, gt=0)
     crd_negatives: int = Field(16384, ge=1, description="noise rows per anchor (capped at the memory size − 1)")
+    crd_negatives_from: Literal["other_class", "any"] = Field(
+        "other_class",
+        description="crd: noise slots of other classes than the anchor's (CRD's CIFAR recipe) or of any class",
+    )
     crd_momentum: float = Field(0.5, ge=0, lt=1, description="memory update momentum")
     crd_bank: Literal["dataset", "queue"] = Field(
         "dataset", description="one memory slot per training row, or a FIFO queue of crd_queue_size rows"
@@ -126,8 +163,6 @@ class DistillConfig(_Section):
     @field_validator("method")
     @classmethod
     def _known(cls, v: str) -> str:
-        from ega_ray.losses import DISTILLERS
-
         return DISTILLERS.check(v)
 
 
@@ -161,16 +196,6 @@ class OptimConfig(_Section):
         if any(m < 1 for m in v) or any(b <= a for a, b in pairwise(v)):
             raise ValueError("must be strictly increasing positive epochs")
         return v
-
-    def compute_dtype(self, device: torch.device) -> torch.dtype:
-        """The dtype of the student's autocast region and of the frozen teacher's weights on ``device``."""
-        if self.precision == "fp32" or (self.precision == "auto" and device.type != "cuda"):
-            return torch.float32
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            if self.precision == "auto":
-                return torch.float32
-            raise ConfigError(f"optim.precision: bf16 is not supported by {torch.cuda.get_device_name(device)}")
-        return torch.bfloat16
 
     def lr_factor(self, epoch: int) -> float:
         """The lr multiplier in ``epoch`` (0-based): linear warm-up, then ×lr_decay at every milestone passed."""
@@ -289,12 +314,31 @@ class RunSection(_Section):
     )
     seed: int = 0
     progress_bar: bool | None = Field(
-        None, description="Ray's progress bar over the run's steps; default: when the driver runs in a terminal"
+        None, description="a progress bar over the run's steps; default: when the driver runs in a terminal"
     )
+    verbose: bool = Field(False, description="show Ray's own INFO logs (reports, checkpoints, Ray Data plans)")
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        ["tensorboard"],
+        description="trackers every epoch is logged to, beside metrics.csv; wandb and mlflow need the extra [tracking]",
+    )
+    wandb_project: str = Field("ega-ray", description="Weights & Biases project")
+    wandb_mode: Literal["offline", "online"] = Field("offline", description="offline: no network (`wandb sync` later)")
+    mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: file:<run folder>/mlruns")
+    mlflow_experiment: str = Field("ega-ray", description="MLflow experiment name")
     max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
     fail_after_epoch: int | None = Field(
         None, ge=1, description="testing: raise once after this epoch's checkpoint, to exercise recovery"
     )
+
+    @field_validator("loggers")
+    @classmethod
+    def _installed(cls, v: list[str]) -> list[str]:
+        import importlib.util
+
+        for name, module in (("wandb", "wandb"), ("mlflow", "mlflow")):
+            if name in v and importlib.util.find_spec(module) is None:
+                raise ValueError(f"{name} needs the optional extra: pip install 'ega-ray[tracking]'")
+        return v
 
 
 class Config(_Section):
@@ -354,6 +398,20 @@ class Config(_Section):
                     raise ValueError(f"tune.space.{key}: value {value!r} is not allowed: {msg}") from None
         return self
 
+    def result_settings(self, command: str) -> dict[str, Any]:
+        """The settings that define what ``command`` (distill, pretrain-teacher) computes, flat
+        (``optim.lr``: value): what a run folder records, and what a rerun into it must repeat."""
+        flat = {
+            f"{section}.{field}": value
+            for section in RESULT_SECTIONS[command]
+            for field, value in getattr(self, section).model_dump(mode="json").items()
+        }
+        return {
+            k: v
+            for k, v in flat.items()
+            if not any(k == f or (f.endswith(".") and k.startswith(f)) for f in EXECUTION_FIELDS)
+        }
+
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output or Path("runs") / self.run.name)
@@ -363,55 +421,19 @@ class Config(_Section):
         """Ray Train's storage_path; the run's checkpoints are in ``<checkpoint_root>/<output folder name>``."""
         return self.run.storage or str(self.output_dir.parent)
 
-    def resolved(self, check_teacher: bool = True) -> Config:
-        """A copy whose local paths are absolute and exist (checked here, on the driver).
-        ``check_teacher=False`` skips the teacher's weights (pretraining does not use them)."""
-        cfg = self.model_copy(deep=True)
-        for field, split in (("train", "train"), ("val", "val")):
-            value = getattr(cfg.data, field)
-            if value.startswith("builtin:"):
-                from ega_ray.data.digits import builtin_split
 
-                try:
-                    value = builtin_split(value, split)
-                except ValueError as err:
-                    raise ConfigError(f"data.{field}: {err}") from None
-            if not is_uri(value):
-                path = Path(value).expanduser().resolve()
-                if not path.exists():
-                    raise ConfigError(f"data.{field}: {value!r} does not exist (a Parquet folder or s3:// / gs:// URI)")
-                setattr(cfg.data, field, str(path))
-        w = cfg.teacher.weights
-        if check_teacher and w is not None and is_weights_file(w):
-            path = Path(w).expanduser().resolve()
-            if not path.is_file():
-                raise ConfigError(f"teacher.weights: file {w!r} does not exist")
-            cfg.teacher.weights = str(path)
-        if cfg.teacher.mode == "cached":
-            cache = Path(str(cfg.teacher.cache)).expanduser().resolve()
-            if not (cache / "manifest.json").is_file():
-                raise ConfigError(
-                    f"teacher.cache: {cfg.teacher.cache!r} holds no manifest.json (run ega-ray cache-teacher)"
-                )
-            cfg.teacher.cache = str(cache)
-        cfg.run.output = str(cfg.output_dir.expanduser().resolve())
-        if cfg.run.storage is not None and not is_uri(cfg.run.storage):
-            cfg.run.storage = str(Path(cfg.run.storage).expanduser().resolve())
-        return cfg
-
-
-def _format_error(err: ValidationError, model: type[BaseModel]) -> str:
-    first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    if first["type"] == "extra_forbidden":
+def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
+    """One of pydantic's errors as one line naming the field."""
+    loc = ".".join(str(p) for p in error["loc"])
+    if error["type"] == "extra_forbidden":
         parent: Any = model
-        for part in first["loc"][:-1]:
+        for part in error["loc"][:-1]:
             parent = parent.model_fields[str(part)].annotation
         return f"{loc}: unknown field; allowed here: {', '.join(parent.model_fields)}"
-    if first["type"] == "missing":
+    if error["type"] == "missing":
         return f"{loc}: required field is missing"
-    msg = first["msg"].removeprefix("Value error, ")
-    got = first.get("input")
+    msg = error["msg"].removeprefix("Value error, ")
+    got = error.get("input")
     suffix = "" if isinstance(got, dict) else f" (got {got!r})"
     return f"{loc}: {msg}{suffix}" if loc else f"{msg}{suffix}"
 
@@ -436,10 +458,12 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def parse_config(raw: dict[str, Any]) -> Config:
+    """The validated config; a ConfigError with one line per problem, every field's problems at once (the
+    rules that relate fields of several sections are checked once every field is valid)."""
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err, Config)) from None
+        raise ConfigError(*dict.fromkeys(_format_error(e, Config) for e in err.errors())) from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:

@@ -17,8 +17,10 @@ import torch
 import yaml
 
 from ega_ray.config import Config, apply_overrides, parse_config
-from ega_ray.train.launch import clear_run, run_distill, run_pretrain
+from ega_ray.run_folder import check_target, claim
+from ega_ray.train.launch import run_distill, run_pretrain
 from ega_ray.train.outputs import write_json
+from ega_ray.train.preflight import clear_run, resolve
 
 
 def embedded_config(overrides: list[str] | None = None, output: str | None = None) -> Config:
@@ -50,7 +52,7 @@ def ensure_teacher(base: Config, teacher_dir: Path) -> tuple[Path, float]:
         knn = torch.load(teacher_file, map_location="cpu", weights_only=True)["knn_top1"]
         print(f"[embedded]     reusing the cached teacher (kNN top-1 {knn:.1f}%)", flush=True)
         return teacher_file, knn
-    clear_run(teacher_dir)
+    clear_run(teacher_dir, "pretrain-teacher")
     raw = base.model_dump(mode="json")
     raw["run"] |= {"output": str(teacher_dir), "name": "teacher"}
     knn = run_pretrain(parse_config(raw))["knn_top1"]
@@ -60,13 +62,29 @@ def ensure_teacher(base: Config, teacher_dir: Path) -> tuple[Path, float]:
     return teacher_file, knn
 
 
+STAGES = ("ega", "ce")  # the EGA student, then the same student with CE only
+
+
 def run_embedded(overrides: list[str] | None = None, output: str | None = None) -> dict[str, Any]:
     t0 = time.time()
-    base = embedded_config(overrides, output).resolved()
+    base = resolve(embedded_config(overrides, output))
+    root = base.output_dir
+    with claim(root, "embedded"):
+        # every stage folder is checked before the first stage starts: each may be replaced by its stage
+        check_target(root / "teacher", "pretrain-teacher")
+        for label in STAGES:
+            check_target(root / label, "distill")
+        summary = _run_stages(base) | {"wall_time_s": round(time.time() - t0, 1)}
+        write_json(summary, base.output_dir / "summary.json")
+    print_table(summary)
+    return summary
+
+
+def _run_stages(base: Config) -> dict[str, Any]:
     root = base.output_dir
     teacher_dir = root / "teacher"
 
-    def stage(name: str, **changes: Any) -> Config:
+    def stage(**changes: Any) -> Config:
         raw = base.model_dump(mode="json")
         for dotted, value in changes.items():
             section, field = dotted.split("__")
@@ -77,19 +95,18 @@ def run_embedded(overrides: list[str] | None = None, output: str | None = None) 
     teacher_file, knn = ensure_teacher(base, teacher_dir)
 
     results = {}
-    for i, (label, beta) in enumerate((("ega", base.distill.beta), ("ce", 0.0)), start=2):
+    for i, label in enumerate(STAGES, start=2):
+        beta = base.distill.beta if label == "ega" else 0.0
         out = root / label
         what = "EGA distillation" if label == "ega" else "CE-only baseline"
         print(
             f"[embedded] {i}/3 {what} ({base.student.name}, {base.data.label_fraction:.0%} labels) → {out}", flush=True
         )
-        clear_run(out)
-        cfg = stage(
-            label, run__output=str(out), run__name=label, distill__beta=beta, teacher__weights=str(teacher_file)
-        )
+        clear_run(out, "distill")  # the students train from scratch every time
+        cfg = stage(run__output=str(out), run__name=label, distill__beta=beta, teacher__weights=str(teacher_file))
         results[label] = run_distill(cfg)
 
-    summary = {
+    return {
         "teacher_knn_top1": knn,
         "student_ce_top1": results["ce"]["best_val_top1"],
         "student_ega_top1": results["ega"]["best_val_top1"],
@@ -100,11 +117,7 @@ def run_embedded(overrides: list[str] | None = None, output: str | None = None) 
         "train_rows": results["ega"]["train_rows"],
         "student": base.student.name,
         "teacher": f"ssl:{base.pretrain.arch}",
-        "wall_time_s": round(time.time() - t0, 1),
     }
-    write_json(summary, root / "summary.json")
-    print_table(summary)
-    return summary
 
 
 # A search trial on the embedded default trains 10 epochs, not 30: 8 trials with ASHA then fit in about
@@ -118,8 +131,9 @@ def embedded_tune_config(overrides: list[str] | None, output: str) -> Config:
 
 
 def embedded_with_teacher(overrides: list[str] | None, output: str) -> Config:
-    """The embedded default with its teacher (pretrained, or reused, under ``output``/teacher) and data."""
-    base = embedded_config(overrides, output).resolved()
+    """The embedded default with its teacher (pretrained, or reused, under ``output``/teacher) and data.
+    Call it once ``output`` is claimed (the teacher is written inside it)."""
+    base = resolve(embedded_config(overrides, output))
     teacher_file, _ = ensure_teacher(base, base.output_dir / "teacher")
     raw = base.model_dump(mode="json")
     raw["teacher"]["weights"] = str(teacher_file)

@@ -1,36 +1,34 @@
-"""A tiny name → constructor registry, in the spirit of timm's ``register_model``.
+"""A name → constructor registry, in the spirit of timm's ``register_model``, that knows its names without
+importing anything.
 
-Students, teachers and distillers each have one. A name may carry a family prefix
+Students, teachers and distillers each have one, declared in their package's ``__init__`` as a table
+``name → "module:attribute"``: the attribute (a function or a class) is imported the first time it is
+built, so checking a config's names costs no torch import. A name may carry a family prefix
 (``torchvision:resnet18``): an entry registered as ``torchvision:*`` receives the part after the colon.
+Adding a model, teacher family or loss is its file plus one line in the table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from importlib import import_module
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, entries: dict[str, str]) -> None:
+        for name, target in entries.items():
+            if target.count(":") != 1:
+                raise ValueError(f"{kind} {name!r}: target {target!r} must be 'module:attribute'")
         self.kind = kind
-        self._entries: dict[str, Callable[..., T]] = {}
-
-    def register(self, name: str) -> Callable[[Callable[..., T]], Callable[..., T]]:
-        def deco(fn: Callable[..., T]) -> Callable[..., T]:
-            if name in self._entries:
-                raise ValueError(f"{self.kind} {name!r} is registered twice")
-            self._entries[name] = fn
-            return fn
-
-        return deco
+        self._entries = dict(entries)
 
     def names(self) -> list[str]:
         return sorted(self._entries)
 
-    def resolve(self, name: str) -> tuple[Callable[..., T], str | None]:
-        """The constructor for ``name`` and, for a family entry (``fam:*``), the part after the colon."""
+    def _lookup(self, name: str) -> tuple[str, str | None]:
+        """The entry's target for ``name`` and, for a family entry (``fam:*``), the part after the colon."""
         if name in self._entries:
             return self._entries[name], None
         family, sep, rest = name.partition(":")
@@ -39,18 +37,26 @@ class Registry(Generic[T]):
         raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
 
     def check(self, name: str) -> str:
-        """``name`` if it is registered; a ValueError naming it and the known names otherwise."""
+        """``name`` if it is registered (a family's member names are checked when it is built); a ValueError
+        naming it and the known names otherwise. Imports nothing."""
         if name not in self:
             raise ValueError(f"unknown {self.kind} {name!r}; allowed: {', '.join(self.names())}")
         return name
 
     def __contains__(self, name: str) -> bool:
         try:
-            self.resolve(name)
+            self._lookup(name)
         except KeyError:
             return False
         return True
 
+    def get(self, name: str) -> Any:
+        """The constructor (function or class) registered for ``name``, imported now."""
+        module, _, attribute = self._lookup(name)[0].partition(":")
+        return getattr(import_module(module), attribute)
+
     def build(self, name: str, **kwargs: Any) -> T:
-        fn, rest = self.resolve(name)
+        """Call the constructor of ``name`` (a family's with the member name first)."""
+        rest = self._lookup(name)[1]
+        fn = self.get(name)
         return fn(rest, **kwargs) if rest is not None else fn(**kwargs)

@@ -24,7 +24,8 @@ def local_ray():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=4, include_dashboard=False, configure_logging=False)
+    # a new local Ray, even while another test runs a `ray start` cluster on this machine
+    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()

@@ -1,9 +1,11 @@
 """`ega-ray benchmark` end to end on the smoke config: two methods (CRD and the CE-only student), one seed,
-through Ray Tune; its results files; a resume of the finished benchmark; bad method lists."""
+through Ray Tune, with reference weights and after the same 2-trial search per method; its results files;
+a resume of the finished benchmark; bad method lists."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import pytest
@@ -16,17 +18,35 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
-    short = ["optim.epochs=1", "optim.milestones=[1]", "optim.max_steps_per_epoch=4"]
+    # one worker, one epoch of 4 steps: the test is about what runs and what is written, not accuracy
+    short = ["optim.epochs=1", "optim.milestones=[1]", "optim.max_steps_per_epoch=4", "scaling.num_workers=1"]
     cfg = load_config(REPO / "configs" / "smoke.yaml", short)
     out = tmp_path / "bench"
-    rows = run_benchmark(cfg, ["crd", "ce"], seeds=1, output=out)  # two methods: CRD and the CE-only student
-    assert sorted(r["method"] for r in rows) == ["ce", "crd"]
+    rows = run_benchmark(cfg, ["crd", "ce"], seeds=1, output=out, tune_trials=2)  # CRD and the CE-only student
+    assert sorted((r["method"], r["variant"]) for r in rows) == [
+        ("ce", "reference"), ("ce", "tuned"), ("crd", "reference"), ("crd", "tuned")
+    ]  # fmt: skip
     with open(out / "results.csv") as f:
         saved = list(csv.DictReader(f))
-    assert [(r["method"], r["seed"], r["epochs"]) for r in saved] == [("crd", "0", "1"), ("ce", "0", "1")]
+    assert [(r["method"], r["variant"], r["seed"], r["epochs"]) for r in saved] == [
+        ("crd", "reference", "0", "1"), ("ce", "reference", "0", "1"),
+        ("crd", "tuned", "0", "1"), ("ce", "tuned", "0", "1"),
+    ]  # fmt: skip
     table = (out / "results.md").read_text()
-    for label in ("| crd |", "| CE only (no teacher) |", "| teacher head"):
+    for label in ("| crd |", "| CE only (no teacher) |", "| teacher head", "the same search budget, 2 trials"):
         assert label in table, table
+    # every method searched its own knobs and the lr, 2 trials each, and its tuned runs use the best one
+    best = json.loads((out / "tuned_settings.json").read_text())["best"]
+    assert set(best["crd"]) == {"distill.crd_temperature", "distill.beta", "optim.lr"} and set(best["ce"]) == {
+        "optim.lr"
+    }  # fmt: skip
+    searched = [load_config(p) for p in sorted((out / "trials").glob("tune-crd-*/config.yaml"))]
+    assert len(searched) == 2 and len({c.distill.crd_temperature for c in searched}) == 2
+    assert all(0.03 <= c.distill.crd_temperature <= 0.3 and 0.0125 <= c.optim.lr <= 0.2 for c in searched)
+    tuned = load_config(out / "trials" / "crd-tuned-seed0" / "config.yaml")
+    assert (tuned.distill.crd_temperature, tuned.optim.lr) == pytest.approx(
+        (best["crd"]["distill.crd_temperature"], best["crd"]["optim.lr"])
+    )
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # each run used its method and its reference weights
     for method, gamma, beta in (("crd", 1.0, 0.8), ("ce", 1.0, 0.0)):
@@ -38,7 +58,7 @@ def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
     assert (with_config_weights["distill"]["gamma"], with_config_weights["distill"]["beta"]) == (1.0, 2.0)
     # resuming a finished benchmark trains nothing again and reports the same runs
     again = run_benchmark(None, [], seeds=0, output=out, resume=True)
-    assert again == rows
+    assert again == rows and json.loads((out / "tuned_settings.json").read_text())["best"] == best
 
 
 @pytest.mark.parametrize(
@@ -51,5 +71,5 @@ def test_bad_method_lists_are_refused(text: str, message: str) -> None:
 
 
 def test_benchmark_resume_needs_a_benchmark(tmp_path):
-    with pytest.raises(ConfigError, match="no benchmark to resume"):
+    with pytest.raises(ConfigError, match="holds no `ega-ray benchmark` to resume"):
         run_benchmark(None, [], seeds=0, output=tmp_path, resume=True)

@@ -84,24 +84,82 @@ def test_ray_job_submit_to_an_autoscaling_cluster_with_token_auth(tmp_path):
     assert all(float(r["train_img_per_s"]) == pytest.approx(2 * float(r["train_img_per_s_per_worker"])) for r in rows)
     assert all(float(r["gpu_mem_peak_gib"]) == 0.0 and float(r["gpu_util_pct"]) == 0.0 for r in rows)  # CPU run
     assert list(out.glob("checkpoint_*/state.pt")), "no checkpoint in the run folder"
-    for name in ("config.yaml", "learning_curves.png", "student_last.pt", "student_best.torchscript.pt"):
+    exports = ("student_last.pt", "student_last.safetensors", "student_best.pt2")
+    for name in ("config.yaml", "learning_curves.png", *exports):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["epochs"] == 2 and summary["num_workers"] == 2 and 0.0 <= summary["last_val_top1"] <= 100.0
     assert summary["labeled_train_rows"] == pytest.approx(0.5 * summary["train_rows"], abs=10)  # label_fraction
     assert (out / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
-    scripted = torch.jit.load(str(out / "student_best.torchscript.pt"))
-    assert scripted(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
+    deployed = torch.export.load(out / "student_best.pt2").module()  # float images in [0, 1], dynamic batch
+    assert deployed(torch.zeros(3, 3, 32, 32)).shape == (3, 10)
     exported = torch.load(out / "student_last.pt", weights_only=True)
     assert exported["student"] == "resnet8" and exported["num_classes"] == 10
 
 
-def test_runtime_env_carries_no_credentials_and_leaves_local_folders_behind():
+def test_runtime_env_carries_no_credentials():
     env = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())
-    assert {".venv/", "runs/", "data/", ".git/"} <= set(env["excludes"])
     secret_words = ("key", "secret", "token", "password", "credential")
     for name in env.get("env_vars", {}):
         assert not any(w in name.lower() for w in secret_words), name
+
+
+SECRETS = (".env", ".env.local", ".aws/credentials", ".ssh/id_ed25519", "id_rsa", "id_ecdsa.pub", "deploy/server.pem",
+           "deploy/tls.key", ".netrc", "ega_ray/data/.env")  # fmt: skip
+LOCAL_ONLY = ("data/cifar100/train/part-00000.parquet", "runs/smoke/metrics.csv", ".venv/bin/python", ".git/config",
+              ".whl/ray.whl")  # fmt: skip
+
+
+def working_folder(root: Path) -> tuple[Path, set[str]]:
+    """A checkout as a user's working folder holds it: this repository's tracked files, plus a dataset, run
+    folders, a virtualenv, git's folder and secrets. Returns it and the tracked files that must travel."""
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for rel in tracked:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes((REPO / rel).read_bytes())
+    for rel in SECRETS + LOCAL_ONLY:
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_text("must not travel")
+    code = {rel for rel in tracked if rel.startswith(("ega_ray/", "jobs/", "configs/")) or rel == "pyproject.toml"}
+    assert {"ega_ray/data/parquet.py", "ega_ray/data/prepare.py", "ega_ray/embedded.yaml"} <= code
+    return root, code
+
+
+def assert_carries_the_code_and_no_secret(files: set[str], code: set[str]) -> None:
+    assert not code - files, f"package files left behind: {sorted(code - files)[:10]}"
+    travelled = [rel for rel in SECRETS + LOCAL_ONLY if rel in files]
+    assert not travelled, f"uploaded: {travelled}"
+
+
+def test_a_submitted_jobs_upload_carries_the_package_and_no_secret(tmp_path):
+    """`ray job submit --working-dir .` zips the folder with Ray's own packaging code and the excludes of
+    jobs/runtime_env.yaml (and .gitignore's rules, as Ray applies them by default)."""
+    from zipfile import ZipFile
+
+    from ray._private.runtime_env.packaging import _zip_files
+
+    root, code = working_folder(tmp_path / "checkout")
+    excludes = yaml.safe_load((REPO / "jobs" / "runtime_env.yaml").read_text())["excludes"]
+    _zip_files(str(root), excludes, str(tmp_path / "upload.zip"), include_gitignore=True)
+    with ZipFile(tmp_path / "upload.zip") as z:
+        files = {name for name in z.namelist() if not name.endswith("/")}
+    assert_carries_the_code_and_no_secret(files, code)
+
+
+@pytest.mark.parametrize("path", ["cluster.yaml", "cluster-gcp.yaml"])
+def test_ray_up_copies_the_package_and_no_secret_to_every_node(tmp_path, path):
+    """`ray up` copies the checkout to each node with rsync and the cluster file's own excludes and filter; the
+    arguments are those of Ray's command runner, run here with the real rsync into a local folder."""
+    from ray.autoscaler._private.command_runner import SSHCommandRunner
+
+    config = yaml.safe_load((REPO / path).read_text())
+    assert config["file_mounts"]["~/ega-ray"] == "."
+    root, code = working_folder(tmp_path / "checkout")
+    options = {"rsync_exclude": config["rsync_exclude"], "rsync_filter": config["rsync_filter"]}
+    args = SSHCommandRunner._create_rsync_filter_args(None, options)
+    subprocess.run(["rsync", "-a", *args, f"{root}/", str(tmp_path / "node")], cwd=root, check=True, timeout=120)
+    files = {p.relative_to(tmp_path / "node").as_posix() for p in (tmp_path / "node").rglob("*") if p.is_file()}
+    assert_carries_the_code_and_no_secret(files, code)
 
 
 def test_every_cluster_verb_has_a_job_script():
@@ -281,4 +339,51 @@ def test_cluster_yaml_passes_ray_validation_and_our_checks(path):
     assert "--dashboard-host=127.0.0.1" in head_start and "RAY_AUTH_MODE=token" in head_start
     assert all("RAY_AUTH_MODE=token" in c for c in config["worker_start_ray_commands"] if "ray start" in c)
     installs = " ".join(config["setup_commands"])
-    assert "ray[default,train,tune,data]==2.60.0" in installs and "torch==2.14.1" in installs
+    assert "-r ~/ega-ray/requirements.lock" in installs  # the pinned versions (tests/test_lockfile.py)
+    # least privilege: every node runs as a scoped identity, none with the provider's broad default, and SSH
+    # comes in only where the user's own firewall says (Ray's default AWS group opens port 22 to 0.0.0.0/0)
+    for name, t in types.items():
+        node, role = t["node_config"], "head" if t is head else "worker"
+        if provider["type"] == "aws":
+            assert node["IamInstanceProfile"]["Arn"] == f"arn:aws:iam::YOUR-ACCOUNT-ID:instance-profile/ega-ray-{role}"
+            assert node["SecurityGroupIds"] == ["sg-YOUR-GROUP-ID"], name
+        else:
+            assert [a["email"] for a in node["serviceAccounts"]] == [
+                f"ega-ray-{role}@YOUR-PROJECT-ID.iam.gserviceaccount.com"
+            ], name
+            assert node["networkInterfaces"][0]["network"] == "projects/YOUR-PROJECT-ID/global/networks/ega-ray"
+    assert "security_group" not in provider, "Ray would add SSH from 0.0.0.0/0 to a group it manages"
+
+
+@pytest.mark.parametrize("role", ["head", "worker"])
+def test_aws_policies_grant_the_run_prefix_and_no_more(role):
+    policy = json.loads((REPO / "docs" / "iam" / f"aws-{role}-policy.json").read_text())
+    for statement in policy["Statement"]:
+        actions = statement["Action"] if isinstance(statement["Action"], list) else [statement["Action"]]
+        assert all("*" not in a for a in actions), statement  # no wildcard actions
+        if any(a.startswith("s3:") for a in actions):
+            assert statement["Resource"] in (
+                "arn:aws:s3:::YOUR-BUCKET/ega-ray/*",  # read/write: the runs
+                "arn:aws:s3:::YOUR-BUCKET/datasets/*",  # read only: the data
+                "arn:aws:s3:::YOUR-BUCKET",  # listing, under the prefix condition
+            ), statement
+            if statement["Resource"].endswith("/datasets/*"):
+                assert actions == ["s3:GetObject"]
+            if statement["Resource"] == "arn:aws:s3:::YOUR-BUCKET":
+                assert set(statement["Condition"]["StringLike"]["s3:prefix"]) <= {
+                    "ega-ray", "ega-ray/*", "datasets", "datasets/*"
+                }  # fmt: skip
+        elif role == "worker":
+            raise AssertionError(f"a worker needs storage only: {statement}")
+        if "ec2:TerminateInstances" in actions:
+            assert statement["Condition"]["StringEquals"] == {"ec2:ResourceTag/ray-cluster-name": "ega-ray"}
+        if "iam:PassRole" in actions:
+            assert statement["Resource"] == "arn:aws:iam::YOUR-ACCOUNT-ID:role/ega-ray-worker"
+
+
+def test_the_firewall_commands_in_the_docs_admit_ssh_from_the_users_range_only():
+    text = (REPO / "docs" / "security.md").read_text()
+    ssh = [line for line in text.splitlines() if "22" in line and ("authorize-security-group-ingress" in line
+                                                                   or "firewall-rules create" in line)]  # fmt: skip
+    assert len(ssh) == 2 and all("YOUR-CIDR" in line for line in ssh), ssh
+    assert "0.0.0.0/0" not in "\n".join(line for line in text.splitlines() if line.startswith(("aws ", "gcloud ")))

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from ega_ray.config import Config, ConfigError, OptimConfig, apply_overrides, load_config, parse_config
+from ega_ray.train.preflight import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL: dict[str, Any] = {"data": {"train": "train", "val": "val"}}
@@ -47,7 +48,7 @@ def _write(path: Path, raw: Any) -> Path:
 
 @pytest.fixture
 def splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory holding (empty) train/ and val/ folders; resolved() only checks they exist."""
+    """A working directory holding (empty) train/ and val/ folders; resolve() only checks they exist."""
     (tmp_path / "train").mkdir()
     (tmp_path / "val").mkdir()
     monkeypatch.chdir(tmp_path)
@@ -120,8 +121,23 @@ def test_unknown_registry_name(section: str, field: str, value: str, allowed: st
     assert repr(value) in msg and "allowed:" in msg and allowed in msg
 
 
+def test_baseline_fields() -> None:
+    d = parse_config(_raw()).distill
+    assert (d.ccl_temperature, d.crd_negatives_from) == (1.0, "other_class")  # the references' settings
+    msg = _error(_raw(distill={"crd_negatives_from": "same_class"}))
+    assert msg.startswith("distill.crd_negatives_from:") and "'other_class'" in msg and "'any'" in msg
+    assert _error(_raw(distill={"ccl_temperature": 0})).startswith("distill.ccl_temperature:")
+
+
 def test_teacher_families_accepted() -> None:
-    for name in ("open_clip:RN50", "timm:resnet18", "torchvision:resnet18", "ssl", "zoo:resnet32x4"):
+    for name in (
+        "open_clip:RN50",
+        "timm:resnet18",
+        "torchvision:resnet18",
+        "ssl",
+        "zoo:resnet32x4",
+        "repdistiller:vgg13",
+    ):
         assert parse_config(_raw(teacher={"name": name})).teacher.name == name
     assert parse_config(_raw(student={"name": "torchvision:mobilenet_v3_small"})).student.name.startswith("torch")
 
@@ -176,16 +192,16 @@ def test_missing_data_field() -> None:
 
 
 def test_nonexistent_data_path(splits: Path) -> None:
-    cfg = parse_config(_raw(data={"train": "no_such_folder"}))  # parses: existence is checked by resolved()
+    cfg = parse_config(_raw(data={"train": "no_such_folder"}))  # parses: existence is checked by resolve()
     with pytest.raises(ConfigError) as info:
-        cfg.resolved()
+        resolve(cfg)
     msg = _one_line(info.value)
     assert msg.startswith("data.train:") and "no_such_folder" in msg and "does not exist" in msg
 
 
 def test_unknown_builtin_dataset(splits: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        parse_config(_raw(data={"val": "builtin:cifar10"})).resolved()
+        resolve(parse_config(_raw(data={"val": "builtin:cifar10"})))
     msg = _one_line(info.value)
     assert msg.startswith("data.val:") and "digits" in msg
 
@@ -193,13 +209,13 @@ def test_unknown_builtin_dataset(splits: Path) -> None:
 def test_nonexistent_teacher_weights(splits: Path) -> None:
     cfg = parse_config(_raw(teacher={"name": "zoo:resnet8", "weights": "missing/teacher.pt"}))
     with pytest.raises(ConfigError) as info:
-        cfg.resolved()
+        resolve(cfg)
     msg = _one_line(info.value)
     assert msg.startswith("teacher.weights:") and "missing/teacher.pt" in msg
 
 
 def test_hub_tag_weights_left_alone(splits: Path) -> None:
-    cfg = parse_config(_raw(teacher={"name": "open_clip:RN50", "weights": "openai"})).resolved()
+    cfg = resolve(parse_config(_raw(teacher={"name": "open_clip:RN50", "weights": "openai"})))
     assert cfg.teacher.weights == "openai"
 
 
@@ -295,7 +311,7 @@ def test_resolved_makes_paths_absolute(splits: Path) -> None:
     (splits / "weights").mkdir()
     (splits / "weights" / "t.pt").write_bytes(b"")
     cfg = parse_config(_raw(teacher={"name": "zoo:resnet8", "weights": "weights/t.pt"}))
-    res = cfg.resolved()
+    res = resolve(cfg)
     assert res.data.train == str(splits.resolve() / "train")
     assert res.data.val == str(splits.resolve() / "val")
     assert res.teacher.weights == str(splits.resolve() / "weights" / "t.pt")
@@ -304,7 +320,7 @@ def test_resolved_makes_paths_absolute(splits: Path) -> None:
 
 
 def test_resolved_keeps_uris(splits: Path) -> None:
-    res = parse_config(_raw(data={"train": "s3://bucket/train", "val": "gs://bucket/val"})).resolved()
+    res = resolve(parse_config(_raw(data={"train": "s3://bucket/train", "val": "gs://bucket/val"})))
     assert (res.data.train, res.data.val) == ("s3://bucket/train", "gs://bucket/val")
 
 
@@ -312,7 +328,7 @@ def test_resolved_prepares_builtin_digits(tmp_path: Path, monkeypatch: pytest.Mo
     cache = tmp_path / "cache"
     monkeypatch.setenv("EGA_RAY_CACHE", str(cache))
     monkeypatch.chdir(tmp_path)
-    res = parse_config(_raw(data={"train": "builtin:digits", "val": "builtin:digits"})).resolved()
+    res = resolve(parse_config(_raw(data={"train": "builtin:digits", "val": "builtin:digits"})))
     train, val = Path(res.data.train), Path(res.data.val)
     assert train.is_absolute() and val.is_absolute() and train != val
     assert train.is_relative_to(cache.resolve()) and val.is_relative_to(cache.resolve())
@@ -403,7 +419,7 @@ def test_cli_config_error(tmp_path: Path, raw: dict[str, Any], field: str) -> No
 
 @pytest.mark.slow
 def test_cli_missing_data_path(tmp_path: Path) -> None:
-    """Fails in Config.resolved() inside run_distill: after importing Ray, before starting it."""
+    """Fails in the preflight (resolve) inside run_distill: before Ray starts."""
     proc = _cli(_write(tmp_path / "bad.yaml", _raw(data={"train": "no_such_folder"})), tmp_path)
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -426,3 +442,30 @@ def test_paper_scale_configs_follow_the_seed_recipe(path) -> None:
     assert cfg.optim.scaled_lr(cfg.optim.lr) == pytest.approx(0.05 * cfg.optim.batch_size / 64)
     assert cfg.scaling.use_gpu and cfg.run.max_failures > 0
     assert "GPU-hours" in path.read_text(), "each recipe states the compute it needs"
+
+
+def test_every_problem_of_a_file_at_once_and_help_without_torch_or_ray(tmp_path: Path) -> None:
+    """A config error lists every field's problem, one line each; neither it nor --help imports torch or Ray
+    (which is what keeps both near a second on a small machine)."""
+    bad = _write(
+        tmp_path / "bad.yaml",
+        _raw(distill={"temperature": 0, "bogus": 1}, optim={"epochs": 0}, teacher={"name": "nope:x"}),
+    )
+    script = (
+        "import sys\n"
+        "from ega_ray.cli import main\n"
+        "for argv in (['--help'], ['distill', '--help'], ['distill', '--config', sys.argv[1]]):\n"
+        "    try:\n"
+        "        code = main(argv)\n"
+        "    except SystemExit as done:\n"
+        "        code = done.code\n"
+        "    print(code, sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, str(bad)], capture_output=True, text=True, timeout=120)
+    results = [line for line in done.stdout.splitlines() if line[:1].isdigit()]  # the help texts go there too
+    assert results == ["0 []", "0 []", "2 []"], done.stdout + done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert [line.split(":")[2].strip() for line in lines] == [
+        "teacher.name", "distill.temperature", "distill.bogus", "optim.epochs"
+    ], lines  # fmt: skip
+    assert all(line.startswith("ega-ray: config error: ") for line in lines)

@@ -2,8 +2,8 @@
 
 Each rank takes half of a fixed global batch, computes the loss through a DistributedDataParallel student and
 backpropagates; its loss and DDP-averaged parameter gradients are compared with one process without DDP.
-Covers EGA's graph, NT-Xent and the instance-relational baselines (RKD, PKT, NCE, CRD, whose memory must
-also come out identical on both ranks and equal to the single process's).
+Covers EGA's graph, NT-Xent and the instance-relational baselines (RKD, PKT, NCE, CCL, CRD, whose memory
+and its slots' classes must also come out identical on both ranks and equal to the single process's).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from ega_ray.losses import CRDLoss, EGALoss, NCELoss, NTXentLoss, PKTLoss, RKDLoss
+from ega_ray.losses import CCLLoss, CRDLoss, EGALoss, NCELoss, NTXentLoss, PKTLoss, RKDLoss
 
 WORLD = 2
 B_GLOBAL = 12  # 6 rows per rank: graphs of 3 stay within a rank, graphs of 4 span ranks
@@ -37,10 +37,13 @@ CASES: dict[str, tuple[str, dict]] = {
     "ntxent": ("ntxent", dict(temperature=0.5, global_batch=True)),
     "rkd": ("distiller", dict(cls=RKDLoss, distance_weight=1.0, angle_weight=2.0)),
     "pkt": ("distiller", dict(cls=PKTLoss)),
-    "nce": ("distiller", dict(cls=NCELoss, temperature=0.5)),
+    "nce": ("distiller", dict(cls=NCELoss)),
+    "ccl": ("distiller", dict(cls=CCLLoss)),
+    # CRD takes a warm-up step first, so that its memory slots have classes and other_class draws matter
     "crd": ("distiller", dict(cls=CRDLoss, embed_dim=4, bank_size=12, negatives=5, temperature=0.5, seed=2)),
+    "crd_queue": ("distiller", dict(cls=CRDLoss, embed_dim=4, bank_size=12, negatives=5, bank="queue", seed=3)),
 }
-LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0, 2, 2, 1, 0])
+LABELS = torch.tensor([0, 1, 0, 2, 1, 1, 3, 0, 2, 2, -1, 0])  # one unlabeled row
 INDEX = torch.tensor([5, 0, 11, 3, 7, 2, 9, 4, 1, 10, 6, 8])
 
 
@@ -78,8 +81,13 @@ def _step(
     else:
         options = dict(kwargs)
         distiller = options.pop("cls")(**options).double()
-        loss = distiller(teacher, model(x), labels=LABELS[rows], index=INDEX[rows])
-        extra = [b.detach().clone() for b in distiller.buffers() if b.is_floating_point()]  # CRD's memory
+        batch = dict(labels=LABELS[rows], index=INDEX[rows])
+        if isinstance(distiller, CRDLoss):
+            with torch.no_grad():
+                distiller(teacher, x[:, :4], **batch)  # warm-up: writes every slot and its class
+        emb = model(x)
+        loss = distiller(teacher, emb, teacher_logits=teacher, student_logits=emb, **batch)  # logits: CCL's
+        extra = [b.detach().double() for b in distiller.buffers()]  # CRD's memory, its classes, Z, step, head
     loss.backward()
     return loss.item(), [p.grad.detach().clone() for p in params] + extra
 
@@ -135,18 +143,20 @@ def test_global_batch_losses_match_single_process(tmp_path: Path) -> None:
 
     # global graph / global negatives: every rank sees the loss and the gradients of the whole batch
     # (and, for CRD, ends with the same memory as one process)
-    for case in ("hard", "soft", "ntxent", "rkd", "pkt", "nce", "crd", "graphs_of_4"):
+    for case in ("hard", "soft", "ntxent", "rkd", "pkt", "nce", "crd", "crd_queue", "graphs_of_4"):
         loss, grads = single(case)
         for r, res in enumerate(ranks):
             r_loss, r_grads = res[case]
             assert r_loss == pytest.approx(loss, abs=1e-6), (case, r)
             assert _close(r_grads, grads), (case, r)
 
-    # graphs within a rank: each rank's loss is the mean of its own graphs, the gradients those of all graphs
-    loss, grads = single("graphs_of_3")
-    assert sum(res["graphs_of_3"][0] for res in ranks) / WORLD == pytest.approx(loss, abs=1e-6)
-    for r, res in enumerate(ranks):
-        assert _close(res["graphs_of_3"][1], grads), r
+    # graphs within a rank: each rank's loss is the mean of its own graphs, the gradients those of all graphs;
+    # CCL: the global NCE plus the logit term of the rank's own rows (per instance, not gathered)
+    for case in ("graphs_of_3", "ccl"):
+        loss, grads = single(case)
+        assert sum(res[case][0] for res in ranks) / WORLD == pytest.approx(loss, abs=1e-6), case
+        for r, res in enumerate(ranks):
+            assert _close(res[case][1], grads), (case, r)
 
     # local graph: each rank's loss is that of its own half, DDP averages the two halves' gradients
     for case in ("hard_local", "soft_local"):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ega_ray.losses import DISTILLERS, EGALoss, KDLoss, NTXentLoss
+from ega_ray.losses import DISTILLERS, Distiller, EGALoss, KDLoss, NTXentLoss
 
 # --------------------------------------------------------------------------- direct references (numpy, float64)
 
@@ -341,16 +341,23 @@ def test_graphs_are_separate_computations_averaged(tau: float | None, size: int)
 @pytest.mark.parametrize("name", ["ega", "kd", "hint", "rkd", "pkt", "crd", "nce", "ccl"])
 def test_registry_builds_every_method_from_the_config(name: str) -> None:
     from ega_ray.config import DistillConfig
-    from ega_ray.losses import DISTILLER_CLASSES
+    from ega_ray.losses import build_distiller
 
     d = DistillConfig(method=name, node_weight=0.5, temperature=0.3, contrast_temperature=0.2, embed_dim=8)
-    loss = DISTILLERS.build(name, d=d, num_samples=20, seed=0)
-    assert isinstance(loss, DISTILLER_CLASSES[name])
+    loss = build_distiller(name, d, num_samples=20, seed=0)
+    assert type(loss) is DISTILLERS.get(name) and type(loss).from_config is not Distiller.from_config
     if name == "ega":
         assert (loss.node_weight, loss.edge_weight, loss.temperature, loss.global_graph) == (0.5, 0.24, 0.3, True)
     if name in ("nce", "ccl"):
         assert loss.temperature == 0.2
+    if name == "ccl":
+        assert loss.logit_temperature == 1.0  # the EGA code's T = 1, not kd_temperature (4)
+        ccl_d = d.model_copy(update={"ccl_temperature": 2.0})
+        assert build_distiller(name, ccl_d, num_samples=20, seed=0).logit_temperature == 2.0
     if name == "crd":
         assert loss.memory_s.shape == (20, 8) and loss.negatives == 19  # capped at the memory size − 1
-    with pytest.raises(KeyError):
-        DISTILLERS.build("no-such-distiller")
+        assert loss.negatives_from == "other_class"
+        any_d = d.model_copy(update={"crd_negatives_from": "any"})
+        assert build_distiller(name, any_d, num_samples=20, seed=0).negatives_from == "any"
+    with pytest.raises(KeyError, match="unknown distiller 'no-such-distiller'"):
+        build_distiller("no-such-distiller", d, num_samples=20, seed=0)

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import pickle
+import signal
+import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -14,10 +18,16 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from unprivileged import as_nobody, shared_folder
 
+from ega_ray.cli import _parser
 from ega_ray.data import prepare as prepare_module
-from ega_ray.data.parquet import check_split, decode_images
-from ega_ray.data.prepare import PrepareError, add_prepare_parser, prepare, run_prepare
+from ega_ray.data.digits import builtin_split
+from ega_ray.data.formats import FORMATS, PrepareError
+from ega_ray.data.images import decode_images
+from ega_ray.data.parquet import check_split
+from ega_ray.data.prepare import prepare, run_prepare
+from ega_ray.errors import OutputFolderError
 
 RNG = np.random.default_rng(0)
 
@@ -261,7 +271,7 @@ def test_imagefolder_split_folders_share_one_label_mapping(tmp_path):
     assert report["classes"] == ["cat", "dog", "emu"]
     assert read(tmp_path / "out" / "train")["label"] == [0, 1]
     assert read(tmp_path / "out" / "val")["label"] == [1, 2]
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["prepare.json", "train", "val"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [".ega-ray.json", "prepare.json", "train", "val"]
 
 
 def test_corrupt_image_stops_or_is_skipped(tmp_path):
@@ -318,8 +328,14 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
     write_png(src / "a" / "0.png")
     (tmp_path / "home").mkdir()
     (tmp_path / "home" / "thesis.tex").write_text("precious")
-    with pytest.raises(PrepareError, match=r"exists and is not an ega-ray prepare output"):
+    with pytest.raises(OutputFolderError, match=r"home: holds files ega-ray did not write \(thesis\.tex\)"):
         prepare("imagefolder", src, tmp_path / "home", log=None)
+    (tmp_path / "theirs" / "train").mkdir(parents=True)  # another tool's dataset: Parquet in split folders
+    (tmp_path / "theirs" / "train" / "part-0.parquet").write_bytes(b"PAR1 their data PAR1")
+    (tmp_path / "theirs" / "val").mkdir()  # and an empty one
+    with pytest.raises(OutputFolderError, match=r"theirs: holds files ega-ray did not write \(train/, val/\)"):
+        prepare("imagefolder", src, tmp_path / "theirs", log=None)
+    assert (tmp_path / "theirs" / "train" / "part-0.parquet").read_bytes() == b"PAR1 their data PAR1"
     with pytest.raises(PrepareError, match=r"would replace the source folder"):
         prepare("imagefolder", src, tmp_path, log=None)
     with pytest.raises(PrepareError, match=r"is inside the source folder"):
@@ -331,9 +347,34 @@ def test_refuses_to_replace_a_folder_it_did_not_write(tmp_path):
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="ega-ray")
-    add_prepare_parser(parser.add_subparsers(dest="command", required=True))
-    return parser.parse_args(argv)
+    return _parser().parse_args(argv)
+
+
+def test_the_cli_offers_exactly_the_registered_formats_one_file_each():
+    assert FORMATS.names() == ["cifar100", "digits", "imagefolder", "stl10", "tinyimagenet"]
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    name = next(a for a in sub.choices["prepare"]._actions if a.dest == "name")
+    assert list(name.choices) == FORMATS.names()
+    files = Path(prepare_module.__file__).parent / "formats"
+    assert sorted(p.stem for p in files.glob("*.py")) == sorted([*FORMATS.names(), "__init__", "base"])
+    for format_name in FORMATS.names():  # each format registers itself, from its own file
+        assert FORMATS[format_name].open.__module__ == f"ega_ray.data.formats.{format_name}"
+    assert FORMATS.downloadable() == ["cifar100", "stl10"] and FORMATS.bundled() == ["digits"]
+
+
+def test_prepare_digits_writes_the_rows_of_builtin_digits(tmp_path):
+    report = prepare("digits", None, tmp_path / "out", log=None)
+    assert report["classes"] == [str(i) for i in range(10)] and report["source"] == "sklearn.datasets.load_digits"
+    assert report["splits"] == {
+        "train": {"rows": 1437, "files": 1, "skipped": 0},
+        "val": {"rows": 360, "files": 1, "skipped": 0},
+    }
+    for split in ("train", "val"):
+        builtin = Path(builtin_split("builtin:digits", split))
+        ours = read(tmp_path / "out" / split)
+        assert ours == read(builtin)  # images, labels and index, row for row
+        assert sorted(ours["index"]) == list(range(report["splits"][split]["rows"]))
+        assert tree(tmp_path / "out" / split) == tree(builtin), "the same Parquet files, byte for byte"
 
 
 def test_cli_error_is_one_line_and_status_2(tmp_path, capsys):
@@ -376,3 +417,161 @@ def test_download_failure_is_one_clear_line(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "--download cifar100 into" in err and "name resolution" in err
     assert (tmp_path / "dl").is_dir() and not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- odd and hostile trees
+
+
+def test_symbolic_links_are_not_followed_out_of_src_or_into_loops(tmp_path):
+    src = tmp_path / "src"
+    cat = write_png(src / "cat" / "0.png")
+    write_png(src / "dog" / "0.png")
+    (src / "cat" / "up").symlink_to("..")  # a loop: cat/up/cat/up/...
+    outside = write_png(tmp_path / "private" / "secret.png")
+    (src / "cat" / "leak.png").symlink_to(tmp_path / "private" / "secret.png")
+    (src / "cat" / "alias.png").symlink_to(src / "cat" / "0.png")  # a link inside --src is read
+    (src / "cat" / "gone.png").symlink_to(src / "nowhere.png")
+    (src / "bird").symlink_to(tmp_path / "private")  # a class folder that is a link
+    report = prepare("imagefolder", src, tmp_path / "out", log=None)
+    rows = read(tmp_path / "out" / "train")
+    assert report["classes"] == ["cat", "dog"] and rows["label"] == [0, 0, 1], "2 cats (one via a link), 1 dog"
+    assert sorted(rows["image"]) == sorted([cat, cat, (src / "dog" / "0.png").read_bytes()])
+    assert outside not in rows["image"]
+    assert report["links_not_followed"] == [
+        "bird: a link to a folder, not followed",
+        "cat/gone.png: a broken link",
+        f"cat/leak.png: a link to {tmp_path / 'private' / 'secret.png'}, outside --src",
+        "cat/up: a link to a folder, not followed",
+    ]
+
+
+def test_tinyimagenet_annotations_cannot_name_files_outside_val_images(tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    write_tinyimagenet(root)
+    write_jpeg(tmp_path / "elsewhere.JPEG")
+    annotations = root / "val" / "val_annotations.txt"
+    original = annotations.read_text()
+    for name in (str(tmp_path / "elsewhere.JPEG"), "../../elsewhere.JPEG", ".."):
+        annotations.write_text(original + f"{name}\tn01000000\t0\t0\t1\t1\n")
+        with pytest.raises(PrepareError, match=r"val_annotations\.txt:4: .* is not a file name in .*val/images"):
+            prepare("tinyimagenet", root, tmp_path / "out", log=None)
+    annotations.write_text(original)
+    (root / "val" / "images" / "val_0.JPEG").unlink()
+    (root / "val" / "images" / "val_0.JPEG").symlink_to(tmp_path / "elsewhere.JPEG")
+    with pytest.raises(
+        PrepareError, match=r"val_annotations\.txt:1: .*val_0\.JPEG: a link to .*elsewhere\.JPEG, outside"
+    ):
+        prepare("tinyimagenet", root, tmp_path / "out", log=None)
+    assert not (tmp_path / "out").exists()
+
+
+def test_names_that_are_not_utf8_are_named_in_one_line(tmp_path):
+    src = tmp_path / "src"
+    write_png(src / "cat" / "0.png")
+    bad = os.fsdecode(b"caf\xe9.png")  # Latin-1, as an old camera or archive may name a file
+    write_png(src / "cat" / bad)
+    with pytest.raises(PrepareError, match=r"caf\\xe9\.png'?: the name is not valid UTF-8; rename it"):
+        prepare("imagefolder", src, tmp_path / "out", log=None)
+    (src / "cat" / bad).unlink()
+    (src / os.fsdecode(b"chien\xe9")).mkdir()
+    with pytest.raises(PrepareError, match=r"chien\\xe9'?: the name is not valid UTF-8"):
+        prepare("imagefolder", src, tmp_path / "out", log=None)
+
+
+@pytest.fixture
+def shared_tmp():
+    with shared_folder() as path:
+        yield path
+
+
+def test_an_unreadable_class_folder_is_an_error_not_an_empty_class(shared_tmp):
+    src = shared_tmp / "src"
+    write_png(src / "cat" / "0.png")
+    write_png(src / "dog" / "0.png")
+    (src / "dog").chmod(0o000)
+    done = as_nobody("-m", "ega_ray.cli", "prepare", "imagefolder", "--src", str(src), "--out", "out", cwd=shared_tmp)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip() == f"ega-ray prepare: error: {src / 'dog'}: cannot be read (Permission denied)"
+    assert not (shared_tmp / "out").exists()
+
+
+def test_images_over_the_pixel_limit_are_refused_or_skipped(tmp_path):
+    src = tmp_path / "src"
+    write_png(src / "a" / "0.png")
+    big = src / "a" / "big.png"
+    Image.new("RGB", (300, 200)).save(big)
+    with pytest.raises(
+        PrepareError, match=r"big\.png: not a readable image \(ValueError: 300×200 = 60,000 pixels is over"
+    ):
+        prepare("imagefolder", src, tmp_path / "out", max_pixels=50_000, log=None)
+    report = prepare("imagefolder", src, tmp_path / "out", max_pixels=50_000, skip_bad=True, log=None)
+    assert report["splits"]["train"]["rows"] == 1 and report["skipped"][0]["file"] == "a/big.png"
+    assert prepare("imagefolder", src, tmp_path / "out", log=None)["splits"]["train"]["rows"] == 2  # default limit
+    with pytest.raises(PrepareError, match=r"--max-pixels must be >= 1"):
+        prepare("imagefolder", src, tmp_path / "out", max_pixels=0, log=None)
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    src = tmp_path / "src"
+    deep = np.array([[0, 256, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
+    (src / "a").mkdir(parents=True)
+    Image.fromarray(deep).save(src / "a" / "deep.png")
+    prepare("imagefolder", src, tmp_path / "out", log=None)
+    stored = read(tmp_path / "out" / "train")["image"][0]
+    assert stored != (src / "a" / "deep.png").read_bytes(), "re-encoded as 8 bits, not kept as 16-bit bytes"
+    assert pixels(stored)[0, :, 0].tolist() == [0, 1, 128, 255]
+
+
+def test_protocol_5_cifar_pickles_are_read_and_code_is_still_refused(tmp_path):
+    source = write_cifar100(tmp_path / "c")
+    for split in ("train", "test"):  # as `pickle.dump(..., protocol=5)` of NumPy 2 writes them
+        with open(tmp_path / "c" / split, "rb") as f:
+            raw = pickle.load(f)
+        with open(tmp_path / "c" / split, "wb") as f:
+            pickle.dump(raw, f, protocol=5)
+    prepare("cifar100", tmp_path / "c", tmp_path / "out", log=None)
+    assert read(tmp_path / "out" / "train")["label"] == source["train"][1]
+
+    class Boom:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > " + str(tmp_path / "pwned"),))
+
+    with open(tmp_path / "c" / "train", "wb") as f:
+        pickle.dump({b"data": Boom(), b"fine_labels": []}, f, protocol=5)
+    with pytest.raises(PrepareError, match=r"refusing posix\.system: only NumPy arrays may appear"):
+        prepare("cifar100", tmp_path / "c", tmp_path / "out2", log=None)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_sigterm_mid_prepare_cleans_up_like_ctrl_c(tmp_path):
+    src = tmp_path / "src"
+    gradient = np.broadcast_to(np.arange(1200, dtype=np.uint8)[None, :, None], (1200, 1200, 3)).copy()
+    for i in range(40):  # slow enough to be caught mid-way: ~40 ms each to check and store
+        write_png(src / "a" / f"{i:02d}.png", gradient)
+    # one row per file: the first part file appears after the first image, long before the last
+    argv = ["prepare", "imagefolder", "--src", str(src), "--out", str(tmp_path / "out"), "--rows-per-file", "1"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ega_ray.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 60
+    while not list(tmp_path.glob(".out.tmp-*/train/*.parquet")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"], "no .out.tmp-* and no half-written out"
+
+
+def test_an_output_of_an_earlier_version_without_a_marker_is_still_replaced(tmp_path):
+    src = tmp_path / "src"
+    write_png(src / "a" / "0.png")
+    old = tmp_path / "out"
+    (old / "train").mkdir(parents=True)
+    (old / "train" / "part-00000.parquet").write_bytes(b"old rows")
+    (old / "prepare.json").write_text(json.dumps({"dataset": "imagefolder", "splits": {"train": {"rows": 1}}}))
+    prepare("imagefolder", src, old, log=None)
+    assert read(old / "train")["label"] == [0]
+    (old / "notes.txt").write_text("mine")  # no longer only what prepare wrote: refused from now on
+    (old / ".ega-ray.json").unlink()
+    with pytest.raises(OutputFolderError, match=r"holds files ega-ray did not write"):
+        prepare("imagefolder", src, old, log=None)

@@ -16,8 +16,8 @@ import torchvision.transforms as T
 import torchvision.transforms.functional as TF
 from PIL import Image
 
+from ega_ray.constants import CLIP_MEAN, CLIP_STD
 from ega_ray.losses import EGALoss
-from ega_ray.models.teachers.base import CLIP_MEAN, CLIP_STD
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import seed_loop  # noqa: E402

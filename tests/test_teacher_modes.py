@@ -8,15 +8,18 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
 
 from ega_ray.config import ConfigError, load_config
+from ega_ray.data.cache_format import check_manifest, file_digests, load_cached_embeddings
 from ega_ray.data.teacher_stage import view_for
 from ega_ray.models import build_student, build_teacher
 from ega_ray.train.launch import run_distill
+from ega_ray.train.preflight import resolve
 from ega_ray.train.teacher_cache import build_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -66,6 +69,31 @@ def test_cache_then_cached_training_and_a_refused_mismatch(tmp_path, teacher_fil
     )
     result = run_distill(cached)
     assert result["epochs"] == 1 and 0.0 <= result["teacher_head_top1"] <= 100.0
+
+    # a cache changed after its manifest was written is refused, and so is one that lacks views
+    spec = build_teacher("zoo:resnet8", weights=str(teacher_file)).spec
+    part = sorted((tmp_path / "cache" / "embeddings").glob("*.parquet"))[0]
+    genuine = part.read_bytes()
+    changed = pq.read_table(part)
+    emb = np.stack(changed["embedding"].to_numpy(zero_copy_only=False))
+    emb[0] += 1
+    pq.write_table(changed.set_column(2, "embedding", pa.array(list(emb), changed.schema.field(2).type)), part)
+    with pytest.raises(
+        ConfigError, match=rf"differs from what its manifest recorded: embeddings/{part.name} \(changed\)"
+    ):
+        check_manifest(resolve(cached), spec)
+    part.write_bytes(genuine)
+    full = pq.read_table(tmp_path / "cache" / "embeddings")
+    manifest_file = tmp_path / "cache" / "manifest.json"
+    manifest = json.loads(manifest_file.read_text())
+    for p in (tmp_path / "cache" / "embeddings").glob("*.parquet"):
+        p.unlink()
+    pq.write_table(full.slice(50), part)  # 50 view rows gone, manifest rewritten to match the files
+    manifest["files"] = file_digests(tmp_path / "cache" / "embeddings")
+    manifest_file.write_text(json.dumps(manifest))
+    check_manifest(resolve(cached), spec)
+    with pytest.raises(ConfigError, match=r"lacks 25 training images|lacks 50 of its 2874 views"):
+        load_cached_embeddings(str(tmp_path / "cache"), np.arange(1437))
 
     torch.manual_seed(2)
     other = tmp_path / "other.pt"

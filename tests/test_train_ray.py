@@ -10,9 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 from ray.train import TrainingFailedError
+from test_tracking import read_scalars
 
 from ega_ray.config import load_config
+from ega_ray.errors import OutputFolderError
+from ega_ray.train.common import latest_state
 from ega_ray.train.launch import run_distill
+from ega_ray.train.preflight import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,6 +37,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, local_ray):
     with pytest.raises(TrainingFailedError):
         run_distill(cfg)
     run_dir = tmp_path / "run"
+    # recorded as the run went, not when it ended: the failed run left its first epoch
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [1]
     first = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
     assert len(first) == 1, "the failed run keeps the checkpoint of epoch 1"
     state = torch.load(first[0] / "state.pt", weights_only=True)
@@ -44,6 +50,45 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, local_ray):
     assert [int(r["restarts"]) for r in rows] == [0, 1, 1], "epochs 2-3 ran after a restore, epoch 1 before"
     assert float(rows[0]["train_loss"]) == pytest.approx(state["history"][0]["train_loss"])
     assert summary["epochs"] == 3
+
+    # the same folder with other settings is refused before anything is written; more epochs resume
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    with pytest.raises(
+        OutputFolderError, match=r"holds a run with other settings \(distill.method: \"ega\" → \"kd\"\)"
+    ):
+        run_distill(smoke(tmp_path, "optim.epochs=3", "distill.method=kd"))
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    assert run_distill(smoke(tmp_path, "optim.epochs=4", "run.max_failures=0"))["epochs"] == 4
+    assert [(int(r["epoch"]), int(r["restarts"])) for r in read_metrics(run_dir)] == [(1, 0), (2, 1), (3, 1), (4, 2)]
+
+    assert [step for step, _ in read_scalars(run_dir / "tensorboard")["val/top1"]] == [1, 2, 3, 4]
+    # the latest checkpoint is the one Ray Train registered, not the newest-looking folder on disk
+    stray = run_dir / "checkpoint_2099-12-31_23-59-59.999999"
+    stray.mkdir()
+    torch.save({**state, "epoch": 999}, stray / "state.pt")
+    assert latest_state(str(tmp_path), run_dir.name)["epoch"] == 4
+
+
+def test_an_undecodable_image_stops_the_run_naming_its_row(tmp_path, local_ray):
+    """Through real Ray Data: the error raised in the decoding stage reaches the driver, and the CLI's
+    unwrapping finds the row's split and index in it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from ega_ray.data.digits import builtin_split
+    from ega_ray.errors import DataError, find_usage_error
+
+    table = pq.read_table(builtin_split("builtin:digits", "train"))
+    images = table["image"].to_pylist()
+    broken = int(table["index"][100].as_py())
+    images[100] = b"\x89PNG broken"
+    (tmp_path / "train").mkdir()
+    pq.write_table(table.set_column(0, "image", pa.array(images, pa.binary())), tmp_path / "train" / "part-0.parquet")
+    with pytest.raises(Exception) as caught:  # noqa: B017 - Ray's wrapper type depends on where it failed
+        run_distill(smoke(tmp_path, f"data.train={tmp_path / 'train'}", "optim.epochs=1"))
+    found = find_usage_error(caught.value)
+    assert isinstance(found, DataError), caught.value
+    assert str(found).startswith(f"data.train: the image of the row with index {broken} cannot be decoded")
 
 
 def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):
@@ -69,6 +114,6 @@ def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):
     rows = read_metrics(tmp_path / "embedded" / "teacher")
     assert [int(r["epoch"]) for r in rows] == [1] and rows[-1]["knn_top1"] != ""
     mtime = teacher_file.stat().st_mtime
-    base = embedded_config(overrides, output=str(tmp_path / "embedded")).resolved()
+    base = resolve(embedded_config(overrides, output=str(tmp_path / "embedded")))
     assert ensure_teacher(base, teacher_file.parent)[0] == teacher_file
     assert teacher_file.stat().st_mtime == mtime, "the cached teacher is reused when its settings match"

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 
 from ega_ray.config import ConfigError, parse_config
 from ega_ray.losses import EGALoss
-from ega_ray.train.distill import build_parts, restore_parts, train_step
+from ega_ray.models.precision import compute_dtype
+from ega_ray.train.distill import build_parts, train_step
 
 B, CLASSES = 16, 10
 
@@ -59,7 +60,7 @@ def test_step_loss_is_ce_plus_ega_and_the_step_updates_both_sides() -> None:
     before_s = [t.detach().clone() for t in p.student_net.parameters()]
     before_t = [t.detach().clone() for t in p.t_head.parameters()]
     losses = train_step(p, cfg.distill, batch, feat_t)
-    assert losses.shape == (4,) and not losses.requires_grad
+    assert len(losses) == 4 and not any(x.requires_grad for x in losses)
     torch.testing.assert_close(losses[0], expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[2], ega.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[3], F.cross_entropy(logits_t, batch["label"]).detach(), rtol=1e-5, atol=1e-6)
@@ -70,10 +71,10 @@ def test_step_loss_is_ce_plus_ega_and_the_step_updates_both_sides() -> None:
 @pytest.mark.filterwarnings("ignore:teacher zoo")
 def test_bf16_precision_runs_the_teacher_and_the_student_in_bf16_on_cpu() -> None:
     cpu = torch.device("cpu")
-    assert _cfg().optim.compute_dtype(cpu) == torch.float32  # auto: fp32 on CPU
-    assert _cfg(precision="fp32").optim.compute_dtype(cpu) == torch.float32
+    assert compute_dtype(_cfg().optim.precision, cpu) == torch.float32  # auto: fp32 on CPU
+    assert compute_dtype("fp32", cpu) == torch.float32
     cfg = _cfg(precision="bf16")
-    assert cfg.optim.compute_dtype(cpu) == torch.bfloat16
+    assert compute_dtype(cfg.optim.precision, cpu) == torch.bfloat16
     p = build_parts(cfg, cpu, CLASSES, teacher_dim=64, num_indices=B)
     assert all(t.dtype == torch.bfloat16 for t in p.teacher.parameters())
     assert all(t.dtype == torch.float32 for t in p.student_net.parameters())  # master weights stay fp32
@@ -84,7 +85,7 @@ def test_bf16_precision_runs_the_teacher_and_the_student_in_bf16_on_cpu() -> Non
         emb_s, _ = p.train_student(p.views.student(batch["image"], train=True))
     assert emb_s.dtype == torch.bfloat16
     losses = train_step(p, cfg.distill, batch, feat_t)
-    assert losses.dtype == torch.float32 and torch.isfinite(losses).all()
+    assert all(x.dtype == torch.float32 for x in losses) and torch.isfinite(torch.stack(losses)).all()
 
 
 @pytest.mark.filterwarnings("ignore:teacher zoo")
@@ -97,16 +98,11 @@ def test_restore_takes_the_checkpoint_but_keeps_this_devices_optimizer() -> None
     train_step(p, cfg.distill, _batch(), feat_t)
     p.sched_s.step()
     p.sched_t.step()
-    state = {
-        "student": p.student_net.state_dict(),
-        "teacher_head": p.t_head.state_dict(),
-        "distiller": p.distiller.state_dict(),
-        **{k: copy.deepcopy(getattr(p, k).state_dict()) for k in ("opt_s", "opt_t", "sched_s", "sched_t")},
-    }
+    state = copy.deepcopy(p.checkpointed().state())
     for key in ("opt_s", "opt_t"):
         state[key]["param_groups"][0]["fused"] = True  # as a GPU run saves it
     q = build_parts(cfg, cpu, CLASSES, teacher_dim=64, num_indices=B)
-    restore_parts(q, state)
+    q.checkpointed().restore(state)
     for a, b in zip(p.student_net.parameters(), q.student_net.parameters(), strict=True):
         assert torch.equal(a, b)
     for opt in (q.opt_s, q.opt_t):
@@ -124,9 +120,9 @@ def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")
     gpu = torch.device("cuda")
-    assert _cfg().optim.compute_dtype(gpu) == torch.float32  # auto falls back
+    assert compute_dtype(_cfg().optim.precision, gpu) == torch.float32  # auto falls back
     with pytest.raises(ConfigError, match="optim.precision: bf16 is not supported by Tesla V100"):
-        _cfg(precision="bf16").optim.compute_dtype(gpu)
+        compute_dtype(_cfg(precision="bf16").optim.precision, gpu)
 
 
 def test_unknown_precision_is_refused() -> None:

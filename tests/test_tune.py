@@ -15,6 +15,8 @@ import pytest
 import yaml
 
 from ega_ray.config import ConfigError, load_config, parse_config
+from ega_ray.errors import OutputFolderError
+from ega_ray.tune.experiment import record_state, state_digests, verify_state
 from ega_ray.tune.search import run_search
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,6 +59,24 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, without a goodbye
         proc.wait()
+
+    # state that ega-ray did not write is refused before anything is unpickled or Ray is started
+    tuner_pkl = out / "search" / "tuner.pkl"
+    genuine = tuner_pkl.read_bytes()
+    for plant, restore in (
+        (
+            lambda: (out / "search" / "evil.pkl").write_bytes(b"cos\nsystem\n(S'touch pwned'\ntR."),
+            lambda: (out / "search" / "evil.pkl").unlink(),
+        ),
+        (lambda: tuner_pkl.write_bytes(genuine + b"\n"), lambda: tuner_pkl.write_bytes(genuine)),
+    ):
+        plant()
+        with pytest.raises(OutputFolderError, match=r"did not write \(search/(evil|tuner)\.pkl\)"):
+            run_search(None, out, resume=True)
+        restore()
+    assert not (REPO / "pwned").exists() and not (out / "pwned").exists()
+    with pytest.raises(OutputFolderError, match=r"holds an earlier `ega-ray tune`; continue it with --resume"):
+        run_search(load_config(REPO / "configs" / "smoke.yaml"), out)
 
     best = run_search(None, out, resume=True)
     assert list((out / "search").glob("searcher-state-*.pkl")), "OptunaSearch saved no state"
@@ -112,3 +132,25 @@ def test_search_space_errors_stop_before_ray_starts(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "tune.space.distill.temperature" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr and not (tmp_path / "o").exists()
+
+
+def test_resume_accepts_only_state_files_it_recorded(tmp_path):
+    """The guard on its own: the digest history in the marker, checked against the files in storage."""
+    from ega_ray.run_folder import claim
+
+    out, exp = tmp_path / "search", tmp_path / "search" / "search"
+    with claim(out, "tune", record={"path": str(out)}):
+        exp.mkdir()
+        (exp / "tuner.pkl").write_bytes(b"v1")
+        (exp / "trial_1").mkdir()
+        (exp / "trial_1" / "result.json").write_text("{}")  # data, not state: not recorded, not checked
+        record_state(out, state_digests(str(exp)))
+        (exp / "tuner.pkl").write_bytes(b"v2")  # Tune rewrites its state as the experiment runs
+        record_state(out, state_digests(str(exp)))
+    assert set(state_digests(str(exp))) == {"search/tuner.pkl"}
+    verify_state(out, str(exp))
+    (exp / "tuner.pkl").write_bytes(b"v1")  # storage may lag behind: an older recorded version is fine
+    verify_state(out, str(exp))
+    (exp / "trial_1" / "error.pkl").write_bytes(b"planted")
+    with pytest.raises(OutputFolderError, match=r"did not write \(search/trial_1/error\.pkl\)"):
+        verify_state(out, str(exp))

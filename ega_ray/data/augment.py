@@ -2,8 +2,9 @@
 
 Student view: random crop of the zero-padded image + horizontal flip, scaled to [0, 1], resized to the
 student's input size if it differs, normalized. Teacher view (the EGA recipe): an *independent* crop and
-flip of the same image, resized to the teacher's input size with its interpolation, normalized with the
-teacher's statistics. Evaluation views skip crop and flip.
+flip of the same image, resized to the teacher's input size with its interpolation (or resized larger and
+center-cropped to it, where the teacher's weights say so), normalized with the teacher's statistics.
+Evaluation views skip crop and flip.
 """
 
 from __future__ import annotations
@@ -54,6 +55,12 @@ def resize(x: Tensor, size: int, interpolation: str) -> Tensor:
     kwargs = {} if mode == "nearest" else {"align_corners": False, "antialias": size < x.shape[-1]}
     out = F.interpolate(x, size=(size, size), mode=mode, **kwargs)
     return out.clamp_(0.0, 1.0) if mode == "bicubic" else out
+
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """The central ``size`` x ``size`` window, placed as torchvision's CenterCrop places it."""
+    top, left = round((x.shape[-2] - size) / 2.0), round((x.shape[-1] - size) / 2.0)
+    return x[..., top : top + size, left : left + size]
 
 
 class ViewMaker:
@@ -113,7 +120,11 @@ class ViewMaker:
         x = to_unit_float(images)
         if train:
             x = random_crop_flip(x, self.pad, self.flip, self.generator)
-        return (resize(x, spec.input_size, spec.interpolation) - self.t_mean) / self.t_std
+        if spec.resize_size is None:
+            x = resize(x, spec.input_size, spec.interpolation)
+        else:
+            x = center_crop(resize(x, spec.resize_size, spec.interpolation), spec.input_size)
+        return (x - self.t_mean) / self.t_std
 
 
 def simclr_view(

@@ -21,18 +21,24 @@ def digits_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(up[..., None], 3, axis=-1), d.target.astype(np.int64)
 
 
+def digits_splits(val_fraction: float = 0.2, seed: int = 0, size: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``train`` and ``val`` (images, labels): a stratified split of all digits. What ``builtin:digits`` and
+    ``ega-ray prepare digits`` both write, so the two give the same rows."""
+    images, labels = digits_images(size)
+    x_tr, x_va, y_tr, y_va = train_test_split(
+        images, labels, test_size=val_fraction, stratify=labels, random_state=seed
+    )
+    return {"train": (x_tr, y_tr), "val": (x_va, y_va)}
+
+
 def prepare_digits(out: str | Path, val_fraction: float = 0.2, seed: int = 0, size: int = 32) -> dict[str, Path]:
     """Write ``out/train`` and ``out/val`` (stratified split); skips splits that already exist."""
     out = Path(out)
     paths = {"train": out / "train", "val": out / "val"}
     if all(p.exists() for p in paths.values()):
         return paths
-    images, labels = digits_images(size)
-    x_tr, x_va, y_tr, y_va = train_test_split(
-        images, labels, test_size=val_fraction, stratify=labels, random_state=seed
-    )
-    write_split(paths["train"], x_tr, y_tr)
-    write_split(paths["val"], x_va, y_va)
+    for split, (images, labels) in digits_splits(val_fraction, seed, size).items():
+        write_split(paths[split], images, labels)
     return paths
 
 

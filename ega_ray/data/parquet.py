@@ -4,26 +4,17 @@ See docs/data.md; ``ega_ray.data.prepare`` converts the official dataset formats
 
 from __future__ import annotations
 
-import io
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
-from PIL import Image
+
+from ega_ray.data.images import decode_images, encode_png
+from ega_ray.run_folder import replacing
 
 REQUIRED_COLUMNS = ("image", "label", "index")
-
-
-def encode_png(image: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 SCHEMA = pa.schema([("image", pa.binary()), ("label", pa.int64()), ("index", pa.int64())])
 
 
@@ -104,39 +95,17 @@ class ShardWriter:
             self._writer = None
 
 
-def replace_dir(new: Path, dest: Path) -> None:
-    """Move the finished folder ``new`` to ``dest``, replacing an older ``dest``. The old folder is moved
-    aside first and put back if the final rename fails, so ``dest`` is never left half-written."""
-    old = None
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{uuid.uuid4().hex[:8]}")
-        dest.rename(old)
-    try:
-        new.rename(dest)
-    except BaseException:
-        if old is not None:
-            old.rename(dest)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def write_split(out_dir: str | Path, images: np.ndarray, labels: np.ndarray, rows_per_file: int = 10_000) -> Path:
-    """Write one split atomically: into a temporary sibling folder, renamed into place at the end."""
+    """Write one split atomically (``run_folder.replacing``: into a temporary sibling folder, renamed into
+    place at the end)."""
     out_dir = Path(out_dir)
     if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
         raise ValueError(f"images must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir(parents=True)
-    try:
-        with ShardWriter(tmp, rows_per_file) as writer:
-            for image, label in zip(images, labels, strict=True):
-                writer.add(encode_png(image), int(label))
-        replace_dir(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    with replacing(out_dir) as tmp, ShardWriter(tmp, rows_per_file) as writer:
+        for image, label in zip(images, labels, strict=True):
+            writer.add(encode_png(image), int(label))
     return out_dir
 
 
@@ -145,12 +114,13 @@ def read_columns(path: str, columns: list[str]) -> pa.Table:
     return pads.dataset(path, format="parquet").to_table(columns=columns)
 
 
-def read_decoded(path: str, image_size: int) -> dict[str, np.ndarray]:
+def read_decoded(path: str, image_size: int, split: str = "data.val") -> dict[str, np.ndarray]:
     """A whole (non-empty, checked) split, decoded on the calling process, e.g. a small validation split on
     the driver: image (N, S, S, 3) uint8, label, index."""
     table = read_columns(path, ["image", "label", "index"])
-    batch = decode_images({"image": table["image"].to_pylist()}, image_size)
-    return batch | {"label": table["label"].to_numpy(), "index": table["index"].to_numpy()}
+    index = table["index"].to_numpy()
+    batch = decode_images({"image": table["image"].to_pylist(), "index": index}, image_size, split)
+    return batch | {"label": table["label"].to_numpy()}
 
 
 def check_split(path: str, field: str) -> int:
@@ -170,19 +140,41 @@ def check_split(path: str, field: str) -> int:
     return rows
 
 
-def decode_images(batch: dict[str, np.ndarray], image_size: int) -> dict[str, np.ndarray]:
-    """Ray Data batch transform: PNG/JPEG bytes (or uint8 arrays) → uint8 (N, S, S, 3)."""
-    out = []
-    for item in batch["image"]:
-        if isinstance(item, (bytes, bytearray)):
-            im = Image.open(io.BytesIO(item)).convert("RGB")
-            if im.size != (image_size, image_size):
-                im = im.resize((image_size, image_size), Image.BICUBIC)
-            out.append(np.asarray(im, dtype=np.uint8))
-        else:
-            out.append(np.asarray(item, dtype=np.uint8))
-    batch["image"] = np.stack(out)
-    return batch
+def check_labels(path: str, field: str, rows: int, unlabeled_ok: bool) -> tuple[np.ndarray, np.ndarray]:
+    """The ``label`` and ``index`` columns of a split (int64), after checking what training relies on: both
+    integer and never null, every index in 0..rows−1 and unique, every label ≥ 0 (or −1 = unlabeled where
+    ``unlabeled_ok``). A ValueError names the split, the column and an offending row otherwise."""
+    schema = pads.dataset(path, format="parquet").schema
+    for column, what in (("label", "class numbers 0..C−1, −1 for unlabeled"), ("index", f"row numbers 0..{rows - 1}")):
+        kind = schema.field(column).type
+        if not pa.types.is_integer(kind):
+            raise ValueError(f"{field}: {path!r} column {column!r} is of type {kind}; it must hold integers ({what})")
+    table = read_columns(path, ["label", "index"])
+    for column in ("label", "index"):
+        nulls = table[column].null_count
+        if nulls:
+            first = int(np.flatnonzero(table[column].is_null().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"{field}: {path!r} column {column!r} is null in {nulls} row(s), the first at row {first}")
+    labels = table["label"].to_numpy().astype(np.int64)
+    index = table["index"].to_numpy().astype(np.int64)
+    outside = (index < 0) | (index >= rows)
+    if outside.any():
+        raise ValueError(
+            f"{field}: {path!r} has index {index[outside][0]}; the column 'index' must number the {rows} rows "
+            f"0..{rows - 1}, each once"
+        )
+    values, counts = np.unique(index, return_counts=True)
+    if (counts > 1).any():
+        raise ValueError(
+            f"{field}: {path!r} has index {values[counts > 1][0]} {counts[counts > 1][0]} times; the column "
+            f"'index' must number the {rows} rows 0..{rows - 1}, each once"
+        )
+    lowest = -1 if unlabeled_ok else 0
+    bad = labels < lowest
+    if bad.any():
+        allowed = "0..C−1, or −1 for an unlabeled row" if unlabeled_ok else "0..C−1 (validation rows need labels)"
+        raise ValueError(f"{field}: {path!r} has label {labels[bad][0]} (index {index[bad][0]}); labels are {allowed}")
+    return labels, index
 
 
 def stratified_label_mask(labels: np.ndarray, index: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -1,424 +1,32 @@
-"""``ega-ray prepare``: convert the official distribution formats of the EGA datasets (CIFAR-100, STL-10,
-Tiny ImageNet), any class-per-folder image tree, and the bundled digits into ega-ray's Parquet format
-(see ``ega_ray.data.parquet`` and docs/data.md).
+"""``ega-ray prepare``: the writer that turns a dataset format (``ega_ray.data.formats``: CIFAR-100, STL-10,
+Tiny ImageNet, any class-per-folder image tree, the bundled digits) into ega-ray's Parquet format (see
+``ega_ray.data.parquet`` and docs/data.md). The command line's arguments are parsed in ``ega_ray.cli``.
 
 Every conversion streams: images are read, checked and encoded one at a time and written in shards of at
-most ``rows_per_file`` rows. The whole output goes to a temporary sibling folder ``OUT.tmp-<random>``,
-finished with ``prepare.json``, and is renamed to ``OUT`` only at the end, so an interrupted or failed
-conversion never leaves a complete-looking ``OUT`` (and an older ``OUT`` stays as it was)."""
+most ``rows_per_file`` rows. The whole output goes to a temporary sibling folder ``.OUT.tmp-<random>``,
+finished with ``prepare.json``, and is renamed to ``OUT`` only at the end (``run_folder.rebuild``), so an
+interrupted or failed conversion never leaves a complete-looking ``OUT`` (and an older ``OUT`` stays as it
+was). ``OUT`` must be new, empty, or an earlier ``ega-ray prepare`` output (see ``ega_ray.run_folder``)."""
 
 from __future__ import annotations
 
 import argparse
-import io
 import json
-import os
-import pickle
-import shutil
 import sys
 import time
-import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-import numpy as np
-from PIL import Image, UnidentifiedImageError
+from ega_ray.constants import MAX_PIXELS
+from ega_ray.data.formats import FORMATS, BadImage, Format, PrepareError, Source, Split
+from ega_ray.data.formats.base import is_real_dir
+from ega_ray.data.parquet import ShardWriter
+from ega_ray.errors import UsageError
+from ega_ray.run_folder import check_target, new_marker, read_marker, rebuild, write_marker
 
-from ega_ray.data.parquet import ShardWriter, encode_png, replace_dir
-
-DATASETS = ("cifar100", "stl10", "tinyimagenet", "imagefolder", "digits")
-DOWNLOADABLE = ("cifar100", "stl10")
-KEEP_FORMATS = frozenset({"PNG", "JPEG"})  # stored as the original file bytes; anything else → PNG
 PROGRESS_ROWS = 10_000
 PROGRESS_SECONDS = 5.0
-SPLIT_FOLDERS = ("train", "val", "test")
-STL_SIDE = 96
-STL_BYTES = 3 * STL_SIDE * STL_SIDE
-STL_CHUNK = 1_000  # images read from a .bin at a time
 STDERR = "stderr"  # prepare()'s default log: sys.stderr as it is at call time
-TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
-
-
-class PrepareError(ValueError):
-    """A conversion cannot go on: a missing or malformed source file, or an unreadable image."""
-
-
-class BadImage(Exception):
-    """One image file cannot be decoded; skippable with ``--skip-bad``."""
-
-
-# A row source: (name of the image in messages, a loader returning the encoded bytes or raising BadImage, label).
-Row = tuple[str, Callable[[], bytes], int]
-
-
-@dataclass
-class Split:
-    name: str
-    rows: Callable[[], Iterator[Row]]  # called once, when the split is written
-    expected: int  # rows the source announces (skipped files included), for the progress lines
-
-
-@dataclass
-class Source:
-    path: Path  # the official folder actually read
-    classes: list[str] | None
-    splits: list[Split]
-    ignored: list[str] = field(default_factory=list)  # files that are not images, not converted
-    notes: list[str] = field(default_factory=list)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def _image_extensions() -> frozenset[str]:
-    Image.init()
-    return frozenset(ext.lower() for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN)
-
-
-def load_image_file(path: Path) -> bytes:
-    """The bytes to store for one image file: the original bytes for PNG and JPEG (after checking that the
-    whole image decodes), a lossless PNG of the RGB image for any other format PIL reads."""
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise BadImage(f"cannot read file ({err.strerror or err})") from None
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            fmt = im.format
-            im.load()  # a full decode: catches truncated and corrupt files, not only bad headers
-            if fmt in KEEP_FORMATS:
-                return data
-            rgb = np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except UnidentifiedImageError:
-        raise BadImage("not a readable image (no image format PIL knows)") from None
-    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError, EOFError, DecompressionBombError…
-        raise BadImage(f"not a readable image ({type(err).__name__}: {err})") from None
-    return encode_png(rgb)
-
-
-def _list_files(folder: Path, recursive: bool, exts: frozenset[str]) -> tuple[list[Path], list[Path]]:
-    """Image files under ``folder`` (by extension, sorted by relative path) and the other entries (files with
-    non-image extensions, hidden files such as .DS_Store or ._name.jpg, hidden folders), also sorted."""
-    images: list[Path] = []
-    other: list[Path] = []
-    if recursive:
-        for root, dirs, files in os.walk(folder, followlinks=True):
-            other += [Path(root, d) for d in dirs if d.startswith(".")]  # reported, not searched
-            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-            for name in files:
-                (other if name.startswith(".") or Path(name).suffix.lower() not in exts else images).append(
-                    Path(root, name)
-                )
-    else:
-        for entry in folder.iterdir():
-            if entry.is_file():
-                hidden = entry.name.startswith(".")
-                (other if hidden or entry.suffix.lower() not in exts else images).append(entry)
-
-    def key(p: Path) -> str:
-        return p.relative_to(folder).as_posix()
-
-    return sorted(images, key=key), sorted(other, key=key)
-
-
-def _rel(path: Path, base: Path) -> str:
-    try:
-        return path.relative_to(base).as_posix()
-    except ValueError:
-        return str(path)
-
-
-def _need(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise PrepareError(f"{path}: not found; {what}")
-    return path
-
-
-def _official(src: Path, folder: str, marker: str) -> Path:
-    """``src`` itself, or ``src/<folder>`` when ``src`` is the folder above the official one (as after
-    ``--download``)."""
-    if not (src / marker).exists() and (src / folder / marker).exists():
-        return src / folder
-    return src
-
-
-def _file_rows(files: list[tuple[Path, int]], base: Path) -> Callable[[], Iterator[Row]]:
-    def rows() -> Iterator[Row]:
-        for path, label in files:
-            yield _rel(path, base), (lambda p=path: load_image_file(p)), label
-
-    return rows
-
-
-def _array_rows(chunks: Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]], ref: str) -> Callable[[], Iterator[Row]]:
-    """Rows from chunks of (uint8 (n, H, W, 3) images, labels), PNG-encoded losslessly."""
-
-    def rows() -> Iterator[Row]:
-        i = 0
-        for images, labels in chunks():
-            for image, label in zip(images, labels, strict=True):
-                yield f"{ref}[{i}]", (lambda im=image: encode_png(im)), int(label)
-                i += 1
-
-    return rows
-
-
-# ---------------------------------------------------------------- CIFAR-100
-
-
-class _ArraysOnlyUnpickler(pickle.Unpickler):
-    """CIFAR's pickles hold dicts, lists, strings, bytes and NumPy arrays; anything else a pickle names (a function to
-    call, as a crafted file would) is refused, so converting a downloaded file cannot run code."""
-
-    ALLOWED = {
-        ("_codecs", "encode"),  # how protocol-2 pickles written by Python 3 spell bytes
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"refusing {module}.{name}: only NumPy arrays may appear in a CIFAR pickle")
-        return super().find_class(module, name)
-
-
-def _unpickle(path: Path) -> Any:
-    try:
-        with open(path, "rb") as f:
-            return _ArraysOnlyUnpickler(f, encoding="bytes").load()
-    except Exception as err:  # truncated: EOFError / UnpicklingError; garbage: many kinds
-        raise PrepareError(
-            f"{path}: cannot be unpickled ({type(err).__name__}: {err}); the file is truncated or not a CIFAR pickle"
-        ) from None
-
-
-def _cifar_split(path: Path, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    raw = _unpickle(path)
-    if not isinstance(raw, dict) or b"data" not in raw or b"fine_labels" not in raw:
-        raise PrepareError(f"{path}: not a CIFAR-100 pickle (expected a dict with b'data' and b'fine_labels')")
-    data = np.asarray(raw[b"data"])
-    labels = np.asarray(raw[b"fine_labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
-        raise PrepareError(f"{path}: b'data' must be uint8 of shape (N, 3072), got {data.dtype} {data.shape}")
-    if labels.ndim != 1 or len(labels) != len(data):
-        raise PrepareError(f"{path}: {len(data)} images but {labels.size} fine labels")
-    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
-        raise PrepareError(f"{path}: fine labels must be in 0..{num_classes - 1}, found {labels.min()}..{labels.max()}")
-    return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
-
-
-def open_cifar100(src: Path) -> Source:
-    src = _official(src, "cifar-100-python", "meta")
-    expects = "cifar100 expects --src to be the unpacked cifar-100-python/ folder with the pickles train, test and meta"
-    files = {name: _need(src / name, expects) for name in ("train", "test", "meta")}
-    meta = _unpickle(files["meta"])
-    if not isinstance(meta, dict) or b"fine_label_names" not in meta:
-        raise PrepareError(f"{files['meta']}: not the CIFAR-100 meta pickle (no b'fine_label_names')")
-    classes = [n.decode() if isinstance(n, bytes) else str(n) for n in meta[b"fine_label_names"]]
-
-    def split(name: str) -> Split:
-        def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-            yield _cifar_split(files[name], len(classes))  # a pickle loads whole (150 MB for train)
-
-        # the row count is only known once the pickle is loaded: 0 = unknown for the progress lines
-        return Split(name, _array_rows(chunks, name), 0)
-
-    return Source(src, classes, [split("train"), split("test")])
-
-
-# ---------------------------------------------------------------- STL-10
-
-
-def _stl_count(path: Path) -> int:
-    """Images in an STL-10 ``*_X.bin``; its size must be a positive multiple of 3·96·96 bytes."""
-    size = path.stat().st_size
-    if size == 0 or size % STL_BYTES:
-        raise PrepareError(
-            f"{path}: {size} bytes is not a positive multiple of 3·96·96 = {STL_BYTES}; the file is truncated "
-            "or not an STL-10 image file"
-        )
-    return size // STL_BYTES
-
-
-def _stl_chunks(path: Path, labels: np.ndarray) -> Callable[[], Iterator[tuple[np.ndarray, np.ndarray]]]:
-    """HWC uint8 images of an STL-10 ``*_X.bin`` (column-major per image), read STL_CHUNK at a time."""
-
-    def chunks() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        with open(path, "rb") as f:
-            for start in range(0, len(labels), STL_CHUNK):
-                n = min(STL_CHUNK, len(labels) - start)
-                raw = f.read(n * STL_BYTES)
-                if len(raw) != n * STL_BYTES:
-                    raise PrepareError(f"{path}: ended early (changed while being read?)")
-                block = np.frombuffer(raw, dtype=np.uint8).reshape(n, 3, STL_SIDE, STL_SIDE)
-                yield np.ascontiguousarray(block.transpose(0, 3, 2, 1)), labels[start : start + n]
-
-    return chunks
-
-
-def open_stl10(src: Path) -> Source:
-    src = _official(src, "stl10_binary", "train_X.bin")
-    expects = (
-        "stl10 expects --src to be the unpacked stl10_binary/ folder with train_X.bin, train_y.bin, test_X.bin, "
-        "test_y.bin (and optionally unlabeled_X.bin, class_names.txt)"
-    )
-    splits = []
-    for name in ("train", "test"):
-        x_path, y_path = _need(src / f"{name}_X.bin", expects), _need(src / f"{name}_y.bin", expects)
-        count = _stl_count(x_path)
-        labels = np.fromfile(y_path, dtype=np.uint8).astype(np.int64)
-        if len(labels) != count:
-            raise PrepareError(f"{y_path}: {len(labels)} labels but {x_path.name} holds {count} images")
-        if labels.min() < 1 or labels.max() > 10:
-            raise PrepareError(f"{y_path}: labels must be 1..10, found {labels.min()}..{labels.max()}")
-        splits.append(Split(name, _array_rows(_stl_chunks(x_path, labels - 1), x_path.name), count))
-    if (src / "unlabeled_X.bin").exists():
-        count = _stl_count(src / "unlabeled_X.bin")
-        unlabeled = np.full(count, -1, dtype=np.int64)
-        splits.append(
-            Split("unlabeled", _array_rows(_stl_chunks(src / "unlabeled_X.bin", unlabeled), "unlabeled_X.bin"), count)
-        )
-    classes = None
-    names_file = src / "class_names.txt"
-    if names_file.exists():
-        classes = [line.strip() for line in names_file.read_text().splitlines() if line.strip()]
-        if len(classes) != 10:
-            raise PrepareError(f"{names_file}: expected 10 class names, one a line, found {len(classes)}")
-    return Source(src, classes, splits)
-
-
-# ---------------------------------------------------------------- Tiny ImageNet
-
-
-def open_tinyimagenet(src: Path) -> Source:
-    src = _official(src, "tiny-imagenet-200", "wnids.txt")
-    expects = (
-        "tinyimagenet expects --src to be the unpacked tiny-imagenet-200/ folder with wnids.txt, "
-        "train/<wnid>/images/*.JPEG, val/images/*.JPEG and val/val_annotations.txt"
-    )
-    wnids_file = _need(src / "wnids.txt", expects)
-    wnids = [line.strip() for line in wnids_file.read_text().splitlines() if line.strip()]
-    if not wnids or len(set(wnids)) != len(wnids):
-        raise PrepareError(
-            f"{wnids_file}: expected one distinct wnid a line, found {len(wnids)} ({len(set(wnids))} distinct)"
-        )
-    label_of = {w: i for i, w in enumerate(wnids)}
-    exts = _image_extensions()
-    ignored: list[Path] = []
-
-    train_dir = _need(src / "train", expects)
-    extra = sorted(p.name for p in train_dir.iterdir() if p.is_dir() and p.name not in label_of and p.name[0] != ".")
-    if extra:
-        raise PrepareError(f"{train_dir}: folder(s) {extra[:5]} are not listed in {wnids_file.name}")
-    ignored += [p for p in train_dir.iterdir() if p.is_file() or p.name.startswith(".")]
-    train: list[tuple[Path, int]] = []
-    for wnid in wnids:
-        images, other = _list_files(_need(train_dir / wnid / "images", expects), False, exts)
-        train += [(p, label_of[wnid]) for p in images]
-        ignored += other
-
-    val_images_dir = _need(src / "val" / "images", expects)
-    ann_file = _need(src / "val" / "val_annotations.txt", expects)
-    val: list[tuple[Path, int]] = []
-    seen: set[str] = set()
-    for lineno, line in enumerate(ann_file.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        fields = line.split("\t")
-        if len(fields) < 2 or fields[1].strip() not in label_of:
-            raise PrepareError(
-                f"{ann_file}:{lineno}: expected 'filename<TAB>wnid<TAB>bbox…' with a wnid from {wnids_file.name}, "
-                f"got {line[:80]!r}"
-            )
-        name = fields[0].strip()
-        if name in seen:
-            raise PrepareError(f"{ann_file}:{lineno}: {name} is annotated twice")
-        seen.add(name)
-        val.append((_need(val_images_dir / name, f"it is listed in {ann_file}"), label_of[fields[1].strip()]))
-    images, other = _list_files(val_images_dir, False, exts)
-    ignored += other
-    unannotated = [p for p in images if p.name not in seen]
-
-    def val_rows() -> Iterator[Row]:
-        yield from _file_rows(val, src)()
-        for path in unannotated:  # not dropped silently: an error, or skipped and reported with --skip-bad
-
-            def no_label(p: Path = path) -> bytes:
-                raise BadImage(f"has no line in {ann_file.name}")
-
-            yield _rel(path, src), no_label, -1
-
-    notes = []
-    if (src / "test").exists():
-        notes.append(f"{src / 'test'}: Tiny ImageNet's test images have no labels and are not converted")
-    return Source(
-        src,
-        wnids,
-        [Split("train", _file_rows(train, src), len(train)), Split("val", val_rows, len(val) + len(unannotated))],
-        [_rel(p, src) for p in ignored],
-        notes,
-    )
-
-
-# ---------------------------------------------------------------- image folders
-
-
-def open_imagefolder(src: Path) -> Source:
-    if not src.is_dir():
-        raise PrepareError(f"{src}: not a folder; imagefolder expects one subfolder of images per class")
-    subdirs = sorted(p for p in src.iterdir() if p.is_dir() and not p.name.startswith("."))
-    split_dirs = [src / s for s in SPLIT_FOLDERS if (src / s).is_dir() and any(p.is_dir() for p in (src / s).iterdir())]
-    ignored = [p for p in src.iterdir() if p.is_file() or p.name.startswith(".")]
-    if split_dirs:
-        others = [p.name for p in subdirs if p.name not in SPLIT_FOLDERS]
-        if others:
-            raise PrepareError(
-                f"{src}: has split folders ({', '.join(p.name for p in split_dirs)}) and also other folders "
-                f"{others[:5]}; put the class folders inside the split folders"
-            )
-        for s in SPLIT_FOLDERS:
-            if (src / s).is_dir() and src / s not in split_dirs:
-                raise PrepareError(f"{src / s}: a split folder without class folders; imagefolder needs one per class")
-        roots = {p.name: p for p in split_dirs}
-    else:
-        roots = {"train": src}
-    class_dirs = {
-        split: sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-        for split, root in roots.items()
-    }
-    classes = sorted({p.name for dirs in class_dirs.values() for p in dirs})
-    if not classes:
-        raise PrepareError(f"{src}: no class folders; imagefolder expects one subfolder of images per class")
-    label_of = {c: i for i, c in enumerate(classes)}
-    exts = _image_extensions()
-    splits = []
-    for split, root in roots.items():
-        if root != src:
-            ignored += [p for p in root.iterdir() if p.is_file() or p.name.startswith(".")]
-        files: list[tuple[Path, int]] = []
-        for class_dir in class_dirs[split]:
-            images, other = _list_files(class_dir, True, exts)
-            files += [(p, label_of[class_dir.name]) for p in images]
-            ignored += other
-        if not files:
-            raise PrepareError(f"{root}: no image files in its class folders")
-        splits.append(Split(split, _file_rows(files, src), len(files)))
-    return Source(src, classes, splits, sorted(_rel(p, src) for p in ignored))
-
-
-OPENERS: dict[str, Callable[[Path], Source]] = {
-    "cifar100": open_cifar100,
-    "stl10": open_stl10,
-    "tinyimagenet": open_tinyimagenet,
-    "imagefolder": open_imagefolder,
-}
-
-
-# ---------------------------------------------------------------- writing
 
 
 class _Progress:
@@ -451,9 +59,10 @@ class _Progress:
 
 
 def _write_split(
-    dataset: str, base: Path, split: Split, folder: Path, skip_bad: bool, rows_per_file: int, log: TextIO | None
+    dataset: str, base: Path | None, split: Split, folder: Path, skip_bad: bool, rows_per_file: int, log: TextIO | None
 ) -> tuple[int, int, list[dict[str, str]]]:
-    """Stream one split into ``folder``; return (rows, files, skipped). Row names are relative to ``base``."""
+    """Stream one split into ``folder``; return (rows, files, skipped). Row names are relative to ``base``
+    (None: the source has no folder)."""
     folder.mkdir()
     skipped: list[dict[str, str]] = []
     progress = _Progress(f"{dataset}/{split.name}", split.expected, log)
@@ -464,7 +73,8 @@ def _write_split(
                 image = load()
             except BadImage as err:
                 if not skip_bad:
-                    raise PrepareError(f"{base / ref}: {err}; pass --skip-bad to skip unreadable images") from None
+                    where = base / ref if base is not None else ref
+                    raise PrepareError(f"{where}: {err}; pass --skip-bad to skip unreadable images") from None
                 skipped.append({"split": split.name, "file": ref, "error": str(err)})
             else:
                 writer.add(image, label)
@@ -477,50 +87,59 @@ def _write_split(
     return rows, len(writer.files), skipped
 
 
-def _looks_prepared(out: Path) -> bool:
-    """Whether ``out`` may be replaced: empty, written by ``ega-ray prepare`` (has prepare.json), or only
-    split folders of Parquet parts (as written by older versions, e.g. ``prepare digits``)."""
-    entries = list(out.iterdir())
-    if not entries or (out / "prepare.json").is_file():
-        return True
-    return all(e.is_dir() and all(f.suffix == ".parquet" for f in e.iterdir()) for e in entries)
-
-
 def _check_out(out: Path, source: Path | None) -> None:
+    """``out`` may be written: not the source or inside it, and new, empty or an earlier prepare output."""
     if source is not None:
         if out == source or out in source.parents:
             raise PrepareError(f"--out {out} would replace the source folder {source}; choose another --out")
         if source in out.parents:
             raise PrepareError(f"--out {out} is inside the source folder {source}; choose a folder outside it")
-    if out.exists() and (not out.is_dir() or not _looks_prepared(out)):
-        raise PrepareError(
-            f"--out {out} exists and is not an ega-ray prepare output (no prepare.json); "
-            "remove it or choose another folder"
-        )
+    if out.is_dir() and not out.is_symlink() and read_marker(out) is None and _legacy_output(out):
+        write_marker(out, new_marker("prepare"))  # an output of an earlier ega-ray, which wrote no marker
+    check_target(out, "prepare", "--out")
 
 
-def _download(name: str, root: Path) -> Path:
-    if name == "tinyimagenet":
-        raise PrepareError(
-            f"tinyimagenet cannot be downloaded through torchvision; get {TINY_IMAGENET_URL}, unzip it and pass "
-            "--src .../tiny-imagenet-200"
-        )
-    if name not in DOWNLOADABLE:
-        raise PrepareError(f"--download is only for {' and '.join(DOWNLOADABLE)}, not {name}")
+def _legacy_output(out: Path) -> bool:
+    """Whether ``out`` holds what ``ega-ray prepare`` wrote before it marked its folders: prepare.json naming
+    a dataset, and only split folders of Parquet parts beside it."""
+    try:
+        report = json.loads((out / "prepare.json").read_text())
+    except (OSError, ValueError):
+        return False
+    splits = set(report.get("splits") or {}) if isinstance(report, dict) else set()
+    others = [p for p in out.iterdir() if p.name != "prepare.json"]
+    return bool(splits) and all(is_real_dir(p) and p.name in splits for p in others)
+
+
+def _download(fmt: Format, root: Path) -> Path:
+    """Fetch format ``fmt``'s official files into ``root`` (created); return the official folder."""
+    if fmt.download is None:
+        downloadable = " and ".join(FORMATS.downloadable())
+        raise PrepareError(fmt.no_download or f"--download is only for {downloadable}, not {fmt.name}")
     from urllib.error import URLError
-
-    from torchvision import datasets
 
     root.mkdir(parents=True, exist_ok=True)
     try:
-        if name == "cifar100":
-            datasets.CIFAR100(str(root), train=True, download=True)
-            return root / datasets.CIFAR100.base_folder
-        datasets.STL10(str(root), split="train", download=True)  # the archive holds every split
-        return root / datasets.STL10.base_folder
+        return fmt.download(root)
     except (URLError, OSError, RuntimeError) as err:
         reason = getattr(err, "reason", None) or err
-        raise PrepareError(f"--download {name} into {root} failed: {reason}") from None
+        raise PrepareError(f"--download {fmt.name} into {root} failed: {reason}") from None
+
+
+def _open(fmt: Format, src: str | Path | None, download: bool, max_pixels: int) -> Source:
+    """Format ``fmt`` opened on ``src`` (after ``--download`` into it): its layout checked, nothing written."""
+    if not fmt.takes_src:
+        if src is not None or download:
+            raise PrepareError(f"{fmt.name} is bundled with {fmt.bundled_with}: it takes no --src and no --download")
+        return fmt.open(None, max_pixels)
+    if src is None:
+        raise PrepareError(f"{fmt.name} needs --src (the folder of the official files)")
+    src_path = Path(src).expanduser().resolve()
+    if download:
+        src_path = _download(fmt, src_path)
+    elif not src_path.exists():
+        raise PrepareError(f"--src {src_path}: not found")
+    return fmt.open(src_path, max_pixels)
 
 
 def prepare(
@@ -531,96 +150,59 @@ def prepare(
     skip_bad: bool = False,
     download: bool = False,
     rows_per_file: int = 10_000,
+    max_pixels: int = MAX_PIXELS,
     log: TextIO | str | None = STDERR,
 ) -> dict[str, Any]:
-    """Convert dataset ``name`` from ``src`` into ``out/<split>/part-NNNNN.parquet`` plus ``out/prepare.json``,
-    atomically; return the report (the content of prepare.json). ``log``: where progress lines go (default:
-    the current stderr; None: nowhere). Raises PrepareError."""
+    """Convert dataset ``name`` (a format in ``FORMATS``) from ``src`` into ``out/<split>/part-NNNNN.parquet``
+    plus ``out/prepare.json``, atomically; return the report (the content of prepare.json). ``log``: where
+    progress lines go (default: the current stderr; None: nowhere). ``max_pixels``: larger image files are
+    refused (or skipped with ``skip_bad``). Raises PrepareError (or OutputFolderError for an ``out`` it may not
+    write)."""
     stream = sys.stderr if log == STDERR else log
     assert stream is None or not isinstance(stream, str), f"log must be a stream, None or {STDERR!r}"
-    if name not in DATASETS:
-        raise PrepareError(f"unknown dataset {name!r}; allowed: {', '.join(DATASETS)}")
+    if name not in FORMATS:
+        raise PrepareError(f"unknown dataset {name!r}; allowed: {', '.join(FORMATS.names())}")
     if rows_per_file < 1:
         raise PrepareError(f"--rows-per-file must be >= 1, got {rows_per_file}")
+    if max_pixels < 1:
+        raise PrepareError(f"--max-pixels must be >= 1, got {max_pixels}")
     out = Path(out).expanduser().resolve()
-    source: Source | None = None
-    if name == "digits":
-        if src is not None or download:
-            raise PrepareError("digits is bundled with scikit-learn: it takes no --src and no --download")
-        source_name = "sklearn.datasets.load_digits"
-    else:
-        if src is None:
-            raise PrepareError(f"{name} needs --src (the folder of the official files)")
-        src_path = Path(src).expanduser().resolve()
-        if download:
-            src_path = _download(name, src_path)
-        elif not src_path.exists():
-            raise PrepareError(f"--src {src_path}: not found")
-        source = OPENERS[name](src_path)  # checks the layout before anything is written
-        source_name = str(source.path)
-    _check_out(out, source.path if source else None)
-    for note in source.notes if source else []:
+    source = _open(FORMATS[name], src, download, max_pixels)
+    _check_out(out, source.path)
+    for note in source.notes:
         if stream is not None:
             print(f"prepare {name}: note: {note}", file=stream)
 
-    report: dict[str, Any] = {"dataset": name, "source": source_name, "classes": None, "splits": {}, "skipped": []}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f"{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        if source is None:
-            from ega_ray.data.digits import prepare_digits
-            from ega_ray.data.parquet import read_columns
-
-            report["classes"] = [str(i) for i in range(10)]
-            for split, path in prepare_digits(tmp).items():
-                files = sorted(path.glob("*.parquet"))
-                report["splits"][split] = {"rows": read_columns(str(path), ["index"]).num_rows, "files": len(files)}
-        else:
-            report["classes"] = source.classes
-            for split in source.splits:
-                rows, files, skipped = _write_split(
-                    name, source.path, split, tmp / split.name, skip_bad, rows_per_file, stream
-                )
-                report["splits"][split.name] = {"rows": rows, "files": files, "skipped": len(skipped)}
-                report["skipped"] += skipped
-            report["ignored"] = source.ignored
-        report["notes"] = source.notes if source else []
+    report: dict[str, Any] = {
+        "dataset": name,
+        "source": source.described,
+        "classes": source.classes,
+        "splits": {},
+        "skipped": [],
+    }
+    with rebuild(out, "prepare", flag="--out") as tmp:
+        for split in source.splits:
+            rows, files, skipped = _write_split(
+                name, source.path, split, tmp / split.name, skip_bad, rows_per_file, stream
+            )
+            report["splits"][split.name] = {"rows": rows, "files": files, "skipped": len(skipped)}
+            report["skipped"] += skipped
+        report["ignored"] = source.ignored
+        report["links_not_followed"] = source.links
+        report["notes"] = source.notes
         (tmp / "prepare.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-        replace_dir(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     report["out"] = str(out)
     return report
-
-
-# ---------------------------------------------------------------- command line
-
-
-def add_prepare_parser(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``prepare NAME --src DIR --out DIR [--skip-bad] [--download]`` to ``ega-ray``'s subcommands."""
-    r = subparsers.add_parser(
-        "prepare",
-        help="convert a dataset into ega-ray's Parquet format",
-        description="Convert a dataset's official files into OUT/<split>/part-NNNNN.parquet (columns image, label, "
-        "index) and OUT/prepare.json, atomically. See docs/data.md.",
-    )
-    r.add_argument("name", choices=DATASETS, help="the source format")
-    r.add_argument(
-        "--src",
-        help="the official folder (cifar-100-python/, stl10_binary/, tiny-imagenet-200/) or the image folder; "
-        "with --download, where to download to. Not used by digits",
-    )
-    r.add_argument("--out", required=True, help="output folder; receives one folder per split and prepare.json")
-    r.add_argument("--skip-bad", action="store_true", help="skip (and report) image files that cannot be decoded")
-    r.add_argument("--download", action="store_true", help="cifar100, stl10: download into --src with torchvision")
-    r.add_argument("--rows-per-file", type=int, default=10_000, help="rows per Parquet file (default 10000)")
 
 
 def format_report(report: dict[str, Any], first: int = 5) -> str:
     lines = [f"{report['dataset']} → {report['out']}"]
     lines += [f"{split}: {info['rows']} rows" for split, info in report["splits"].items()]
-    for key, what in (("skipped", "unreadable image files skipped"), ("ignored", "non-image files ignored")):
+    for key, what in (
+        ("skipped", "unreadable image files skipped"),
+        ("ignored", "non-image files ignored"),
+        ("links_not_followed", "symbolic links not followed"),
+    ):
         items = report.get(key) or []
         if key == "skipped":
             names = [f"{s['split']}: {s['file']} ({s['error']})" for s in items]
@@ -642,8 +224,9 @@ def run_prepare(args: argparse.Namespace) -> int:
             skip_bad=args.skip_bad,
             download=args.download,
             rows_per_file=getattr(args, "rows_per_file", 10_000),
+            max_pixels=getattr(args, "max_pixels", MAX_PIXELS),
         )
-    except (PrepareError, OSError) as err:
+    except (UsageError, OSError) as err:
         message = " ".join(str(err).split())
         print(f"ega-ray prepare: error: {message}", file=sys.stderr)
         return 2

@@ -3,7 +3,8 @@
 ``TeacherEmbedder`` is a callable class that Ray Data runs on an actor pool (GPU actors when the run uses
 GPUs): each actor builds the teacher once, then embeds batches of uint8 images under the teacher's own
 random views (crop + flip of the padded image, resized and normalized as the teacher expects), exactly the
-view the online mode makes inside the training worker.
+view the online mode makes inside the training worker. It is told what it needs of the run by a
+``TeacherJob`` (the teacher, its precision, the augmentation), not the whole config.
 
 - ``cached``: K views of every training image, written once as Parquet rows (index, view, embedding) by
   ``ega-ray cache-teacher``; training looks embeddings up by ``index`` and samples one view per image per
@@ -14,6 +15,8 @@ view the online mode makes inside the training worker.
   each time: seconds, more than a GPU epoch of CIFAR); so here the run starts ``teacher.actors``
   long-lived ``TeacherEmbedder`` actors once (:func:`teacher_servers`), and each epoch's Ray Data stage is
   a light task (:func:`embed_remotely`) that hands its batch to one of them.
+
+Which mode uses which piece is decided in ``ega_ray.teacher_modes``.
 """
 
 from __future__ import annotations
@@ -21,16 +24,18 @@ from __future__ import annotations
 import random
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
+import ray.data
 import torch
+
+from ega_ray.constants import TEACHER_EMB
 
 if TYPE_CHECKING:
     from ega_ray.config import Config
-
-TEACHER_EMB = "teacher_emb"
 
 
 def view_for(index: torch.Tensor, epoch: int, seed: int, views: int) -> torch.Tensor:
@@ -41,6 +46,29 @@ def view_for(index: torch.Tensor, epoch: int, seed: int, views: int) -> torch.Te
     return (h ^ (h >> 12)).remainder(views)
 
 
+@dataclass(frozen=True)
+class TeacherJob:
+    """What a teacher actor needs of a run: the teacher, its precision, and how its views are made."""
+
+    name: str
+    weights: str | None
+    sha256: str | None
+    precision: str
+    pad: int
+    flip: bool
+    image_size: int
+    student_mean: tuple[float, float, float]
+    student_std: tuple[float, float, float]
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> TeacherJob:
+        t, a = cfg.teacher, cfg.augment
+        return cls(
+            t.name, t.weights, t.sha256, cfg.optim.precision, a.pad, a.flip, cfg.data.image_size,
+            tuple(a.student_mean), tuple(a.student_std),
+        )  # fmt: skip
+
+
 class TeacherEmbedder:
     """Ray Data actor: teacher embeddings of ``views`` random teacher views per image.
 
@@ -49,17 +77,18 @@ class TeacherEmbedder:
     ``augment=False`` embeds the evaluation view (no crop or flip), as for the validation split.
     """
 
-    def __init__(self, cfg: dict[str, Any], views: int, attach: bool, seed: int = 0, augment: bool = True) -> None:
-        from ega_ray.config import Config
+    def __init__(self, job: TeacherJob, views: int, attach: bool, seed: int = 0, augment: bool = True) -> None:
         from ega_ray.data.augment import ViewMaker
         from ega_ray.models import build_teacher
+        from ega_ray.models.precision import compute_dtype
 
-        config = Config.model_validate(cfg)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        t = config.teacher
-        self.teacher = build_teacher(t.name, t.weights, t.sha256)
-        self.teacher = self.teacher.to_device(self.device, config.optim.compute_dtype(self.device))
-        self.views = ViewMaker.from_config(config, self.device, self.teacher.spec)
+        self.teacher = build_teacher(job.name, job.weights, job.sha256)
+        self.teacher = self.teacher.to_device(self.device, compute_dtype(job.precision, self.device))
+        self.views = ViewMaker(
+            pad=job.pad, flip=job.flip, student_size=job.image_size, student_mean=job.student_mean,
+            student_std=job.student_std, device=self.device, teacher=self.teacher.spec,
+        )  # fmt: skip
         self.num_views, self.attach, self.seed, self.augment = views, attach, seed, augment
         self.rows = 0  # rows embedded by this actor (a long-lived one serves every epoch of a run)
 
@@ -97,16 +126,41 @@ class TeacherEmbedder:
         }
 
 
+def teacher_actor_resources(cfg: Config) -> dict[str, float]:
+    """What one teacher actor asks for: a GPU share on GPU runs, CPUs otherwise."""
+    t = cfg.teacher
+    return {"num_gpus": t.actor_gpus} if cfg.scaling.use_gpu else {"num_cpus": t.actor_cpus}
+
+
+def embed_with_actor_pool(
+    ds: ray.data.Dataset, cfg: Config, views: int, attach: bool, augment: bool = True
+) -> ray.data.Dataset:
+    """``ds`` through a pool of ``teacher.actors`` TeacherEmbedder actors (one execution: the cache build,
+    the validation split of a cached run)."""
+    return ds.map_batches(
+        TeacherEmbedder,
+        fn_constructor_kwargs={
+            "job": TeacherJob.from_config(cfg), "views": views, "attach": attach, "seed": cfg.run.seed,
+            "augment": augment,
+        },
+        compute=ray.data.ActorPoolStrategy(size=cfg.teacher.actors),
+        batch_size=cfg.teacher.batch_size,
+        batch_format="numpy",
+        **teacher_actor_resources(cfg),
+    )  # fmt: skip
+
+
 SERVER_START_TIMEOUT_S = 600.0
 
 
 @contextmanager
-def teacher_servers(cfg: Config, resources: dict[str, float]) -> Iterator[list[ray.actor.ActorHandle]]:
-    """``cfg.teacher.actors`` long-lived teacher actors (each with ``resources``) for a pipeline run; they
-    are started and ready on entry (or a clear error), and stopped on exit."""
+def teacher_servers(cfg: Config) -> Iterator[list[ray.actor.ActorHandle]]:
+    """``cfg.teacher.actors`` long-lived teacher actors for a pipeline run; they are started and ready on
+    entry (or a clear error), and stopped on exit."""
+    resources = teacher_actor_resources(cfg)
     actor = ray.remote(TeacherEmbedder).options(max_restarts=3, max_task_retries=3, **resources)
-    model = cfg.model_dump(mode="json")
-    servers = [actor.remote(cfg=model, views=1, attach=True) for _ in range(cfg.teacher.actors)]
+    job = TeacherJob.from_config(cfg)
+    servers = [actor.remote(job=job, views=1, attach=True) for _ in range(cfg.teacher.actors)]
     try:
         try:
             ray.get([s.rows_embedded.remote() for s in servers], timeout=SERVER_START_TIMEOUT_S)
@@ -129,7 +183,7 @@ def embed_remotely(
     return ray.get(random.choice(servers).embed.remote(batch, augment))
 
 
-def attach_cached(batch: dict[str, np.ndarray], table: np.ndarray, position: np.ndarray) -> dict[str, np.ndarray]:
+def attach_cached(batch: dict[str, np.ndarray], table: np.ndarray, position: np.ndarray) -> dict[str, Any]:
     """Ray Data batch transform: the cached (views, D) embeddings of each row, looked up by ``index``."""
     batch[TEACHER_EMB] = table[position[batch["index"]]]
     return batch

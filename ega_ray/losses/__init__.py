@@ -1,99 +1,64 @@
 """Distillation losses, one per file (lightly style), and the registry that picks one by name.
 
-``DISTILLERS.build(name, d=cfg.distill, num_samples=N, seed=s)`` makes the distiller that
-``distill.method`` names; every distiller takes the teacher's and the student's embeddings (and, by
-keyword, what else its method needs: see ``base.py``) and returns a scalar.
+``DISTILLERS.get(name)`` is the class that ``distill.method`` names; ``cls.from_config(cfg.distill,
+num_samples, seed)`` builds it. Every distiller takes the teacher's and the student's embeddings (and, by
+keyword, what else its method needs: see ``base.py``) and returns a scalar. The table is the registry (see
+``ega_ray.registry``): a new loss is its file plus a line, and the CLI, the config and the benchmark take
+the method names from it. Importing this package imports no torch; the loss classes are imported from
+their modules when first used (``from ega_ray.losses import EGALoss`` works too).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
-from ega_ray.losses.base import Distiller
-from ega_ray.losses.ccl import CCLLoss
-from ega_ray.losses.crd import CRDLoss
-from ega_ray.losses.ega import EGALoss, pearson_graph
-from ega_ray.losses.hint import HintLoss
-from ega_ray.losses.kd import KDLoss, LogitKD
-from ega_ray.losses.nce import NCELoss
-from ega_ray.losses.ntxent import NTXentLoss
-from ega_ray.losses.pkt import PKTLoss
-from ega_ray.losses.rkd import RKDLoss
 from ega_ray.registry import Registry
 
 if TYPE_CHECKING:
     from ega_ray.config import DistillConfig
+    from ega_ray.losses.base import Distiller
 
-DISTILLERS: Registry[Distiller] = Registry("distiller")
-# the class behind each name: its reference loss weights (default_gamma, default_beta) for the benchmark
-DISTILLER_CLASSES: dict[str, type[Distiller]] = {
-    "ega": EGALoss,
-    "kd": LogitKD,
-    "hint": HintLoss,
-    "rkd": RKDLoss,
-    "pkt": PKTLoss,
-    "crd": CRDLoss,
-    "nce": NCELoss,
-    "ccl": CCLLoss,
+DISTILLERS: Registry[Distiller] = Registry(
+    "distiller",
+    {
+        "ega": "ega_ray.losses.ega:EGALoss",
+        "kd": "ega_ray.losses.kd:LogitKD",
+        "hint": "ega_ray.losses.hint:HintLoss",
+        "rkd": "ega_ray.losses.rkd:RKDLoss",
+        "pkt": "ega_ray.losses.pkt:PKTLoss",
+        "crd": "ega_ray.losses.crd:CRDLoss",
+        "nce": "ega_ray.losses.nce:NCELoss",
+        "ccl": "ega_ray.losses.ccl:CCLLoss",
+    },
+)
+
+# what ``from ega_ray.losses import X`` finds, imported on first use
+_EXPORTS = {
+    "Distiller": "base",
+    "EGALoss": "ega",
+    "pearson_graph": "ega",
+    "KDLoss": "kd",
+    "LogitKD": "kd",
+    "HintLoss": "hint",
+    "RKDLoss": "rkd",
+    "PKTLoss": "pkt",
+    "CRDLoss": "crd",
+    "NCELoss": "nce",
+    "CCLLoss": "ccl",
+    "NTXentLoss": "ntxent",
 }
 
 
-@DISTILLERS.register("ega")
-def ega(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    return EGALoss(d.node_weight, d.edge_weight, d.temperature, d.global_graph, d.graph_size)
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(import_module(f"ega_ray.losses.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module 'ega_ray.losses' has no attribute {name!r}")
 
 
-@DISTILLERS.register("kd")
-def kd(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    return LogitKD(d.kd_temperature)
+def build_distiller(method: str, d: DistillConfig, num_samples: int, seed: int) -> Distiller:
+    """The distiller ``method`` built from the ``distill`` section ``d``."""
+    return DISTILLERS.get(method).from_config(d, num_samples=num_samples, seed=seed)
 
 
-@DISTILLERS.register("hint")
-def hint(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    return HintLoss()
-
-
-@DISTILLERS.register("rkd")
-def rkd(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    return RKDLoss(d.rkd_distance_weight, d.rkd_angle_weight, d.global_graph)
-
-
-@DISTILLERS.register("pkt")
-def pkt(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    return PKTLoss(d.global_graph)
-
-
-@DISTILLERS.register("crd")
-def crd(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    size = num_samples if d.crd_bank == "dataset" else d.crd_queue_size
-    return CRDLoss(
-        d.embed_dim, size, d.crd_negatives, d.crd_temperature, d.crd_momentum, d.crd_bank, d.global_graph, seed
-    )
-
-
-@DISTILLERS.register("nce")
-def nce(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    return NCELoss(d.contrast_temperature, d.global_graph)
-
-
-@DISTILLERS.register("ccl")
-def ccl(d: DistillConfig, num_samples: int, seed: int) -> Distiller:
-    return CCLLoss(d.contrast_temperature, d.kd_temperature, d.global_graph)
-
-
-__all__ = [
-    "DISTILLERS",
-    "DISTILLER_CLASSES",
-    "CCLLoss",
-    "CRDLoss",
-    "Distiller",
-    "EGALoss",
-    "HintLoss",
-    "KDLoss",
-    "LogitKD",
-    "NCELoss",
-    "NTXentLoss",
-    "PKTLoss",
-    "RKDLoss",
-    "pearson_graph",
-]
+__all__ = ["DISTILLERS", "build_distiller", *_EXPORTS]

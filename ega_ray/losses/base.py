@@ -10,17 +10,32 @@ do not use:
 
 The teacher's inputs arrive detached: the teacher head learns from its own cross-entropy only.
 ``default_gamma`` / ``default_beta`` are the weights of cross-entropy and distiller that the method's
-reference recipe uses (CRD's repository for the baselines); ``ega-ray benchmark`` applies them.
+reference recipe uses (CRD's repository for the baselines); ``ega-ray benchmark`` applies them. Each
+distiller builds itself from the config (``from_config``) and is registered by name in
+``ega_ray.losses.DISTILLERS``.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from ega_ray.config import DistillConfig
 
 
 class Distiller(nn.Module):
     default_gamma: float = 1.0
     default_beta: float = 1.0
+    # the method's own knobs (config field → tune.space entry), searched by `ega-ray benchmark --tune-trials`
+    search_space: ClassVar[dict[str, dict]] = {}
+
+    @classmethod
+    def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> Distiller:
+        """The distiller that the ``distill`` section describes; ``num_samples``: the number of training rows
+        (a per-row memory's size), ``seed``: the run's seed (a memory's initialisation, noise draws)."""
+        raise NotImplementedError
 
     def forward(
         self,

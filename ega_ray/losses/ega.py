@@ -42,12 +42,17 @@ embedding row has no defined correlation; it is treated as uncorrelated with eve
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ega_ray.losses.base import Distiller, check_pair
 from ega_ray.losses.distributed import gather_global
+
+if TYPE_CHECKING:
+    from ega_ray.config import DistillConfig
 
 
 def pearson_graph(z: Tensor) -> Tensor:
@@ -62,6 +67,17 @@ def pearson_graph(z: Tensor) -> Tensor:
 
 
 class EGALoss(Distiller):
+    # its own knobs for ``ega-ray benchmark --tune-trials`` (the learning rate is searched for every method)
+    search_space: ClassVar[dict[str, dict]] = {
+        "distill.temperature": {"type": "loguniform", "low": 0.03, "high": 1.0, "include_none": True},
+        "distill.node_weight": {"type": "uniform", "low": 0.1, "high": 2.0},
+        "distill.edge_weight": {"type": "uniform", "low": 0.05, "high": 1.0},
+    }
+
+    @classmethod
+    def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> EGALoss:
+        return cls(d.node_weight, d.edge_weight, d.temperature, d.global_graph, d.graph_size)
+
     def __init__(
         self,
         node_weight: float = 0.8,

@@ -11,14 +11,24 @@ Per instance, so under DDP the mean of the ranks' losses is the global one (equa
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor
 
 from ega_ray.losses.base import Distiller, check_pair
 
+if TYPE_CHECKING:
+    from ega_ray.config import DistillConfig
+
 
 class HintLoss(Distiller):
+    search_space: ClassVar[dict[str, dict]] = {"distill.beta": {"type": "loguniform", "low": 10.0, "high": 1000.0}}
     default_beta = 100.0  # CRD's repository
+
+    @classmethod
+    def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> HintLoss:
+        return cls()
 
     def forward(self, teacher_emb: Tensor, student_emb: Tensor, **_: Tensor | None) -> Tensor:
         check_pair("hint", teacher_emb, student_emb)

@@ -9,10 +9,15 @@ The τ² factor keeps the gradient scale independent of the temperature.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ega_ray.losses.base import Distiller, need
+
+if TYPE_CHECKING:
+    from ega_ray.config import DistillConfig
 
 
 class KDLoss(nn.Module):
@@ -34,7 +39,16 @@ class LogitKD(Distiller):
 
     The reference recipe (CRD's repository) weighs it 0.9 against 0.1 cross-entropy."""
 
+    search_space: ClassVar[dict[str, dict]] = {
+        "distill.kd_temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+        "distill.beta": {"type": "uniform", "low": 0.1, "high": 2.0},
+    }
+
     default_gamma, default_beta = 0.1, 0.9
+
+    @classmethod
+    def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> LogitKD:
+        return cls(d.kd_temperature)
 
     def __init__(self, temperature: float = 4.0) -> None:
         super().__init__()

@@ -13,12 +13,17 @@ distributions span the global batch under DDP.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ega_ray.losses.base import Distiller, check_pair
 from ega_ray.losses.distributed import gather_global
+
+if TYPE_CHECKING:
+    from ega_ray.config import DistillConfig
 
 EPS = 1e-7
 
@@ -30,7 +35,12 @@ def similarity_distribution(x: Tensor) -> Tensor:
 
 
 class PKTLoss(Distiller):
+    search_space: ClassVar[dict[str, dict]] = {"distill.beta": {"type": "loguniform", "low": 3000.0, "high": 300000.0}}
     default_beta = 30000.0
+
+    @classmethod
+    def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> PKTLoss:
+        return cls(d.global_graph)
 
     def __init__(self, global_batch: bool = True) -> None:
         super().__init__()

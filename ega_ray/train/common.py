@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 import logging
 import os
 import random
@@ -11,9 +10,9 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import pyarrow.fs
 import ray.train
 import torch
 import torch.distributed as dist
@@ -62,20 +61,44 @@ def load_state(checkpoint: ray.train.Checkpoint | None) -> dict | None:
 
 
 def latest_state(storage: str, name: str) -> dict | None:
-    """The state of run ``name``'s newest checkpoint under Ray Train's ``storage`` (a folder, s3:// or
-    gs://), read on the driver; None when it has none."""
-    if "://" in storage:
-        fs, root = pyarrow.fs.FileSystem.from_uri(storage)
-    else:
-        fs, root = pyarrow.fs.LocalFileSystem(), storage
-    found = fs.get_file_info(pyarrow.fs.FileSelector(f"{root}/{name}", allow_not_found=True))
-    checkpoints = sorted(
-        i.path for i in found if i.type == pyarrow.fs.FileType.Directory and i.base_name.startswith("checkpoint_")
-    )
-    if not checkpoints:
+    """The state of run ``name``'s latest checkpoint under Ray Train's ``storage`` (a folder, s3:// or gs://),
+    read on the driver from Ray Train's own record of the run (its checkpoint-manager snapshot): a
+    checkpoint folder that Ray never registered (a copy, an upload cut short) is not taken. None when the run
+    has no registered checkpoint."""
+    try:
+        result = ray.train.Result.from_path(f"{storage.rstrip('/')}/{name}")
+    except RuntimeError:  # no such run folder, or no snapshot in it yet
         return None
-    with fs.open_input_file(f"{checkpoints[-1]}/{STATE_FILE}") as f:
-        return torch.load(io.BytesIO(f.read()), map_location="cpu", weights_only=True)
+    return load_state(result.checkpoint)
+
+
+class Checkpointed:
+    """What a checkpoint holds, listed once: named objects with ``state_dict`` / ``load_state_dict`` (models,
+    optimizers, schedulers, a distiller's memory) beside plain values (epoch, history, ...). ``optional``
+    names objects that older checkpoints may lack (their ``load_state_dict`` is skipped then)."""
+
+    def __init__(self, objects: dict[str, Any], optional: tuple[str, ...] = ()) -> None:
+        self.objects, self.optional = objects, optional
+
+    def state(self, **values: Any) -> dict[str, Any]:
+        return {name: obj.state_dict() for name, obj in self.objects.items()} | values
+
+    def restore(self, state: dict[str, Any]) -> dict[str, Any]:
+        """Load every object from ``state`` (read with ``map_location="cpu"``: tensors move to each object's
+        device); return the plain values. An optimizer keeps the implementation chosen for this device
+        (fused SGD on a GPU), not the one saved with it, so a run started on a GPU resumes on a CPU and the
+        other way round."""
+        for name, obj in self.objects.items():
+            if name not in state and name in self.optional:
+                continue
+            if isinstance(obj, torch.optim.Optimizer):
+                own = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in obj.param_groups]
+                obj.load_state_dict(state[name])
+                for group, keep in zip(obj.param_groups, own, strict=True):
+                    group.update(keep)
+            else:
+                obj.load_state_dict(state[name])
+        return {k: v for k, v in state.items() if k not in self.objects}
 
 
 def report(metrics: dict, state: dict | None) -> None:
@@ -100,59 +123,29 @@ def maybe_inject_failure(epoch: int, fail_after_epoch: int | None, marker_dir: s
 
 
 class Progress:
-    """What rank 0 shows while a run trains: Ray's distributed progress bar (``ray.experimental.tqdm_ray``,
-    drawn by the driver) over the run's steps, and one log line per epoch (and every ``every_s`` seconds
-    within long epochs) with an ETA, which is what job logs and Tune trials keep."""
+    """The step progress bar that rank 0 draws while a run trains (``ray.experimental.tqdm_ray``: drawn by the
+    driver, so it works on any node). The one line per epoch is printed by the driver
+    (``tracking.epoch_lines``), from what every epoch reports."""
 
-    def __init__(
-        self,
-        label: str,
-        total_epochs: int,
-        start_epoch: int,
-        steps_per_epoch: int | None = None,
-        bar: bool = True,
-        every_s: float = 30.0,
-    ) -> None:
-        self.label, self.total, self.start_epoch, self.every_s = label, total_epochs, start_epoch, every_s
-        self.t0 = self.last = time.monotonic()
-        self.rank0 = ray.train.get_context().get_world_rank() == 0
-        self.bar = None
-        if self.rank0 and bar and steps_per_epoch:
+    def __init__(self, label: str, total_epochs: int, start_epoch: int, steps_per_epoch: int, bar: bool) -> None:
+        self.label, self.total, self.bar = label, total_epochs, None
+        if bar and ray.train.get_context().get_world_rank() == 0 and steps_per_epoch:
             from ray.experimental.tqdm_ray import tqdm
 
-            remaining = total_epochs - start_epoch
-            self.bar = tqdm(total=steps_per_epoch * remaining, desc=f"{label} epoch {start_epoch + 1}/{total_epochs}")
-        if self.rank0 and start_epoch > 0:
-            self._print(f"resumed from the checkpoint of epoch {start_epoch}")
+            steps = steps_per_epoch * (total_epochs - start_epoch)
+            self.bar = tqdm(total=steps, desc=f"{label} epoch {start_epoch + 1}/{total_epochs}")
 
-    def _print(self, text: str) -> None:
-        # through logging: Ray Train's worker print() patch would emit a print to sys.stdout twice
-        logger.info("[%s] %s", self.label, text)
-
-    def step(self, epoch: int, step: int, loss: torch.Tensor) -> None:
-        if not self.rank0:
-            return
+    def step(self) -> None:
         if self.bar is not None:
             self.bar.update(1)
-        now = time.monotonic()
-        if now - self.last >= self.every_s:
-            self.last = now
-            self._print(f"epoch {epoch + 1}/{self.total} step {step} loss {loss.item():.4f}")
 
-    def epoch(self, epoch: int, metrics: dict) -> None:
-        if not self.rank0:
+    def epoch_done(self, epoch: int) -> None:
+        if self.bar is None:
             return
-        done = epoch + 1 - self.start_epoch
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed / done * (self.total - epoch - 1)
-        shown = " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if isinstance(v, float))
-        self._print(f"epoch {epoch + 1}/{self.total} | {shown} | {elapsed:.0f}s elapsed, eta {eta:.0f}s")
-        self.last = time.monotonic()
-        if self.bar is not None:
-            if epoch + 1 < self.total:
-                self.bar.set_description(f"{self.label} epoch {epoch + 2}/{self.total}")
-            else:
-                self.bar.close()
+        if epoch + 1 < self.total:
+            self.bar.set_description(f"{self.label} epoch {epoch + 2}/{self.total}")
+        else:
+            self.bar.close()
 
 
 class StepTimer:

@@ -1,224 +1,186 @@
-"""The driver side: validate inputs, connect to Ray, assemble the TorchTrainer, write the run's outputs.
-
-Everything that can be checked without a cluster (config, data splits, labels, teacher weights) is
-checked before Ray starts.
+"""The driver side, as Ray's guides lay it out: check everything that can be checked without a cluster
+(``preflight``), connect to Ray, assemble the datasets and the TorchTrainer (ScalingConfig, RunConfig),
+fit, and write the run folder from the reported checkpoints.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import os
-import shutil
 import sys
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ega_ray.config import Config, ConfigError
-from ega_ray.data.parquet import (
-    check_split,
-    decode_images,
-    mask_labels,
-    read_columns,
-    read_decoded,
-    stratified_label_mask,
-)
-from ega_ray.data.teacher_stage import TeacherEmbedder, attach_cached, embed_remotely, teacher_servers
-from ega_ray.models import Teacher, build_teacher
+from ega_ray.config import Config
+from ega_ray.data.images import decode_images
+from ega_ray.data.parquet import mask_labels, read_decoded
+from ega_ray.errors import ConfigError
+from ega_ray.teacher_modes import TEACHER_MODES
 from ega_ray.train.common import load_state
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
-from ega_ray.train.teacher_cache import (
-    check_manifest,
-    load_cached_embeddings,
-    teacher_actor_resources,
-    teacher_stage_args,
-)
+from ega_ray.train.preflight import PreparedData, check_distill, check_student, prepare_data, resolve, run_folder
+from ega_ray.train.tracking import RunRecorder, epoch_lines, quiet_ray_logs
+
+MATERIALIZE_AUTO_BYTES = 2 << 30
+VAL_IN_MEMORY_BYTES = 256 << 20
 
 
-@dataclass
-class PreparedData:
-    num_classes: int
-    keep: np.ndarray  # which training rows keep their label (by index)
-    indices: np.ndarray  # the training split's index column
-    num_train: int
-    num_val: int
-
-
-def prepare_data(cfg: Config) -> PreparedData:
-    """Check both splits and the labels on the driver; choose the labeled subset. No Ray needed."""
-    try:
-        n_train = check_split(cfg.data.train, "data.train")
-        n_val = check_split(cfg.data.val, "data.val")
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    table = read_columns(cfg.data.train, ["label", "index"])
-    labels, index = table["label"].to_numpy(), table["index"].to_numpy()
-    if len(np.unique(index)) != len(index) or index.min() < 0:
-        raise ConfigError(f"data.train: {cfg.data.train!r} has negative or repeated values in column 'index'")
-    val_labels = read_columns(cfg.data.val, ["label"])["label"].to_numpy()
-    seen = int(max(labels.max(), val_labels.max())) + 1
-    num_classes = cfg.data.num_classes or seen
-    if seen > num_classes:
-        raise ConfigError(f"data.num_classes: {num_classes} but the data has label {seen - 1} (labels are 0..C-1)")
-    if (val_labels < 0).any():
-        raise ConfigError(f"data.val: {cfg.data.val!r} has unlabeled rows (label -1); validation needs labels")
-    keep = stratified_label_mask(labels, index, cfg.data.label_fraction, cfg.run.seed)
-    return PreparedData(num_classes, keep, index, n_train, n_val)
+def configure_ray_data() -> None:
+    """This process's Ray Data settings: no progress bars (the run prints its own lines), and our own errors
+    raised in a stage (a DataError naming the row) reach the driver as they are, not wrapped in a
+    UserCodeException that loses them across processes, so the CLI prints them as one line."""
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.raise_original_map_exception = True
+    ctx.print_on_execution_start = False  # Ray Data's execution plans: Ray's, not the run's
 
 
 def connect_ray(cfg: Config) -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), or start a local Ray.
 
     A local Ray is told of at least enough logical CPUs for the workers plus one for Ray Data: on a
-    2-core machine two 1-CPU workers would otherwise leave Ray Data no CPU and the run would hang.
+    2-core machine two 1-CPU workers would otherwise leave Ray Data no CPU and the run would hang. It is
+    always a new one (``address="local"``): without that, Ray would join a cluster that ``ray start`` left
+    running on this machine, and refuse the CPU count.
     """
+    configure_ray_data()
+    quiet_ray_logs(cfg.run.verbose)
     if ray.is_initialized():
         return
+    level = logging.INFO if cfg.run.verbose else logging.WARNING  # Ray's own INFO lines only with --verbose
     if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"])
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=level)
         return
     s, t = cfg.scaling, cfg.teacher
     teacher_actor_cpus = 0.0 if s.use_gpu else t.actors * t.actor_cpus
     needed = math.ceil(s.num_workers * s.cpus_per_worker + teacher_actor_cpus) + 1
-    ray.init(num_cpus=max(os.cpu_count() or 1, needed))
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    # a preemption watcher is for spot nodes of a cluster; on one machine it only adds an actor (and Ray's
+    # error-looking note about its arguments)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Data's processes (its coordinators, the workers' iterators) warn about settings made on purpose,
+    # and Ray's own code about its deprecated internals: not the run's business unless --verbose
+    quiet = {"RAY_DATA_LOG_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env = {} if cfg.run.verbose else {"runtime_env": {"env_vars": quiet}}
+    ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), logging_level=level, **env)
 
 
-def _scaling(cfg: Config) -> ScalingConfig:
-    s = cfg.scaling
-    resources: dict[str, float] = {"CPU": s.cpus_per_worker}
-    if s.use_gpu:
-        resources["GPU"] = s.gpus_per_worker
-    return ScalingConfig(num_workers=s.num_workers, use_gpu=s.use_gpu, resources_per_worker=resources)
-
-
-MATERIALIZE_AUTO_BYTES = 2 << 30
-VAL_IN_MEMORY_BYTES = 256 << 20
-
-
-def _datasets(
-    cfg: Config, data: PreparedData, with_val: bool = True, servers: list | None = None
-) -> dict[str, ray.data.Dataset]:
-    """Decoded, label-masked splits. Small splits are materialized once: re-reading and decoding them every
-    epoch costs seconds of Ray Data start-up per epoch, more than training on them. ``with_val=False``: the
-    validation split travels another way (see ``run_distill``).
-
-    Teacher modes: ``cached`` attaches the cached embeddings by index; ``pipeline`` sends the (materialized)
-    decoded split through the run's teacher actors (``servers``, see ``teacher_servers``) every epoch, so
-    every epoch streams fresh views. In both, the validation split gets its teacher embeddings (evaluation
-    view) once. Without ``servers`` a pipeline run's splits get no teacher stage (pretraining).
-    """
+def decoded_splits(
+    cfg: Config, data: PreparedData, with_val: bool = True
+) -> tuple[ray.data.Dataset, ray.data.Dataset | None, bool]:
+    """The decoded, label-masked training split, the decoded validation split (None without ``with_val``:
+    it travels another way), and whether they were materialized: small splits are kept in the object store,
+    since re-reading and decoding them every epoch costs seconds of Ray Data start-up per epoch, more than
+    training on them."""
     size = cfg.data.image_size
     train = (
         ray.data.read_parquet(cfg.data.train)
-        .map_batches(decode_images, fn_kwargs={"image_size": size}, batch_format="numpy")
+        .map_batches(decode_images, fn_kwargs={"image_size": size, "split": "data.train"}, batch_format="numpy")
         .map_batches(mask_labels, fn_kwargs={"keep": data.keep}, batch_format="numpy")
     )
-    val = ray.data.read_parquet(cfg.data.val).map_batches(
-        decode_images, fn_kwargs={"image_size": size}, batch_format="numpy"
-    )
+    val = None
+    if with_val:
+        val = ray.data.read_parquet(cfg.data.val).map_batches(
+            decode_images, fn_kwargs={"image_size": size, "split": "data.val"}, batch_format="numpy"
+        )
     decoded_bytes = (data.num_train + data.num_val) * size * size * 3
-    materialized = cfg.data.materialize == "always" or (
+    materialize = cfg.data.materialize == "always" or (
         cfg.data.materialize == "auto" and decoded_bytes < MATERIALIZE_AUTO_BYTES
     )
-    if materialized:
-        train, val = train.materialize(), val.materialize() if with_val else val
-    mode = cfg.teacher.mode
-    if mode == "cached":
-        # embedded here, before training holds its resources: the stage's actors may need the same GPUs
-        val = val.map_batches(
-            TeacherEmbedder,
-            fn_constructor_kwargs={"cfg": cfg.model_dump(mode="json"), "views": 1, "attach": True, "augment": False},
-            **teacher_stage_args(cfg),
-        ).materialize()
-        table, position = load_cached_embeddings(str(cfg.teacher.cache), data.indices)
-        train = train.map_batches(attach_cached, fn_kwargs={"table": table, "position": position}, batch_format="numpy")
-    elif mode == "pipeline" and servers:
-        # light tasks that hand each batch to a long-lived teacher actor; a few in flight per actor keep it busy
-        stage = dict(batch_size=cfg.teacher.batch_size, batch_format="numpy", num_cpus=0, concurrency=2 * len(servers))
-        val = val.map_batches(embed_remotely, fn_kwargs={"servers": servers, "augment": False}, **stage).materialize()
-        # blocks of one teacher batch: a task hands back its output when its input block is done, so a large
-        # block (a whole materialized file) would reach the trainer as one late burst, not a stream.
-        # A materialized split's blocks come in a new random order every epoch: the workers' local
-        # shuffle buffer is kept small in this mode (it would wait for the stage to fill it)
-        train = train.repartition(target_num_rows_per_block=cfg.teacher.batch_size)
-        train = train.randomize_block_order() if materialized else train
-        train = train.map_batches(embed_remotely, fn_kwargs={"servers": servers, "augment": True}, **stage)
-    return {"train": train, "val": val} if with_val else {"train": train}
+    if not materialize:
+        return train, val, False
+    return train.materialize(), None if val is None else val.materialize(), True
 
 
-def _fit(
-    cfg: Config, train_fn, datasets: dict, extra: dict[str, Any], score: str | None, callbacks: list | None = None
+def fit(
+    cfg: Config,
+    train_fn,
+    datasets: dict[str, ray.data.Dataset],
+    args: Any,
+    score: str | None,
+    epochs: int,
+    callbacks: list | None = None,
+    console: bool = True,
 ) -> ray.train.Result:
-    out = cfg.output_dir
+    """One TorchTrainer over ``datasets`` (``train`` split between the workers), resuming from the run's
+    latest checkpoint when it has one; keeps the best (by ``score``) and the latest checkpoints. Every epoch
+    is recorded in the run folder (``RunRecorder``) and, with ``console``, printed as one line."""
+    keep = {"checkpoint_score_attribute": score, "checkpoint_score_order": "max"} if score else {}
+    out, config = cfg.output_dir, cfg.model_dump(mode="json")
+    recorder = RunRecorder(str(out), cfg.run.name, epochs, cfg.run.loggers, config, cfg.run.verbose)
     trainer = TorchTrainer(
         train_fn,
-        train_loop_config={"cfg": cfg.model_dump(mode="json"), **extra},
-        scaling_config=_scaling(cfg),
+        train_loop_config={"cfg": config, "args": args},
+        scaling_config=ScalingConfig(
+            num_workers=cfg.scaling.num_workers,
+            use_gpu=cfg.scaling.use_gpu,
+            resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}
+            | ({"GPU": cfg.scaling.gpus_per_worker} if cfg.scaling.use_gpu else {}),
+        ),
         run_config=RunConfig(
-            name=out.name,
+            name=cfg.output_dir.name,
             storage_path=cfg.checkpoint_root,
             failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-            callbacks=callbacks,
-            # the latest checkpoint is always kept too: best + latest
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=1, checkpoint_score_attribute=score, checkpoint_score_order="max"
-            )
-            if score
-            else CheckpointConfig(num_to_keep=1),
+            callbacks=[recorder, *(callbacks or [])],
+            checkpoint_config=CheckpointConfig(num_to_keep=1, **keep),  # the latest is always kept too
+            logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=["train"]),
     )
-    return trainer.fit()
+    if not console:
+        return trainer.fit()
+    with epoch_lines(out, cfg.run.name, epochs):
+        return trainer.fit()
 
 
-def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
-    """Validate, train with Ray Train, write the run folder; returns the summary. ``callbacks``: Ray Train
-    callbacks (a Tune trial passes the one that forwards metrics to Tune)."""
-    from ega_ray.train.distill import train_func_per_worker
+def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False) -> dict[str, Any]:
+    """Check, train with Ray Train, write the run folder; returns the summary. ``callbacks``: Ray Train
+    callbacks (a Tune trial passes the one that forwards metrics to Tune, with ``trial``: no console lines,
+    Tune's trial table is the display, and no ``.pt2`` program of the student)."""
+    from ega_ray.train.distill import WorkerArgs, train_func_per_worker
 
-    cfg = cfg.resolved()
-    data = prepare_data(cfg)
-    spec = check_teacher(cfg).spec
-    if cfg.teacher.mode == "cached":
-        check_manifest(cfg, spec)
-    out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out)
-    t0 = time.time()
-    connect_ray(cfg)
-    bar = cfg.run.progress_bar if cfg.run.progress_bar is not None else sys.stderr.isatty()  # not in job logs
-    # a validation split this small stays in the workers' memory after its first pass; with an online
-    # teacher it is decoded here and handed over through the object store, without a Ray Data pass (each
-    # pass starts a streaming executor: seconds, more than a small split's evaluation)
-    keep_val = data.num_val * cfg.data.image_size**2 * 3 <= VAL_IN_MEMORY_BYTES
-    val_on_driver = keep_val and cfg.teacher.mode == "online"
-    extra = {
-        "num_classes": data.num_classes,
-        "teacher_dim": spec.embed_dim,
-        "num_train": data.num_train,
-        "num_indices": int(data.indices.max()) + 1,  # the size of a per-row memory (CRD)
-        "keep_val": keep_val,
-        "val_split": ray.put(read_decoded(cfg.data.val, cfg.data.image_size)) if val_on_driver else None,
-        "bar": bar,
-    }
-    pipeline = cfg.teacher.mode == "pipeline"
-    # the pipeline's teacher actors live for the whole run: Ray Data would start new ones every epoch
-    with teacher_servers(cfg, teacher_actor_resources(cfg)) if pipeline else nullcontext([]) as servers:
-        result = _fit(
-            cfg, train_func_per_worker, _datasets(cfg, data, not val_on_driver, servers), extra, "val_top1", callbacks
+    cfg = resolve(cfg)
+    data, teacher_dim = check_distill(cfg)
+    mode = TEACHER_MODES[cfg.teacher.mode]
+    with run_folder(cfg, "distill") as out:
+        write_config(cfg, out)
+        t0 = time.time()
+        connect_ray(cfg)
+        # a validation split this small stays in the workers' memory after its first pass; when no teacher
+        # stage must embed it, it is decoded here and handed over through the object store, without a Ray
+        # Data pass (each pass starts a streaming executor: seconds, more than a small split's evaluation)
+        keep_val = data.num_val * cfg.data.image_size**2 * 3 <= VAL_IN_MEMORY_BYTES
+        val_on_driver = keep_val and mode.teacher_in_worker
+        args = WorkerArgs(
+            num_classes=data.num_classes,
+            teacher_dim=teacher_dim,
+            num_train=data.num_train,
+            num_indices=int(data.indices.max()) + 1,
+            keep_val=keep_val,
+            val_split=ray.put(read_decoded(cfg.data.val, cfg.data.image_size)) if val_on_driver else None,
+            progress_bar=cfg.run.progress_bar if cfg.run.progress_bar is not None else sys.stderr.isatty(),
         )
-        teacher_rows = sum(ray.get([s.rows_embedded.remote() for s in servers]))
-        teacher_devices = sorted(set(ray.get([s.device_name.remote() for s in servers])))
+        with mode.actors(cfg) as actors:
+            train, val, materialized = decoded_splits(cfg, data, with_val=not val_on_driver)
+            train, val = mode.wire(cfg, data, train, val, actors, materialized)
+            datasets = {"train": train} | ({} if val_on_driver else {"val": val})
+            result = fit(cfg, train_func_per_worker, datasets, args, "val_top1", cfg.optim.epochs, callbacks, not trial)
+            mode_summary = mode.summary(actors)
+        return write_distill_outputs(cfg, data, result, out, time.time() - t0, not trial) | mode_summary
+
+
+def write_distill_outputs(
+    cfg: Config, data: PreparedData, result: ray.train.Result, out: Path, wall_s: float, deployable: bool = True
+) -> dict[str, Any]:
+    """metrics.csv, learning_curves.png, the exported students and summary.json, from the checkpoints; the
+    best student also as a ``.pt2`` program when ``deployable`` (a search's trials skip it: seconds each)."""
     last = load_state(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
     best = load_state(best_ckpt) if best_ckpt is not None else last
@@ -229,8 +191,8 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         out / "learning_curves.png",
         f"{cfg.run.name}: {cfg.distill.method} (β={cfg.distill.beta}) {cfg.teacher.name} → {cfg.student.name}",
     )
-    export_student(cfg, last, out, "student_last")
-    export_student(cfg, best, out, "student_best")
+    export_student(cfg, last, out, "student_last", pt2=False)  # `ega-ray export` makes one when wanted
+    export_student(cfg, best, out, "student_best", pt2=deployable)
     final = history[-1]
     summary = {
         "name": cfg.run.name,
@@ -250,11 +212,9 @@ def run_distill(cfg: Config, callbacks: list | None = None) -> dict[str, Any]:
         "last_val_top5": final["val_top5"],
         "teacher_head_top1": final["val_teacher_top1"],
         "seed": cfg.run.seed,
-        "wall_time_s": round(time.time() - t0, 1),
+        "wall_time_s": round(wall_s, 1),
         "output": str(out),
     }
-    if pipeline:  # every epoch's rows + the validation split, and where the teacher actors ran
-        summary |= {"teacher_stage_rows": teacher_rows, "teacher_stage_device": ", ".join(teacher_devices)}
     write_json(summary, out / "summary.json")
     return summary
 
@@ -265,62 +225,47 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     from ega_ray.models.teachers.ssl_teacher import save_ssl_teacher
     from ega_ray.train.pretrain import pretrain_func_per_worker, teacher_input_size
 
-    cfg = cfg.resolved(check_teacher=False)
+    cfg = resolve(cfg, check_teacher_file=False)
     if cfg.pretrain.batch_size % cfg.scaling.num_workers:
         raise ConfigError(
             f"pretrain.batch_size {cfg.pretrain.batch_size} must be a multiple of "
             f"scaling.num_workers {cfg.scaling.num_workers}"
         )
+    check_student(cfg.pretrain.arch, "pretrain.arch")
     data = prepare_data(cfg)
-    out = cfg.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    write_config(cfg, out)
-    t0 = time.time()
-    connect_ray(cfg)
-    datasets = _datasets(cfg, data)
-    datasets["knn_train"] = datasets["train"]
-    result = _fit(cfg, pretrain_func_per_worker, datasets, {}, None)
-    state = load_state(result.checkpoint)
-    history = state["history"]
-    write_metrics_csv(history, out / "metrics.csv")
-    plot_curves(history, out / "learning_curves.png", f"{cfg.run.name}: SimCLR {cfg.pretrain.arch}")
-    knn = next(row["knn_top1"] for row in reversed(history) if "knn_top1" in row)
-    backbone = build_student(cfg.pretrain.arch)
-    backbone.load_state_dict(
-        {k.removeprefix("backbone."): v for k, v in state["net"].items() if k.startswith("backbone.")}
-    )
-    save_ssl_teacher(
-        out / "teacher.pt",
-        cfg.pretrain.arch,
-        backbone,
-        teacher_input_size(cfg),
-        cfg.augment.student_mean,
-        cfg.augment.student_std,
-        knn_top1=knn,
-        epochs=state["epoch"],
-    )
-    summary = {
-        "name": cfg.run.name,
-        "arch": cfg.pretrain.arch,
-        "epochs": state["epoch"],
-        "knn_top1": knn,
-        "teacher": str(out / "teacher.pt"),
-        "wall_time_s": round(time.time() - t0, 1),
-    }
-    write_json(summary, out / "summary.json")
-    return summary
-
-
-def check_teacher(cfg: Config) -> Teacher:
-    """Build the teacher once on the driver, so that bad weights fail before workers start."""
-    try:
-        return build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256)
-    except (FileNotFoundError, KeyError, ValueError, RuntimeError) as err:
-        raise ConfigError(
-            f"teacher: {cfg.teacher.name} with weights {cfg.teacher.weights!r}: {str(err).splitlines()[0]}"
-        ) from None
-
-
-def clear_run(path: Path) -> None:
-    """Remove a run folder, so that the next run with its name starts fresh instead of resuming."""
-    shutil.rmtree(path, ignore_errors=True)
+    with run_folder(cfg, "pretrain-teacher") as out:
+        write_config(cfg, out)
+        t0 = time.time()
+        connect_ray(cfg)
+        train, val, _ = decoded_splits(cfg, data)
+        datasets = {"train": train, "knn_train": train, "val": val}
+        result = fit(cfg, pretrain_func_per_worker, datasets, None, None, cfg.pretrain.epochs)
+        state = load_state(result.checkpoint)
+        history = state["history"]
+        write_metrics_csv(history, out / "metrics.csv")
+        plot_curves(history, out / "learning_curves.png", f"{cfg.run.name}: SimCLR {cfg.pretrain.arch}")
+        knn = next(row["knn_top1"] for row in reversed(history) if "knn_top1" in row)
+        backbone = build_student(cfg.pretrain.arch)
+        backbone.load_state_dict(
+            {k.removeprefix("backbone."): v for k, v in state["net"].items() if k.startswith("backbone.")}
+        )
+        save_ssl_teacher(
+            out / "teacher.pt",
+            cfg.pretrain.arch,
+            backbone,
+            teacher_input_size(cfg),
+            cfg.augment.student_mean,
+            cfg.augment.student_std,
+            knn_top1=knn,
+            epochs=state["epoch"],
+        )
+        summary = {
+            "name": cfg.run.name,
+            "arch": cfg.pretrain.arch,
+            "epochs": state["epoch"],
+            "knn_top1": knn,
+            "teacher": str(out / "teacher.pt"),
+            "wall_time_s": round(time.time() - t0, 1),
+        }
+        write_json(summary, out / "summary.json")
+        return summary

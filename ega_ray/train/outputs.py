@@ -5,18 +5,20 @@ from __future__ import annotations
 
 import csv
 import json
-import warnings
+import logging
+import traceback
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
-from ega_ray.models import EmbeddingHead, StudentClassifier, build_student  # noqa: E402
+from ega_ray.export import build_classifier, write_student  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 
 def write_config(cfg: Config, out: Path) -> None:
@@ -61,40 +63,33 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def export_student(cfg: Config, state: dict, out: Path, stem: str) -> None:
-    """``<stem>.pt`` (state dict + what rebuilds it) and ``<stem>.torchscript.pt`` (images → logits)."""
-    num_classes = state["num_classes"]
-    backbone = build_student(cfg.student.name)
-    model = StudentClassifier(backbone, EmbeddingHead(backbone.feat_dim, cfg.distill.embed_dim, num_classes))
+def export_student(cfg: Config, state: dict, out: Path, stem: str, pt2: bool = True) -> None:
+    """``<stem>.pt``, ``<stem>.safetensors`` and (``pt2``) ``<stem>.pt2`` of a checkpoint's student (see
+    ``ega_ray.export``). A student that ``torch.export`` cannot capture keeps its .pt and .safetensors: the
+    run's results are not lost to an exporter's limits, and `ega-ray export --student <stem>.pt` shows the
+    error again."""
+    meta = {
+        "student": cfg.student.name,
+        "num_classes": state["num_classes"],
+        "embed_dim": cfg.distill.embed_dim,
+        "image_size": cfg.data.image_size,
+        "mean": list(cfg.augment.student_mean),
+        "std": list(cfg.augment.student_std),
+        "epoch": state["epoch"],
+    }
+    model = build_classifier(meta)
     model.load_state_dict(state["student"])
-    model.eval()
-    torch.save(
-        {
-            "student": cfg.student.name,
-            "num_classes": num_classes,
-            "embed_dim": cfg.distill.embed_dim,
-            "image_size": cfg.data.image_size,
-            "mean": list(cfg.augment.student_mean),
-            "std": list(cfg.augment.student_std),
-            "epoch": state["epoch"],
-            "state_dict": model.state_dict(),
-        },
-        out / f"{stem}.pt",
-    )
-    example = torch.zeros(2, 3, cfg.data.image_size, cfg.data.image_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # TorchScript is deprecated upstream but still the portable format
-        traced = torch.jit.trace(_Logits(model), example)
-        traced.save(str(out / f"{stem}.torchscript.pt"))
-
-
-class _Logits(torch.nn.Module):
-    def __init__(self, model: StudentClassifier) -> None:
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)[1]
+    write_student(model, meta, out, stem, ("pt", "safetensors"))
+    if not pt2:
+        return
+    try:
+        write_student(model, meta, out, stem, ("pt2",))
+    except Exception as err:  # noqa: BLE001 - torch.export's failures have no common type
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        logger.warning(
+            "%s.pt2 not written: torch.export failed (%s: %s, at %s:%d)",
+            stem, type(err).__name__, err, Path(where.filename).name, where.lineno,
+        )  # fmt: skip
 
 
 def write_json(data: dict, path: Path) -> None:

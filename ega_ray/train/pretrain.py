@@ -19,10 +19,10 @@ from torch import nn
 
 from ega_ray.config import Config
 from ega_ray.data.augment import resize, simclr_view, to_unit_float
-from ega_ray.losses import NTXentLoss
+from ega_ray.losses.ntxent import NTXentLoss
 from ega_ray.models import build_student
 from ega_ray.train.common import (
-    Progress,
+    Checkpointed,
     all_reduce_sum,
     epoch_seed,
     load_state,
@@ -33,6 +33,7 @@ from ega_ray.train.common import (
     torch_threads,
     unwrap,
 )
+from ega_ray.train.tracking import quiet_ray_logs
 
 
 class SimCLRNet(nn.Module):
@@ -88,6 +89,7 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
     torch_threads(cfg.scaling.cpus_per_worker)
+    quiet_ray_logs(cfg.run.verbose)
     seed_everything(cfg.run.seed)
 
     net = ray.train.torch.prepare_model(SimCLRNet(build_student(p.arch), p.proj_dim))
@@ -96,17 +98,15 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
     loss_fn = NTXentLoss(p.temperature)
     gen = torch.Generator(device=device)
 
+    saved = Checkpointed({"net": unwrap(net), "opt": opt, "sched": sched})  # what a checkpoint holds
     start_epoch, history, restarts = 0, [], 0
     state = load_state(ray.train.get_checkpoint())
     if state is not None:
-        unwrap(net).load_state_dict(state["net"])
-        opt.load_state_dict(state["opt"])
-        sched.load_state_dict(state["sched"])
-        start_epoch, history, restarts = state["epoch"], state["history"], state["restarts"] + 1
+        values = saved.restore(state)
+        start_epoch, history, restarts = values["epoch"], values["history"], values["restarts"] + 1
 
     shard = ray.train.get_dataset_shard("train")
     knn_train, knn_val = ray.train.get_dataset_shard("knn_train"), ray.train.get_dataset_shard("val")
-    progress = Progress(f"pretrain {cfg.run.name}", p.epochs, start_epoch)
     mean, std = cfg.augment.student_mean, cfg.augment.student_std
     size = teacher_input_size(cfg)
 
@@ -114,13 +114,11 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
         gen.manual_seed(epoch_seed(cfg.run.seed, epoch, rank))
         net.train()
         total, steps = 0.0, 0
-        for step, batch in enumerate(
-            shard.iter_torch_batches(
-                batch_size=p.batch_size // world,
-                drop_last=True,
-                local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
-                device=device,
-            )
+        for batch in shard.iter_torch_batches(
+            batch_size=p.batch_size // world,
+            drop_last=True,
+            local_shuffle_buffer_size=cfg.data.shuffle_buffer or None,
+            device=device,
         ):
             x = resize(to_unit_float(batch["image"]), size, "bilinear")
             za = net(normalize(simclr_view(x, gen, flip=cfg.augment.flip), mean, std))
@@ -131,7 +129,6 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
             opt.step()
             total += loss.item()
             steps += 1
-            progress.step(epoch, step, loss)
         lr = opt.param_groups[0]["lr"]
         sched.step()
         if steps == 0:
@@ -147,16 +144,5 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and (last or (epoch + 1) % 5 == 0):
             metrics["knn_top1"] = knn_top1(unwrap(net).backbone, knn_train, knn_val, cfg, device)
         history.append(metrics)
-        progress.epoch(epoch, metrics)
-        report(
-            metrics,
-            {
-                "epoch": epoch + 1,
-                "history": history,
-                "restarts": restarts,
-                "net": unwrap(net).state_dict(),
-                "opt": opt.state_dict(),
-                "sched": sched.state_dict(),
-            },
-        )
+        report(metrics, saved.state(epoch=epoch + 1, history=history, restarts=restarts))
         maybe_inject_failure(epoch + 1, cfg.run.fail_after_epoch, cfg.output_dir)

@@ -1,125 +1,35 @@
 """``ega-ray cache-teacher``: the frozen teacher's embeddings of K random views of every training image,
 computed once by a Ray Data actor pool and written as Parquet (index, view, embedding) with a manifest.
 
-The manifest records what the embeddings depend on (teacher, weights, augmentation, data, K); a
-distillation run in ``cached`` mode refuses a cache whose manifest does not match its config.
+The format and its checks are in ``ega_ray.data.cache_format``; the ``cached`` teacher mode reads it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
-import shutil
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.dataset as pads
 import ray.data
 
-from ega_ray.config import Config, ConfigError
-from ega_ray.data.parquet import decode_images, read_columns
-from ega_ray.data.teacher_stage import TeacherEmbedder
-from ega_ray.models.teachers.base import is_weights_file, sha256_of
-
-CACHE_FORMAT = "ega-ray-teacher-cache/1"
-
-
-def split_fingerprint(path: str) -> str:
-    """A fingerprint of a Parquet split: its files' names and sizes and its row count."""
-    ds = pads.dataset(path, format="parquet")
-    infos = ds.filesystem.get_file_info(sorted(ds.files))
-    parts = [(Path(i.path).name, i.size) for i in infos] + [ds.count_rows()]
-    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:20]
-
-
-def weights_id(weights: str | None) -> str:
-    if weights is None:
-        return "random-init"
-    return f"sha256:{sha256_of(weights)}" if is_weights_file(weights) else f"tag:{weights}"
-
-
-def expected_manifest(cfg: Config, spec) -> dict[str, Any]:
-    """What a cache for ``cfg`` must have been built with (``spec``: the teacher's TeacherSpec)."""
-    a = cfg.augment
-    return {
-        "format": CACHE_FORMAT,
-        "teacher": cfg.teacher.name,
-        "weights": weights_id(cfg.teacher.weights),
-        "augmentation": {
-            "pad": a.pad,
-            "flip": a.flip,
-            "input_size": spec.input_size,
-            "interpolation": spec.interpolation,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "image_size": cfg.data.image_size,
-        },
-        "data_fingerprint": split_fingerprint(cfg.data.train),
-    }
-
-
-def check_manifest(cfg: Config, spec) -> dict[str, Any]:
-    """The cache's manifest, after checking it matches ``cfg``; a ConfigError naming the differences if not."""
-    found = json.loads((Path(str(cfg.teacher.cache)) / "manifest.json").read_text())
-    expected = expected_manifest(cfg, spec)
-    diffs = [
-        f"{k} (cache: {json.dumps(found.get(k))}, config: {json.dumps(v)})"
-        for k, v in expected.items()
-        if found.get(k) != v
-    ]
-    if diffs:
-        raise ConfigError(
-            f"teacher.cache: {cfg.teacher.cache!r} was built for another setting: {'; '.join(diffs)}; "
-            "rebuild it with `ega-ray cache-teacher`"
-        )
-    return found
-
-
-def load_cached_embeddings(cache: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Dense (rows, views, D) float16 embeddings and, for every training ``index``, its row in them."""
-    table = read_columns(str(Path(cache) / "embeddings"), ["index", "view", "embedding"])
-    index, view = table["index"].to_numpy(), table["view"].to_numpy()
-    emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float16)
-    views = int(view.max()) + 1
-    uniq, inverse = np.unique(index, return_inverse=True)
-    dense = np.zeros((len(uniq), views, emb.shape[1]), dtype=np.float16)
-    dense[inverse, view] = emb
-    position = np.full(int(max(indices.max(), uniq.max())) + 1, -1, dtype=np.int64)
-    position[uniq] = np.arange(len(uniq))
-    missing = np.setdiff1d(indices, uniq)
-    if len(missing):
-        raise ConfigError(f"teacher.cache: {cache!r} lacks {len(missing)} training images (e.g. index {missing[0]})")
-    return dense, position
-
-
-def teacher_actor_resources(cfg: Config) -> dict[str, float]:
-    """What one teacher actor asks for: a GPU share on GPU runs, CPUs otherwise."""
-    t = cfg.teacher
-    return {"num_gpus": t.actor_gpus} if cfg.scaling.use_gpu else {"num_cpus": t.actor_cpus}
-
-
-def teacher_stage_args(cfg: Config) -> dict[str, Any]:
-    """Ray Data arguments for a teacher actor pool (one execution: the cache build, the validation split)."""
-    t = cfg.teacher
-    return {
-        "compute": ray.data.ActorPoolStrategy(size=t.actors),
-        "batch_size": t.batch_size,
-        "batch_format": "numpy",
-        **teacher_actor_resources(cfg),
-    }
+from ega_ray.config import Config
+from ega_ray.data.cache_format import expected_manifest, file_digests
+from ega_ray.data.images import decode_images
+from ega_ray.data.teacher_stage import embed_with_actor_pool
+from ega_ray.errors import ConfigError
+from ega_ray.run_folder import rebuild
+from ega_ray.train.launch import connect_ray
+from ega_ray.train.preflight import check_teacher, prepare_data, resolve
 
 
 def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
     """Embed ``views`` random teacher views of every training image; write ``output`` atomically."""
-    from ega_ray.train.launch import check_teacher, connect_ray, prepare_data
-
     if views < 1:
         raise ConfigError(f"--views must be >= 1, got {views}")
-    cfg = cfg.resolved()
-    prepare_data(cfg)
+    cfg = resolve(cfg)
+    data = prepare_data(cfg)
     spec = check_teacher(cfg).spec
     output = Path(output).expanduser().resolve()
     manifest = expected_manifest(cfg, spec) | {
@@ -129,33 +39,26 @@ def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
         "train": cfg.data.train,
     }
     t0 = time.time()
-    connect_ray(cfg)
-    embedded = (
-        ray.data.read_parquet(cfg.data.train)
-        .select_columns(["image", "index"])
-        .map_batches(decode_images, fn_kwargs={"image_size": cfg.data.image_size}, batch_format="numpy")
-        .map_batches(
-            TeacherEmbedder,
-            fn_constructor_kwargs={
-                "cfg": cfg.model_dump(mode="json"),
-                "views": views,
-                "attach": False,
-                "seed": cfg.run.seed,
-            },
-            **teacher_stage_args(cfg),
+    with rebuild(output, "cache-teacher") as tmp:
+        connect_ray(cfg)
+        decode = {"image_size": cfg.data.image_size, "split": "data.train"}
+        images = (
+            ray.data.read_parquet(cfg.data.train)
+            .select_columns(["image", "index"])
+            .map_batches(decode_images, fn_kwargs=decode, batch_format="numpy")
         )
-    )
-    tmp = output.with_name(f".{output.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
+        embedded = embed_with_actor_pool(images, cfg, views=views, attach=False)
         embedded.write_parquet(str(tmp / "embeddings"))
         rows = pads.dataset(str(tmp / "embeddings"), format="parquet").count_rows()
-        manifest |= {"rows": rows, "wall_time_s": round(time.time() - t0, 1)}
+        manifest |= {
+            "rows": rows,
+            "images": data.num_train,
+            "files": file_digests(tmp / "embeddings"),
+            "wall_time_s": round(time.time() - t0, 1),
+        }
+        if rows != data.num_train * views:
+            raise RuntimeError(f"cache-teacher: wrote {rows} rows, expected {data.num_train} images × {views} views")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-        if output.exists():
-            shutil.rmtree(output)
-        tmp.rename(output)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return {
         "output": str(output),
         "views": views,

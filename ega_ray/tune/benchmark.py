@@ -8,6 +8,13 @@ loss weights (``default_gamma``/``default_beta`` of its class; EGA with the conf
 config's weights for all (``--config-weights``); everything else comes from the config. The teacher's own
 linear head, trained alongside every run on the same labels, is the third reference.
 
+``--tune-trials K`` gives every method the same search before its tuned runs: K trials of Ray Tune with ASHA
+(``tune.grace_period``, ``tune.reduction_factor``) over the method's own knobs (``search_space`` of its
+class: EGA's temperature and hard graph, node and edge weights; each baseline's weights and temperatures)
+and the learning rate, on seed 0, one experiment per method (``tuning-<method>``: ASHA compares a method's
+trials with each other only). Then the seeds run again with each method's best settings
+(``<method>-tuned-seed<k>``). Tuned rows sit beside the reference rows, with the budget stated.
+
 Writes ``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds, best- and last-epoch
 top-1) and ``results.png`` (a bar chart).
 """
@@ -18,26 +25,47 @@ import copy
 import csv
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import ray
-import yaml
 from ray import tune
-from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
 
-from ega_ray.config import Config, ConfigError, parse_config
-from ega_ray.losses import DISTILLER_CLASSES, DISTILLERS
+from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
+from ega_ray.losses import DISTILLERS
 from ega_ray.train.common import latest_state
-from ega_ray.train.launch import check_teacher, connect_ray, prepare_data, run_distill
-from ega_ray.tune.search import experiment, finished_history, trial_concurrency, trial_storage
+from ega_ray.train.launch import connect_ray
+from ega_ray.train.outputs import write_json
+from ega_ray.tune.experiment import (
+    checked,
+    experiment_folder,
+    experiment_location,
+    run_experiment,
+    run_trial,
+    save_experiment_config,
+    saved_experiment_config,
+    trial_concurrency,
+    trial_config,
+    trial_storage,
+    verify_state,
+)
+from ega_ray.tune.space import apply_params, effective_params, tune_space
 
 CE_ONLY = "ce"  # the student without a teacher: distill.beta = 0
 EXPERIMENT = "benchmark"
+TUNED = "benchmark-tuned"
+LR_SPACE = {"optim.lr": {"type": "loguniform", "low": 0.0125, "high": 0.2}}  # searched for every method
+
+
+ALL_METHODS = "all"
 
 
 def parse_methods(text: str) -> list[str]:
-    """``ega,kd,…`` → names, each checked against the registry (or ``ce``); refused before Ray starts."""
+    """``ega,kd,…`` → names, each checked against the registry (or ``ce``); ``all``: every registered
+    distiller, EGA first. Refused before Ray starts."""
+    if text.strip() == ALL_METHODS:
+        return sorted(DISTILLERS.names(), key=lambda m: m != "ega")
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
         raise ConfigError("--methods: empty; give a comma-separated list such as ega,kd,crd")
@@ -49,108 +77,201 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
-def run_name(method: str, seed: int) -> str:
-    return f"{method}-seed{seed}"
+def run_name(method: str, seed: int, variant: str = "reference") -> str:
+    return f"{method}-seed{seed}" if variant == "reference" else f"{method}-{variant}-seed{seed}"
+
+
+def method_space(method: str) -> dict[str, SpaceEntry]:
+    """What ``--tune-trials`` searches for ``method``: its own knobs and the learning rate."""
+    own = {} if method == CE_ONLY else DISTILLERS.get(method).search_space
+    return {key: SpaceEntry(**entry) for key, entry in (own | LR_SPACE).items()}
 
 
 def method_config(
-    base: dict[str, Any], method: str, seed: int, root: Path, reference_weights: bool = True
+    base: dict[str, Any],
+    method: str,
+    seed: int,
+    root: Path,
+    reference_weights: bool = True,
+    params: dict[str, Any] | None = None,
+    name: str | None = None,
 ) -> dict[str, Any]:
-    """The run config of one (method, seed) in its own run folder: with the method's reference loss weights,
-    or (``reference_weights=False``) with the config's gamma, beta and alpha for every method."""
+    """The run config of one (method, seed) in its own run folder (``name``, default ``<method>-seed<k>``):
+    with the method's reference loss weights, or (``reference_weights=False``) with the config's gamma, beta
+    and alpha for every method; then ``params`` (dotted fields: a search trial's or the tuned values)."""
     raw = copy.deepcopy(base)
     if method == CE_ONLY:
         raw["distill"]["beta"] = 0.0
     else:
         raw["distill"]["method"] = method
         if method != "ega" and reference_weights:
-            cls = DISTILLER_CLASSES[method]
+            cls = DISTILLERS.get(method)
             raw["distill"] |= {"gamma": cls.default_gamma, "beta": cls.default_beta, "alpha": 0.0}
-    name = run_name(method, seed)
-    raw["run"] |= {
-        "name": name,
-        "seed": seed,
-        "output": str(root / "trials" / name),
-        "storage": trial_storage(base["run"]["storage"], root),
-        "progress_bar": False,
-    }
-    return raw
+    raw["run"]["seed"] = seed
+    return trial_config(apply_params(raw, params or {}), root, name or run_name(method, seed))
 
 
 def run_benchmark_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    reference = base["benchmark_reference_weights"]
-    base = {k: v for k, v in base.items() if k != "benchmark_reference_weights"}
-    cfg = parse_config(method_config(base, params["method"], params["seed"], Path(root), reference))
-    finished = finished_history(cfg, cfg.optim.epochs)
-    run_distill(cfg, callbacks=[TuneReportCallback()])  # resumes from the run's latest checkpoint, if any
-    if finished:
-        tune.report(finished[-1])
+    """A seed's run of a method: with its reference weights, or (``tuned`` in ``base``) its best settings."""
+    reference, tuned = base["benchmark_reference_weights"], base.get("benchmark_tuned")
+    base = {k: v for k, v in base.items() if not k.startswith("benchmark_")}
+    method, seed = params["method"], params["seed"]
+    if tuned is None:
+        run_trial(method_config(base, method, seed, Path(root), reference))
+    else:
+        name = run_name(method, seed, "tuned")
+        run_trial(method_config(base, method, seed, Path(root), reference, tuned[method], name))
+
+
+def tuning_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
+    """One trial of a method's search: its reference config on seed 0 with this trial's values."""
+    reference, method = base["benchmark_reference_weights"], base["benchmark_method"]
+    base = {k: v for k, v in base.items() if not k.startswith("benchmark_")}
+    name = f"tune-{method}-{tune.get_context().get_trial_id()}"
+    run_trial(method_config(base, method, 0, Path(root), reference, params, name))
 
 
 def run_benchmark(
-    cfg: Config | None,
+    cfg: Config | Callable[[], Config] | None,
     methods: list[str],
     seeds: int,
     output: str | Path,
     resume: bool = False,
     reference_weights: bool = True,
+    tune_trials: int = 0,
 ) -> list[dict[str, Any]]:
+    """Run (or resume) the benchmark; ``cfg`` may be a function that makes the config once ``output`` is
+    claimed (the embedded default pretrains its teacher inside it). ``tune_trials``: K > 0 adds each method's
+    K-trial search and its tuned runs (module docstring)."""
     output = Path(output).expanduser().resolve()
-    saved = output / "benchmark_config.yaml"
-    if resume:
-        if not saved.is_file():
-            raise ConfigError(f"--resume: {str(output)!r} holds no benchmark to resume (no benchmark_config.yaml)")
-        state = yaml.safe_load(saved.read_text())
-        cfg, methods, seeds = parse_config(state["config"]), state["methods"], state["seeds"]
-        reference_weights = state["reference_weights"]
-    else:
+    if not resume:
         if seeds < 1:
             raise ConfigError(f"--seeds: {seeds}; at least 1")
-        cfg = cfg.resolved()
-    if CE_ONLY not in methods:
-        methods = [*methods, CE_ONLY]
-    prepare_data(cfg)
-    check_teacher(cfg)
-    output.mkdir(parents=True, exist_ok=True)
-    base = cfg.model_dump(mode="json")
-    saved.write_text(
-        yaml.safe_dump(
-            {"methods": methods, "seeds": seeds, "reference_weights": reference_weights, "config": base},
-            sort_keys=False,
-        )
-    )
-    t0 = time.time()
-    connect_ray(cfg)
+        if tune_trials < 0:
+            raise ConfigError(f"--tune-trials: {tune_trials}; 0 (reference weights only) or more")
+        if isinstance(cfg, Config):  # checked before anything is written
+            cfg = checked(cfg)
+    with experiment_folder(output, "benchmark", resume):
+        if resume:
+            state = saved_experiment_config(output, "benchmark_config.yaml", "benchmark")
+            cfg, methods, seeds = checked(parse_config(state["config"])), state["methods"], state["seeds"]
+            reference_weights, tune_trials = state["reference_weights"], state.get("tune_trials", 0)
+            for name in experiments(methods, tune_trials):
+                verify_state(output, experiment_location(output, cfg.run.storage, name))
+        elif not isinstance(cfg, Config):
+            cfg = checked(cfg())
+        if CE_ONLY not in methods:
+            methods = [*methods, CE_ONLY]
+        base = cfg.model_dump(mode="json")
+        if not resume:
+            save_experiment_config(
+                output,
+                "benchmark_config.yaml",
+                {
+                    "methods": methods,
+                    "seeds": seeds,
+                    "reference_weights": reference_weights,
+                    "tune_trials": tune_trials,
+                    "config": base,
+                },
+            )
+        t0 = time.time()
+        connect_ray(cfg)
 
-    def new_tuner(trainable, root: str) -> tune.Tuner:
+        trial_base = base | {"benchmark_reference_weights": reference_weights}
+        seeds_grid = {"method": tune.grid_search(methods), "seed": tune.grid_search(list(range(seeds)))}
+        run_experiment(
+            run_benchmark_trial, trial_base, output, cfg.run.storage, EXPERIMENT, resume,
+            grid_tuner(cfg, seeds_grid, EXPERIMENT),
+        )  # fmt: skip
+        rows = collect(cfg, methods, seeds, output)
+        settings = {}
+        if tune_trials:
+            settings = {m: search_method(cfg, trial_base, m, tune_trials, output, resume) for m in methods}
+            run_experiment(
+                run_benchmark_trial, trial_base | {"benchmark_tuned": settings}, output, cfg.run.storage, TUNED,
+                resume, grid_tuner(cfg, seeds_grid, TUNED),
+            )  # fmt: skip
+            rows += collect(cfg, methods, seeds, output, "tuned")
+            write_json({"trials_per_method": tune_trials, "best": settings}, output / "tuned_settings.json")
+        write_results(rows, cfg, methods, output, time.time() - t0, tune_trials, settings)
+        return rows
+
+
+def experiments(methods: list[str], tune_trials: int) -> list[str]:
+    """The Tune experiments of a benchmark, in the order they run."""
+    return [EXPERIMENT, *([f"tuning-{m}" for m in methods] + [TUNED] if tune_trials else [])]
+
+
+def grid_tuner(cfg: Config, param_space: dict[str, Any], name: str):
+    """A Tuner over a fixed grid, no scheduler: every run goes to its last epoch."""
+
+    def new_tuner(trainable, root: str, callbacks: list) -> tune.Tuner:
         return tune.Tuner(
             trainable,
-            param_space={"method": tune.grid_search(methods), "seed": tune.grid_search(list(range(seeds)))},
+            param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=trial_concurrency(cfg)),
-            run_config=tune.RunConfig(name=EXPERIMENT, storage_path=root),
+            run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks),
         )
 
-    trial_base = base | {"benchmark_reference_weights": reference_weights}
-    experiment(run_benchmark_trial, trial_base, output, cfg.run.storage, EXPERIMENT, resume, new_tuner).fit()
-    rows = collect(cfg, methods, seeds, output)
-    write_results(rows, cfg, methods, output, time.time() - t0)
-    return rows
+    return new_tuner
 
 
-def collect(cfg: Config, methods: list[str], seeds: int, output: Path) -> list[dict[str, Any]]:
+def search_method(
+    cfg: Config, trial_base: dict[str, Any], method: str, trials: int, output: Path, resume: bool
+) -> dict[str, Any]:
+    """``method``'s K-trial search (ASHA over its own knobs and the learning rate, seed 0); the best trial's
+    values (by its best validation top-1, read from its registered checkpoint)."""
+    t, name = cfg.tune, f"tuning-{method}"
+
+    def new_tuner(trainable, root: str, callbacks: list) -> tune.Tuner:
+        scheduler = ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=cfg.optim.epochs + 1,  # no rung at the last epoch: finished trials write their run folder
+            grace_period=min(t.grace_period, cfg.optim.epochs),
+            reduction_factor=t.reduction_factor,
+        )
+        return tune.Tuner(
+            trainable,
+            param_space=tune_space(method_space(method)),
+            tune_config=tune.TuneConfig(
+                metric="val_top1", mode="max", scheduler=scheduler, num_samples=trials,
+                max_concurrent_trials=trial_concurrency(cfg),
+            ),
+            run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks),
+        )  # fmt: skip
+
+    base = trial_base | {"benchmark_method": method}
+    results = run_experiment(tuning_trial, base, output, cfg.run.storage, name, resume, new_tuner)
+    storage, scored = trial_storage(cfg.run.storage, output), []
+    for result in results:
+        trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[2]
+        state = latest_state(storage, f"tune-{method}-{trial_id}")
+        if state is not None:
+            params = {k: v for k, v in result.config.items() if k in method_space(method) or "|" in k}
+            scored.append((max(h["val_top1"] for h in state["history"]), effective_params(params)))
+    if not scored:
+        raise RuntimeError(f"benchmark: the search of {method} produced no trial with an epoch")
+    return max(scored, key=lambda s: s[0])[1]
+
+
+def collect(
+    cfg: Config, methods: list[str], seeds: int, output: Path, variant: str = "reference"
+) -> list[dict[str, Any]]:
     """One row per (method, seed) from the run's latest checkpoint; runs that did not finish are named."""
     storage, rows, missing = trial_storage(cfg.run.storage, output), [], []
     for method in methods:
         for seed in range(seeds):
-            state = latest_state(storage, run_name(method, seed))
+            name = run_name(method, seed, variant)
+            state = latest_state(storage, name)
             if state is None or state["epoch"] < cfg.optim.epochs:
-                missing.append(run_name(method, seed))
+                missing.append(name)
                 continue
             history = state["history"]
             rows.append(
                 {
                     "method": method,
+                    "variant": variant,
                     "seed": seed,
                     "best_top1": max(h["val_top1"] for h in history),
                     "best_epoch": state["best"]["epoch"],
@@ -165,64 +286,118 @@ def collect(cfg: Config, methods: list[str], seeds: int, output: Path) -> list[d
 
 
 def _mean_std(values: list[float]) -> str:
+    if not values:
+        return "—"
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
 
 
-def summary_rows(rows: list[dict[str, Any]], methods: list[str]) -> list[tuple[str, list[float], list[float]]]:
-    """(label, best top-1 per seed, last top-1 per seed) per method, then the teacher head (over every run)."""
+def summary_rows(
+    rows: list[dict[str, Any]], methods: list[str], variant: str = "reference"
+) -> list[tuple[str, list[float], list[float]]]:
+    """(label, best top-1 per seed, last top-1 per seed) per method of ``variant``, then the teacher head
+    (over every run)."""
+    mine = [r for r in rows if r["variant"] == variant]
     out = [
-        (
-            m,
-            [r["best_top1"] for r in rows if r["method"] == m],
-            [r["last_top1"] for r in rows if r["method"] == m],
-        )
+        (m, [r["best_top1"] for r in mine if r["method"] == m], [r["last_top1"] for r in mine if r["method"] == m])
         for m in methods
     ]
     heads = [r["teacher_head_top1"] for r in rows]
     return [*out, ("teacher head (linear, same labels)", heads, heads)]
 
 
-def write_results(rows: list[dict[str, Any]], cfg: Config, methods: list[str], output: Path, wall_s: float) -> None:
+def _shown(settings: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k.split('.', 1)[1]} {'hard' if v is None else f'{v:.3g}' if isinstance(v, float) else v}"
+        for k, v in sorted(settings.items())
+    )
+
+
+def write_results(
+    rows: list[dict[str, Any]],
+    cfg: Config,
+    methods: list[str],
+    output: Path,
+    wall_s: float,
+    tune_trials: int = 0,
+    settings: dict[str, dict[str, Any]] | None = None,
+) -> None:
     with open(output / "results.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    table = summary_rows(rows, methods)
+    reference = summary_rows(rows, methods)
+    tuned = summary_rows(rows, methods, "tuned") if tune_trials else None
     seeds = len({r["seed"] for r in rows})
     lines = [
         f"teacher `{cfg.teacher.name}` → student `{cfg.student.name}`, {cfg.optim.epochs} epochs, "
         f"label fraction {cfg.data.label_fraction}, {seeds} seeds; validation top-1 (%), mean ± std over seeds",
         "",
-        "| method | best epoch | last epoch |",
-        "| --- | --- | --- |",
     ]
-    for label, best, last in table:
-        name = "CE only (no teacher)" if label == CE_ONLY else label
-        lines.append(f"| {name} | {_mean_std(best)} | {_mean_std(last)} |")
+    if tuned is None:
+        lines += ["| method | best epoch | last epoch |", "| --- | --- | --- |"]
+        for label, best, last in reference:
+            lines.append(f"| {_label(label)} | {_mean_std(best)} | {_mean_std(last)} |")
+    else:
+        lines += [
+            "| method | reference weights: best | last | tuned: best | last | tuned settings |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for (label, best, last), (_, t_best, t_last) in zip(reference, tuned, strict=True):
+            shown = _shown((settings or {}).get(label, {})) if label in methods else ""
+            lines.append(
+                f"| {_label(label)} | {_mean_std(best)} | {_mean_std(last)} | {_mean_std(t_best)} | "
+                f"{_mean_std(t_last)} | {shown} |"
+            )
+        t = cfg.tune
+        lines += [
+            "",
+            f"Tuned: every method got the same search budget, {tune_trials} trials of random search with ASHA "
+            f"(grace period {min(t.grace_period, cfg.optim.epochs)} epochs, reduction factor {t.reduction_factor}, "
+            f"at most {cfg.optim.epochs} epochs) over its own knobs and the learning rate, on seed 0; then "
+            f"{seeds} seeds with the best trial's settings (tuned_settings.json).",
+        ]
     lines += ["", f"wall time {wall_s:.0f} s"]
     (output / "results.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines) + "\n")
-    plot_results(table, output / "results.png", f"{cfg.teacher.name} → {cfg.student.name}, {seeds} seeds")
+    plot_results(reference, tuned, output / "results.png", f"{cfg.teacher.name} → {cfg.student.name}, {seeds} seeds")
 
 
-def plot_results(table: list[tuple[str, list[float], list[float]]], path: Path, title: str) -> None:
+def _label(label: str) -> str:
+    return "CE only (no teacher)" if label == CE_ONLY else label
+
+
+def plot_results(
+    reference: list[tuple[str, list[float], list[float]]],
+    tuned: list[tuple[str, list[float], list[float]]] | None,
+    path: Path,
+    title: str,
+) -> None:
+    """Best validation top-1 per method (mean ± std over seeds); tuned bars beside the reference ones."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    labels = [label.split(" (")[0] for label, _, _ in table]
-    means = [statistics.mean(best) for _, best, _ in table]
-    stds = [statistics.stdev(best) if len(best) > 1 else 0.0 for _, best, _ in table]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.8 * len(labels), 4))
-    colors = ["tab:red" if label == "ega" else "tab:gray" if label in (CE_ONLY, "teacher head") else "tab:blue"
-              for label in labels]  # fmt: skip
-    ax.bar(labels, means, yerr=stds, capsize=4, color=colors)
-    low = min(m - s for m, s in zip(means, stds, strict=True))
-    ax.set_ylim(max(0.0, low - 5), min(100.0, max(m + s for m, s in zip(means, stds, strict=True)) + 2))
+    labels = [label.split(" (")[0] for label, _, _ in reference]
+    groups = [("reference weights", reference)] + ([("tuned", tuned)] if tuned else [])
+    width = 0.8 / len(groups)
+    fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels), 4))
+    lows, highs = [], []
+    for g, (name, table) in enumerate(groups):
+        means = [statistics.mean(best) if best else 0.0 for _, best, _ in table]
+        stds = [statistics.stdev(best) if len(best) > 1 else 0.0 for _, best, _ in table]
+        xs = [i + (g - (len(groups) - 1) / 2) * width for i in range(len(labels))]
+        colors = ["tab:red" if lab == "ega" else "tab:gray" if lab in (CE_ONLY, "teacher head") else "tab:blue"
+                  for lab in labels]  # fmt: skip
+        ax.bar(xs, means, width, yerr=stds, capsize=3, color=colors, alpha=1.0 if g == 0 else 0.55, label=name)
+        lows += [m - s for m, s, (_, b, _) in zip(means, stds, table, strict=True) if b]
+        highs += [m + s for m, s in zip(means, stds, strict=True)]
+    ax.set_xticks(range(len(labels)), labels, rotation=30)
+    ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(highs) + 2))
     ax.set_ylabel("best validation top-1 (%)")
     ax.set_title(title, fontsize=9)
-    ax.tick_params(axis="x", rotation=30)
+    if tuned:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

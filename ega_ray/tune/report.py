@@ -17,7 +17,8 @@ import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
 from ega_ray.train.common import latest_state  # noqa: E402
-from ega_ray.tune.search import NONE_SUFFIX, apply_params, effective_params, trial_storage  # noqa: E402
+from ega_ray.tune.experiment import trial_storage  # noqa: E402
+from ega_ray.tune.space import NONE_SUFFIX, apply_params, effective_params  # noqa: E402
 
 
 def _column(key: str, keys: list[str]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ega_ray.models.students.registry import STUDENTS, init_conv_bn
+from ega_ray.models.students.common import init_conv_bn
 
 
 class BasicBlock(nn.Module):
@@ -57,55 +57,46 @@ class CifarResNet(nn.Module):
         return self.pool(self.layers(self.stem(x))).flatten(1)
 
 
-@STUDENTS.register("resnet8")
 def resnet8() -> CifarResNet:
     """ResNet-8 (n=1, widths 16-32-64)."""
     return CifarResNet(8)
 
 
-@STUDENTS.register("resnet14")
 def resnet14() -> CifarResNet:
     """ResNet-14 (n=2, widths 16-32-64)."""
     return CifarResNet(14)
 
 
-@STUDENTS.register("resnet20")
 def resnet20() -> CifarResNet:
     """ResNet-20 (n=3, widths 16-32-64)."""
     return CifarResNet(20)
 
 
-@STUDENTS.register("resnet32")
 def resnet32() -> CifarResNet:
     """ResNet-32 (n=5, widths 16-32-64)."""
     return CifarResNet(32)
 
 
-@STUDENTS.register("resnet44")
 def resnet44() -> CifarResNet:
     """ResNet-44 (n=7, widths 16-32-64)."""
     return CifarResNet(44)
 
 
-@STUDENTS.register("resnet56")
 def resnet56() -> CifarResNet:
     """ResNet-56 (n=9, widths 16-32-64)."""
     return CifarResNet(56)
 
 
-@STUDENTS.register("resnet110")
 def resnet110() -> CifarResNet:
     """ResNet-110 (n=18, widths 16-32-64)."""
     return CifarResNet(110)
 
 
-@STUDENTS.register("resnet8x4")
 def resnet8x4() -> CifarResNet:
     """ResNet-8 with 4x wider stages (32 stem, 64-128-256); ~1.2M parameters."""
     return CifarResNet(8, (32, 64, 128, 256))
 
 
-@STUDENTS.register("resnet32x4")
 def resnet32x4() -> CifarResNet:
     """ResNet-32 with 4x wider stages (32 stem, 64-128-256); ~7.4M parameters."""
     return CifarResNet(32, (32, 64, 128, 256))

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ega_ray.models.students.registry import STUDENTS, init_conv_bn
+from ega_ray.models.students.common import init_conv_bn
 
 
 class Bottleneck(nn.Module):
@@ -61,7 +61,6 @@ class CifarBottleneckResNet(nn.Module):
         return self.pool(self.layers(self.stem(x))).flatten(1)
 
 
-@STUDENTS.register("resnet50")
 def resnet50() -> CifarBottleneckResNet:
     """ResNet-50 for CIFAR: Bottleneck [3, 4, 6, 3]; feat_dim 2048."""
     return CifarBottleneckResNet((3, 4, 6, 3))

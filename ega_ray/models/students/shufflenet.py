@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ega_ray.models.students.registry import STUDENTS, init_conv_bn
+from ega_ray.models.students.common import init_conv_bn
 
 
 def channel_shuffle(x: Tensor, groups: int) -> Tensor:
@@ -74,7 +74,6 @@ class ShuffleNetV1(nn.Module):
         return self.pool(self.units(self.stem(x))).flatten(1)
 
 
-@STUDENTS.register("shufflenet_v1")
 def shufflenet_v1() -> ShuffleNetV1:
     """ShuffleNet V1, groups 3, out planes 240-480-960; feat_dim 960."""
     return ShuffleNetV1()

@@ -11,13 +11,13 @@ state-dict keys stay those of torchvision checkpoints.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torchvision
 from torch import nn
-from torchvision.models import WeightsEnum
 
-from ega_ray.models.students.registry import STUDENTS
+if TYPE_CHECKING:
+    from torchvision.models import WeightsEnum
+
 
 _HEAD_ATTRS = ("fc", "classifier", "heads", "head")
 
@@ -45,9 +45,10 @@ def _drop_aux_heads(model: nn.Module) -> None:
                 setattr(model, attr, None)
 
 
-@STUDENTS.register("torchvision:*")
 def torchvision_backbone(name: str, weights: WeightsEnum | str | None = None, **kwargs: Any) -> nn.Module:
     """``torchvision.models.get_model(name, weights=weights, **kwargs)`` without its classifier."""
+    import torchvision  # here: importing it takes seconds, and only a torchvision model needs it
+
     if name not in torchvision.models.list_models():
         raise KeyError(f"unknown torchvision model {name!r}; see torchvision.models.list_models()")
     model = torchvision.models.get_model(name, weights=weights, **kwargs)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ega_ray.models.students.registry import STUDENTS, init_conv_bn
+from ega_ray.models.students.common import init_conv_bn
 
 
 def _group(in_planes: int, planes: int, convs: int) -> nn.Sequential:
@@ -46,7 +46,6 @@ class VGG(nn.Module):
         return self.pool(x).flatten(1)
 
 
-@STUDENTS.register("vgg13")
 def vgg13() -> VGG:
     """VGG-13-BN: groups 64, 128, 256, 512, 512 of two convs each; feat_dim 512."""
     return VGG(((64, 2), (128, 2), (256, 2), (512, 2), (512, 2)))

@@ -2,30 +2,32 @@
 
 from __future__ import annotations
 
-import hashlib
+import pickle
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
-from ega_ray.registry import Registry
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from ega_ray.models.weights import sha256_of
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """What a teacher expects of its input, and the width of what it returns."""
+    """What a teacher expects of its input, and the width of what it returns.
+
+    The teacher's view of an image: resized to ``input_size`` with ``interpolation``, or, with ``resize_size``,
+    resized to that and center-cropped to ``input_size`` (torchvision's evaluation transform); then
+    normalized with ``mean`` and ``std``.
+    """
 
     embed_dim: int
     input_size: int
     interpolation: str  # "bicubic" | "bilinear" | "nearest"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resize_size: int | None = None
 
 
 class Teacher(nn.Module):
@@ -54,24 +56,14 @@ class Teacher(nn.Module):
         return self.to(device=device, dtype=dtype)
 
 
-TEACHERS: Registry[Teacher] = Registry("teacher")
+def load_weights_file(path: str | Path, sha256: str | None = None, allow: Sequence[type] = ()) -> dict:
+    """Load a weights file safely: safetensors, or torch.load(weights_only=True); check SHA-256 if given.
 
-
-def is_weights_file(weights: str) -> bool:
-    """Weights values with a path separator or a dot name files; others are hub tags (``openai``, ``DEFAULT``)."""
-    return "/" in weights or "\\" in weights or "." in weights
-
-
-def sha256_of(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def load_weights_file(path: str | Path, sha256: str | None = None) -> dict:
-    """Load a weights file safely: safetensors, or torch.load(weights_only=True); check SHA-256 if given."""
+    ``allow``: classes a teacher family's files are known to hold besides tensors and plain containers
+    (RepDistiller's ``argparse.Namespace``), admitted by the weights-only unpickler for this load only. List
+    only classes whose unpickling runs no code of the file's choosing: their contents are still unpickled
+    under the same restrictions.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"teacher weights file {str(path)!r} does not exist")
@@ -83,7 +75,16 @@ def load_weights_file(path: str | Path, sha256: str | None = None) -> dict:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch's own advice (allowlist the class) is not ours to give: a checkpoint's objects can run code
+        refused = str(err).split("WeightsUnpickler error: ")[-1].splitlines()[0].split(" was not an allowed")[0]
+        raise ValueError(
+            f"teacher weights {str(path)!r} hold Python objects a weights-only load refuses ({refused}); "
+            "save a state dict (tensors only) or a .safetensors file instead"
+        ) from None
     if not isinstance(obj, dict):
         raise ValueError(f"teacher weights {str(path)!r}: expected a state dict, got {type(obj).__name__}")
     return obj

@@ -8,20 +8,18 @@ pretrained tag such as ``openai`` (downloads; only where the machine has network
 
 from __future__ import annotations
 
-import open_clip
-
 from ega_ray.models.teachers.base import (
-    TEACHERS,
     Teacher,
     TeacherSpec,
-    is_weights_file,
     load_weights_file,
     strip_prefix,
 )
+from ega_ray.models.weights import is_weights_file
 
 
-@TEACHERS.register("open_clip:*")
 def open_clip_teacher(model_name: str, weights: str | None = None, sha256: str | None = None) -> Teacher:
+    import open_clip  # here: importing it takes seconds, and only this family needs it
+
     if model_name not in open_clip.list_models():
         raise KeyError(f"unknown open_clip model {model_name!r}; see open_clip.list_models()")
     local = weights is not None and is_weights_file(weights)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from ega_ray.models.students import build_student
-from ega_ray.models.teachers.base import TEACHERS, Teacher, TeacherSpec, load_weights_file
+from ega_ray.models.teachers.base import Teacher, TeacherSpec, load_weights_file
 
 SSL_FORMAT = "ega-ray-ssl-teacher/1"
 
@@ -38,7 +38,6 @@ def save_ssl_teacher(
     tmp.replace(path)
 
 
-@TEACHERS.register("ssl")
 def ssl_teacher(weights: str | None = None, sha256: str | None = None) -> Teacher:
     if weights is None:
         raise ValueError("teacher 'ssl' needs teacher.weights: the file written by `ega-ray pretrain-teacher`")

@@ -5,13 +5,12 @@
 
 from __future__ import annotations
 
-import timm
-
-from ega_ray.models.teachers.base import TEACHERS, Teacher, TeacherSpec, load_weights_file
+from ega_ray.models.teachers.base import Teacher, TeacherSpec, load_weights_file
 
 
-@TEACHERS.register("timm:*")
 def timm_teacher(model_name: str, weights: str | None = None, sha256: str | None = None) -> Teacher:
+    import timm  # here: importing it takes seconds, and only this family needs it
+
     if not timm.is_model(model_name):
         raise KeyError(f"unknown timm model {model_name!r}; see timm.list_models()")
     model = timm.create_model(model_name, pretrained=weights == "hub", num_classes=0)

@@ -1,12 +1,8 @@
-"""The student registry and the weight initialisation shared by the student families."""
+"""The weight initialisation shared by the student families."""
 
 from __future__ import annotations
 
 from torch import nn
-
-from ega_ray.registry import Registry
-
-STUDENTS: Registry[nn.Module] = Registry("student")
 
 
 def init_conv_bn(model: nn.Module) -> None:

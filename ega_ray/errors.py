@@ -1,0 +1,57 @@
+"""The errors a user can fix: each carries one line that names the field, file or value at fault and what
+is allowed. The CLI prints them without a traceback (exit 2). Imports nothing of the package."""
+
+from __future__ import annotations
+
+
+class UsageError(ValueError):
+    """Bad input the user can correct; ``label`` heads the CLI's one-line message. Given several messages
+    (every problem of a config file), it holds them all: ``problems``, one line each."""
+
+    label = "error"
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = [" ".join(p.split()) for p in problems] or [""]
+
+
+class ConfigError(UsageError):
+    """A configuration that cannot run; the message is one line naming the field."""
+
+    label = "config error"
+
+
+class OutputFolderError(UsageError):
+    """An output folder that a command may not write: another program's files, another run, in use."""
+
+    label = "output folder"
+
+
+class DataError(UsageError):
+    """A dataset whose content cannot be trained on: the message names the split, the row and the column."""
+
+    label = "data error"
+
+
+def find_usage_error(err: BaseException) -> UsageError | None:
+    """The UsageError behind ``err``: itself, or one raised inside a Ray task, a Ray Data stage or a Ray Train
+    worker and re-raised on the driver wrapped in Ray's own exceptions (through ``cause``, ``__cause__``,
+    ``__context__`` or Train's per-worker failures)."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [err]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, UsageError):  # Ray's RayTaskError(X) is an X too; its ``cause`` is the plain one
+            cause = getattr(e, "cause", None)
+            return cause if isinstance(cause, UsageError) else e
+        for attr in ("cause", "__cause__", "__context__", "_cause"):
+            nxt = getattr(e, attr, None)
+            if isinstance(nxt, BaseException):
+                todo.append(nxt)
+        failures = getattr(e, "worker_failures", None)  # Ray Train V2's WorkerGroupError
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+    return None

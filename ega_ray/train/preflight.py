@@ -1,0 +1,150 @@
+"""What the driver checks before Ray starts: paths, both splits and their labels, the teacher, the teacher
+mode's own needs, and the output folder. Each failure is one line naming the field, file or folder
+(ConfigError / OutputFolderError). No Ray here; torch only where a teacher is built.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from ega_ray.config import EPOCHS_FIELD, Config, is_uri
+from ega_ray.data.parquet import check_labels, check_split, stratified_label_mask
+from ega_ray.errors import ConfigError, OutputFolderError
+from ega_ray.models.weights import is_weights_file
+from ega_ray.run_folder import claim, remove_own, settings_differences
+from ega_ray.teacher_modes import TEACHER_MODES
+
+if TYPE_CHECKING:
+    from ega_ray.models.teachers.base import Teacher
+
+
+def resolve(cfg: Config, check_teacher_file: bool = True) -> Config:
+    """A copy whose local paths are absolute and exist (Ray Train workers run in another working directory):
+    ``builtin:`` datasets are prepared, data splits and the teacher's weights file must exist.
+    ``check_teacher_file=False`` skips the weights (pretraining does not use the teacher)."""
+    from ega_ray.data.digits import builtin_split
+
+    cfg = cfg.model_copy(deep=True)
+    for field in ("train", "val"):
+        value = getattr(cfg.data, field)
+        if value.startswith("builtin:"):
+            try:
+                value = builtin_split(value, field)
+            except ValueError as err:
+                raise ConfigError(f"data.{field}: {err}") from None
+        if not is_uri(value):
+            path = Path(value).expanduser().resolve()
+            if not path.exists():
+                raise ConfigError(f"data.{field}: {value!r} does not exist (a Parquet folder or s3:// / gs:// URI)")
+            setattr(cfg.data, field, str(path))
+    w = cfg.teacher.weights
+    if check_teacher_file and w is not None and is_weights_file(w):
+        path = Path(w).expanduser().resolve()
+        if not path.is_file():
+            raise ConfigError(f"teacher.weights: file {w!r} does not exist")
+        cfg.teacher.weights = str(path)
+    if cfg.teacher.cache is not None:
+        cfg.teacher.cache = str(Path(cfg.teacher.cache).expanduser().resolve())
+    cfg.run.output = str(cfg.output_dir.expanduser().resolve())
+    if cfg.run.storage is not None and not is_uri(cfg.run.storage):
+        cfg.run.storage = str(Path(cfg.run.storage).expanduser().resolve())
+    return cfg
+
+
+@dataclass
+class PreparedData:
+    num_classes: int
+    keep: np.ndarray  # which training rows keep their label (by index)
+    indices: np.ndarray  # the training split's index column
+    num_train: int
+    num_val: int
+
+
+def prepare_data(cfg: Config) -> PreparedData:
+    """Check both splits and their labels on the driver; choose the labeled subset."""
+    try:
+        n_train = check_split(cfg.data.train, "data.train")
+        n_val = check_split(cfg.data.val, "data.val")
+        labels, index = check_labels(cfg.data.train, "data.train", n_train, unlabeled_ok=True)
+        val_labels, _ = check_labels(cfg.data.val, "data.val", n_val, unlabeled_ok=False)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    seen = int(max(labels.max(), val_labels.max())) + 1
+    if seen < 1:
+        raise ConfigError(f"data.train: {cfg.data.train!r} has no labeled row (every label is -1)")
+    num_classes = cfg.data.num_classes or seen
+    if seen > num_classes:
+        split, path = ("data.train", cfg.data.train) if labels.max() >= num_classes else ("data.val", cfg.data.val)
+        raise ConfigError(
+            f"data.num_classes: {num_classes}, but {split} {path!r} has label {seen - 1} "
+            "(labels are 0..C-1, -1 unlabeled)"
+        )
+    keep = stratified_label_mask(labels, index, cfg.data.label_fraction, cfg.run.seed)
+    return PreparedData(num_classes, keep, index, n_train, n_val)
+
+
+def check_student(name: str, field: str = "student.name") -> None:
+    """A family's member exists (``torchvision:NAME``); registered names are checked by the config."""
+    family, _, model = name.partition(":")
+    if family == "torchvision":
+        import torchvision
+
+        if model not in torchvision.models.list_models():
+            raise ConfigError(f"{field}: unknown torchvision model {model!r}; see torchvision.models.list_models()")
+
+
+def check_teacher(cfg: Config) -> Teacher:
+    """Build the teacher once on the driver, so that bad weights fail before workers start."""
+    from ega_ray.models import build_teacher
+
+    try:
+        return build_teacher(cfg.teacher.name, cfg.teacher.weights, cfg.teacher.sha256)
+    except (FileNotFoundError, KeyError, ValueError, RuntimeError, pickle.UnpicklingError) as err:
+        raise ConfigError(
+            f"teacher: {cfg.teacher.name} with weights {cfg.teacher.weights!r}: {str(err).splitlines()[0]}"
+        ) from None
+
+
+def check_distill(cfg: Config) -> tuple[PreparedData, int]:
+    """Everything a distillation run checks before Ray starts; the data and the teacher's embedding width."""
+    data = prepare_data(cfg)
+    check_student(cfg.student.name)
+    spec = check_teacher(cfg).spec
+    TEACHER_MODES[cfg.teacher.mode].preflight(cfg, spec)
+    return data, spec.embed_dim
+
+
+@contextmanager
+def run_folder(cfg: Config, command: str) -> Iterator[Path]:
+    """The run's output folder, claimed for ``command`` (see ``ega_ray.run_folder``) and locked while the run
+    lasts. A folder that already holds a run resumes it only if every setting that defines the results is the
+    same, except that the number of epochs may be raised; otherwise it is refused, naming what differs,
+    before anything is written."""
+    out = cfg.output_dir
+    settings = json.loads(json.dumps(cfg.result_settings(command)))  # as the marker stores them
+    growing = EPOCHS_FIELD[command]
+
+    def same_run(marker: dict[str, Any]) -> None:
+        diffs = settings_differences(marker.get("settings", {}), settings, growing)
+        if diffs:
+            raise OutputFolderError(
+                f"--output {out}: holds a run with other settings ({'; '.join(diffs)}); a rerun resumes it only "
+                f"with the same settings ({growing} may be raised): choose another folder, or delete it to start over"
+            )
+
+    with claim(out, command, record={"settings": settings}, check=same_run):
+        yield out
+
+
+def clear_run(path: Path, command: str = "distill") -> None:
+    """Remove a run folder that ``command`` wrote (or an empty one), so that the next run with its name starts
+    fresh instead of resuming; anything else is refused (OutputFolderError)."""
+    remove_own(path, command)

@@ -1,0 +1,256 @@
+"""One Ray Tune experiment in an output folder (a search or a benchmark), started or resumed; the one trial
+runner both use; and the guard that keeps a resume from unpickling state that ega-ray did not write.
+
+Ray Tune resumes an experiment by unpickling its state (``tuner.pkl``, ``experiment_state-*.json`` with
+pickled fields, searcher and trial ``*.pkl`` files): whoever can write those files can run code on the
+driver. So while an experiment runs, :class:`StateRecorder` records the SHA-256 of every such file as Tune
+writes it (in the driver's staging folder, which Tune copies to storage, and in local storage itself) in
+the output folder's marker, and :func:`verify_state` refuses a resume when any state file in storage is
+not one that was recorded. See docs/security.md for what this covers and what it does not.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray
+import yaml
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+
+from ega_ray.config import Config, parse_config
+from ega_ray.errors import ConfigError, OutputFolderError
+from ega_ray.run_folder import claim, read_marker, write_marker
+from ega_ray.train.common import latest_state
+from ega_ray.train.launch import run_distill
+from ega_ray.train.preflight import check_distill, resolve
+
+logger = logging.getLogger(__name__)
+
+TRIAL_DRIVER_CPU = 0.1
+STATE_VERSIONS_KEPT = 50  # per file: storage can lag the staging folder by a few uploads
+
+
+def trial_storage(storage: str | None, output: Path) -> str:
+    """Where the trials' Ray Train checkpoints go: ``<output>/trials``, or under ``run.storage`` when set."""
+    return f"{storage.rstrip('/')}/{output.name}/trials" if storage else str(output / "trials")
+
+
+def trial_config(raw: dict[str, Any], output: Path, name: str) -> dict[str, Any]:
+    """A trial's config: ``raw`` run as ``name`` in ``<output>/trials/<name>`` (checkpoints under
+    ``run.storage`` when set), without a progress bar (Tune's trial table is the display)."""
+    raw = copy.deepcopy(raw)
+    raw["run"] |= {
+        "name": name,
+        "output": str(output / "trials" / name),
+        "storage": trial_storage(raw["run"]["storage"], output),
+        "progress_bar": False,
+    }
+    return raw
+
+
+def run_trial(raw: dict[str, Any]) -> None:
+    """The one trial runner of searches and benchmarks: a full distillation run (a TorchTrainer) with
+    ``TuneReportCallback`` forwarding each epoch's metrics to Tune. It resumes from the trial's latest
+    checkpoint, if any; a trial rescheduled after an interruption with every epoch already done trains and
+    reports nothing, so its last epoch is reported here."""
+    cfg = parse_config(raw)
+    finished = finished_history(cfg, cfg.optim.epochs)
+    run_distill(cfg, callbacks=[TuneReportCallback()], trial=True)
+    if finished:
+        tune.report(finished[-1])
+
+
+def finished_history(cfg: Config, epochs: int) -> list[dict[str, Any]] | None:
+    """The metric history of a run whose latest checkpoint already holds the last epoch."""
+    state = latest_state(cfg.checkpoint_root, cfg.output_dir.name)
+    return state["history"] if state is not None and state["epoch"] >= epochs else None
+
+
+def trial_concurrency(cfg: Config) -> int:
+    """How many trials the cluster holds at once: CPUs (and GPUs) over what one trial takes (its workers,
+    its driver's token share, and half a CPU left to its Ray Data reads)."""
+    if cfg.tune.max_concurrent:
+        return cfg.tune.max_concurrent
+    s, res = cfg.scaling, ray.cluster_resources()
+    if s.use_gpu and not res.get("GPU"):
+        logger.warning(
+            "the cluster has no GPUs yet: trials run one at a time until the autoscaler adds some; "
+            "set tune.max_concurrent to the number of trials your GPU nodes can hold at full size"
+        )
+    by_cpu = res.get("CPU", 1) / (s.num_workers * s.cpus_per_worker + 0.5 + TRIAL_DRIVER_CPU)
+    by_gpu = res.get("GPU", 0) / (s.num_workers * s.gpus_per_worker) if s.use_gpu else math.inf
+    return max(1, int(min(by_cpu, by_gpu)))
+
+
+def is_state_file(relpath: str) -> bool:
+    """The files a resume unpickles: every ``*.pkl``, and the experiment folder's own ``*.json``."""
+    return relpath.endswith(".pkl") or ("/" not in relpath and relpath.endswith(".json"))
+
+
+def _fs_and_path(uri_or_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    if "://" in uri_or_path:
+        return pyarrow.fs.FileSystem.from_uri(uri_or_path)
+    return pyarrow.fs.LocalFileSystem(), str(Path(uri_or_path).resolve())
+
+
+def state_digests(location: str) -> dict[str, str]:
+    """SHA-256 of every state file under ``location`` (a folder or URI), by path: the experiment's name (the
+    folder's) and the path within it, so that the experiments of one output folder are kept apart."""
+    fs, root = _fs_and_path(location)
+    name = root.rstrip("/").rsplit("/", 1)[-1]
+    found = fs.get_file_info(pyarrow.fs.FileSelector(root, recursive=True, allow_not_found=True))
+    out = {}
+    for info in found:
+        rel = info.path[len(root) :].lstrip("/")
+        if info.type == pyarrow.fs.FileType.File and is_state_file(rel):
+            with fs.open_input_stream(info.path) as f:
+                out[f"{name}/{rel}"] = hashlib.sha256(f.readall()).hexdigest()
+    return out
+
+
+def record_state(output: Path, digests: dict[str, str]) -> None:
+    """Add ``digests`` to the history kept in the output folder's marker (rewritten only when it grows)."""
+    marker = read_marker(output)
+    if marker is None:
+        return
+    history: dict[str, list[str]] = marker.setdefault("state", {})
+    changed = False
+    for rel, digest in digests.items():
+        seen = history.setdefault(rel, [])
+        if digest not in seen:
+            seen.append(digest)
+            del seen[:-STATE_VERSIONS_KEPT]
+            changed = True
+    if changed:
+        write_marker(output, marker)
+
+
+def verify_state(output: Path, location: str) -> None:
+    """Refuse (OutputFolderError) to resume the experiment at ``location`` unless every state file there is
+    one that ega-ray recorded in ``output``'s marker while it ran the experiment."""
+    marker = read_marker(output) or {}
+    if marker.get("path") != str(output):
+        raise OutputFolderError(
+            f"--output {output}: was moved from {marker.get('path')!r}; an experiment resumes only where it ran "
+            "(its trials write to the folder they started in)"
+        )
+    history = marker.get("state") or {}
+    foreign = sorted(rel for rel, digest in state_digests(location).items() if digest not in history.get(rel, ()))
+    if foreign:
+        raise OutputFolderError(
+            f"--output {output}: the experiment state at {location} holds file(s) ega-ray did not write "
+            f"({', '.join(foreign[:3])}); refusing to unpickle them. They changed after the experiment last "
+            "recorded them, or the driver died while Tune wrote them: start a new experiment in another folder"
+        )
+
+
+class StateRecorder(tune.Callback):
+    """Records the digest of every state file Tune writes, right after it writes it (Tune saves its state in
+    a loop step before the callbacks' ``on_step_end``). Holds only paths: Tune pickles its callbacks into
+    ``tuner.pkl``, and a resumed experiment runs the unpickled copy."""
+
+    def __init__(self, output: str, location: str) -> None:
+        self.output, self.location = output, location
+
+    def _record(self, trials: list) -> None:
+        digests: dict[str, str] = {}
+        if trials:  # the driver's staging folder: what Tune uploads to storage next (named as the experiment)
+            staging = state_digests(trials[0].storage.experiment_driver_staging_path)
+            name = self.location.rstrip("/").rsplit("/", 1)[-1]
+            digests |= {f"{name}/{k.split('/', 1)[1]}": v for k, v in staging.items()}
+        if "://" not in self.location:
+            digests |= state_digests(self.location)
+        record_state(Path(self.output), digests)
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        self._record(trials)
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self._record(trials)
+
+
+def checked(cfg: Config) -> Config:
+    """``cfg`` resolved, with what every trial's run checks checked once on the driver, before any starts."""
+    cfg = resolve(cfg)
+    check_distill(cfg)
+    return cfg
+
+
+def saved_experiment_config(output: Path, name: str, command: str) -> dict[str, Any]:
+    """The YAML an experiment saved in ``output`` (``name``), once its digest matches the one the output
+    folder's marker recorded when it was written; raises a ConfigError / OutputFolderError otherwise."""
+    saved, marker = output / name, read_marker(output)
+    if not saved.is_file() or marker is None:
+        raise ConfigError(f"--resume: {str(output)!r} holds no `ega-ray {command}` to resume (no {name})")
+    text = saved.read_bytes()
+    if hashlib.sha256(text).hexdigest() != marker.get("config_sha256"):
+        raise OutputFolderError(
+            f"--output {output}: {name} changed after `ega-ray {command}` wrote it; refusing to resume"
+        )
+    return yaml.safe_load(text)
+
+
+def experiment_folder(output: Path, command: str, resume: bool):
+    """Claim ``output`` for an experiment (``tune`` or ``benchmark``): a new one needs a new or empty folder
+    (an earlier experiment there is resumed with --resume, never overwritten); --resume needs the earlier one."""
+
+    def new_or_resumed(marker: dict[str, Any]) -> None:
+        if not resume:
+            raise OutputFolderError(
+                f"--output {output}: holds an earlier `ega-ray {command}`; continue it with --resume, or choose "
+                "another folder"
+            )
+
+    if resume and (not output.is_dir() or read_marker(output) is None):
+        raise ConfigError(f"--resume: {str(output)!r} holds no `ega-ray {command}` to resume")
+    # the folder's first path stays recorded: a resume from elsewhere is refused (verify_state)
+    return claim(output, command, record={} if resume else {"path": str(output)}, check=new_or_resumed)
+
+
+def save_experiment_config(output: Path, name: str, data: dict[str, Any]) -> None:
+    """Write the experiment's YAML and record its digest in the output folder's marker."""
+    text = yaml.safe_dump(data, sort_keys=False).encode()
+    (output / name).write_bytes(text)
+    write_marker(output, (read_marker(output) or {}) | {"config_sha256": hashlib.sha256(text).hexdigest()})
+
+
+def experiment_location(output: Path, storage: str | None, name: str) -> str:
+    """Where Tune keeps experiment ``name`` of ``output``: in it, or under ``run.storage`` when set."""
+    root = f"{storage.rstrip('/')}/{output.name}" if storage else str(output)
+    return f"{root}/{name}"
+
+
+def run_experiment(
+    fn: Callable,
+    base: dict[str, Any],
+    output: Path,
+    storage: str | None,
+    name: str,
+    resume: bool,
+    new_tuner: Callable[[Any, str, list], tune.Tuner],
+) -> tune.ResultGrid:
+    """Run (or resume) the experiment ``name`` of ``output``: restored with its finished and unfinished trials
+    when ``resume`` finds one (after :func:`verify_state`), else ``new_tuner(trainable, storage_path,
+    callbacks)``. Each trial runs ``fn(params, base, root)`` in an actor that only drives a TorchTrainer: a
+    token CPU share, the workers ask for their own."""
+    trainable = tune.with_resources(tune.with_parameters(fn, base=base, root=str(output)), {"CPU": TRIAL_DRIVER_CPU})
+    location = experiment_location(output, storage, name)
+    root = location.rsplit("/", 1)[0]
+    if resume and tune.Tuner.can_restore(location):
+        verify_state(output, location)  # (again: the callers check before Ray starts; this is the last moment)
+        tuner = tune.Tuner.restore(location, trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = new_tuner(trainable, root, [StateRecorder(str(output), location)])
+        record_state(output, state_digests(location))  # tuner.pkl, written when the Tuner was made
+    try:
+        return tuner.fit()
+    finally:
+        record_state(output, state_digests(location))

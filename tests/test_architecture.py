@@ -1,0 +1,127 @@
+"""The package's shape: no import cycles, a config and a CLI that import neither torch nor Ray, registries
+whose every entry exists, and teacher modes that each answer for every layer."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PACKAGE = REPO / "ega_ray"
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(REPO).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path: Path, modules: set[str]) -> set[str]:
+    """The package modules that ``path`` imports anywhere (module level and inside functions), except under
+    ``if TYPE_CHECKING:``; ``from pkg import name`` counts as pkg.name when that is a module, else pkg."""
+    name, is_package = module_name(path), path.name == "__init__.py"
+
+    def nearest(dotted: str) -> str | None:
+        while dotted and dotted not in modules:
+            dotted = dotted.rpartition(".")[0]
+        return dotted or None
+
+    found: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if isinstance(node, ast.Import):
+            found.update(nearest(a.name) for a in node.names if a.name.startswith("ega_ray"))
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = name if is_package else name.rpartition(".")[0]
+                for _ in range(node.level - 1):
+                    anchor = anchor.rpartition(".")[0]
+                base = f"{anchor}.{base}" if node.module else anchor
+            if base.startswith("ega_ray"):
+                found.update(f"{base}.{a.name}" if f"{base}.{a.name}" in modules else nearest(base) for a in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return found - {None, name}
+
+
+def test_no_import_cycles_in_the_package():
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    graph = {m: imports_of(p, set(files)) for m, p in files.items()}
+    cycles, state = [], {}
+
+    def walk(m: str, stack: list[str]) -> None:
+        state[m] = "open"
+        for dep in sorted(graph[m]):
+            if state.get(dep) == "open":
+                cycles.append(stack[stack.index(dep) :] + [dep])
+            elif dep not in state:
+                walk(dep, [*stack, dep])
+        state[m] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            walk(m, [m])
+    assert not cycles, "import cycles: " + "; ".join(" → ".join(c) for c in cycles)
+    assert "ega_ray.losses" in graph["ega_ray.config"], "the walk sees the config's imports"
+
+
+@pytest.mark.parametrize("module", ["ega_ray.config", "ega_ray.cli", "ega_ray.teacher_modes", "ega_ray.losses"])
+def test_light_modules_import_neither_torch_nor_ray(module):
+    probe = (
+        f"import sys, {module}; from ega_ray.config import parse_config; "
+        "parse_config({'data': {'train': 't', 'val': 'v'}, 'teacher': {'name': 'open_clip:ViT-B-32'}}); "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'open_clip', 'timm', 'torchvision'}))"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]", f"importing {module} and parsing a config imported {done.stdout.strip()}"
+
+
+def test_every_registry_entry_exists_and_builds_its_kind():
+    from ega_ray.losses import DISTILLERS
+    from ega_ray.losses.base import Distiller
+    from ega_ray.models import STUDENTS, TEACHERS
+
+    for registry in (STUDENTS, TEACHERS, DISTILLERS):
+        for name in registry.names():
+            assert callable(registry.get(name)), f"{registry.kind} {name}"
+    for name in DISTILLERS.names():
+        cls = DISTILLERS.get(name)
+        assert issubclass(cls, Distiller) and cls.from_config is not Distiller.from_config, name
+    assert STUDENTS.build("resnet8").feat_dim == 64
+    assert "torchvision:resnet18" in STUDENTS and "torchvision" not in STUDENTS
+    with pytest.raises(ValueError, match=r"unknown student 'resnet9000'; allowed: .*resnet8x4"):
+        STUDENTS.check("resnet9000")
+
+
+def test_each_teacher_mode_answers_for_every_layer():
+    from ega_ray.teacher_modes import TEACHER_MODES, TeacherMode
+
+    assert sorted(TEACHER_MODES) == ["cached", "online", "pipeline"]
+    for name, mode in TEACHER_MODES.items():
+        assert mode.name == name and type(mode).features is not TeacherMode.features, name
+    assert [m for m in TEACHER_MODES.values() if m.teacher_in_worker] == [TEACHER_MODES["online"]]
+
+
+def test_only_the_teacher_modes_know_the_modes():
+    """No branch on a mode's name in the package outside ega_ray/teacher_modes.py: code asks the mode."""
+    import re
+
+    names = r"[\"'](online|cached|pipeline)[\"']"
+    branch = re.compile(rf"teacher\.mode\s*(==|!=|in\b)|(==|!=)\s*{names}|{names}\s*(==|!=)")
+    offenders = [
+        f"{path.relative_to(REPO)}:{lineno}: {line.strip()}"
+        for path in PACKAGE.rglob("*.py")
+        if path.name != "teacher_modes.py"
+        for lineno, line in enumerate(path.read_text().splitlines(), 1)
+        if branch.search(line.split("#")[0])
+    ]
+    assert not offenders, "\n".join(offenders)
