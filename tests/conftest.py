@@ -24,6 +24,7 @@ def local_ray():
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as connect_ray sets it: one actor less
     # a new local Ray, even while another test runs a `ray start` cluster on this machine
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

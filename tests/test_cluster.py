@@ -56,7 +56,8 @@ def test_ray_job_submit_to_an_autoscaling_cluster_with_token_auth(tmp_path):
             submit = subprocess.Popen(
                 [RAY, "job", "submit", "--address", head.dashboard_url, "--working-dir", ".",
                  "--runtime-env", "jobs/runtime_env.yaml", "--",
-                 "python", "jobs/distill.py", "--config", "configs/smoke.yaml", "--output", str(out)],
+                 "python", "jobs/distill.py", "--config", "configs/smoke.yaml", "--output", str(out),
+                 "--set", "optim.max_steps_per_epoch=6"],
                 cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, text=True,
             )  # fmt: skip
         peak, deadline = 1, time.monotonic() + 420

@@ -64,9 +64,8 @@ def test_cache_then_cached_training_and_a_refused_mismatch(tmp_path, teacher_fil
     first = {v: emb[(index == 0) & (view == v)][0] for v in range(2)}
     assert not np.allclose(first[0], first[1]), "the two views of an image are different augmentations"
 
-    cached = smoke(
-        tmp_path, teacher_file, "optim.epochs=1", "teacher.mode=cached", f"teacher.cache={tmp_path / 'cache'}"
-    )
+    short = ["optim.epochs=1", "optim.max_steps_per_epoch=6"]
+    cached = smoke(tmp_path, teacher_file, *short, "teacher.mode=cached", f"teacher.cache={tmp_path / 'cache'}")
     result = run_distill(cached)
     assert result["epochs"] == 1 and 0.0 <= result["teacher_head_top1"] <= 100.0
 

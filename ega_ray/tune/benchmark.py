@@ -249,10 +249,12 @@ def search_method(
         state = latest_state(storage, f"tune-{method}-{trial_id}")
         if state is not None:
             params = {k: v for k, v in result.config.items() if k in method_space(method) or "|" in k}
-            scored.append((max(h["val_top1"] for h in state["history"]), effective_params(params)))
+            scored.append((max(h["val_top1"] for h in state["history"]), trial_id, effective_params(params)))
     if not scored:
         raise RuntimeError(f"benchmark: the search of {method} produced no trial with an epoch")
-    return max(scored, key=lambda s: s[0])[1]
+    # a tie goes to the first trial by id, not to whichever Tune lists first: a resumed benchmark lists its
+    # trials in another order and must name the settings its tuned runs were trained with
+    return max(sorted(scored, key=lambda s: s[1]), key=lambda s: s[0])[2]
 
 
 def collect(
