@@ -296,16 +296,18 @@ def test_online_run_its_export_and_its_checkpoint_resumed_on_cpu(tmp_path: Path)
 
 def check_export(out: Path) -> None:
     """The exported students load and run on the device and on CPU, alike: ``student_last.pt`` rebuilt by
-    ``load_student`` on both, ``student_best.pt2`` (torch.export, no ega-ray needed) on CPU."""
+    ``load_student`` on both (normalized images in, logits second), ``student_best.pt2`` (torch.export, images
+    in [0, 1], no ega-ray needed) on CPU against its ``.pt``."""
     model, meta = load_student(out / "student_last.pt")
     size = meta["image_size"]
-    x = torch.randn(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+    x = torch.rand(8, 3, size, size, generator=torch.Generator().manual_seed(0))
+    normalized = (x - torch.tensor(meta["mean"]).view(1, 3, 1, 1)) / torch.tensor(meta["std"]).view(1, 3, 1, 1)
+    best, _ = load_student(out / "student_best.pt")
     with torch.no_grad():
-        ref = model(x)
-        on_dev = copy.deepcopy(model).to(DEVICE)(x.to(DEVICE)).cpu()
+        ref = model(normalized)[1]
+        on_dev = copy.deepcopy(model).to(DEVICE)(normalized.to(DEVICE))[1].cpu()
         program = torch.export.load(out / "student_best.pt2").module()(x)
-        best, _ = load_student(out / "student_best.pt")
-        best_ref = best(x)
+        best_ref = best(normalized)[1]
     assert ref.shape == (8, meta["num_classes"]) and torch.isfinite(ref).all()
     torch.testing.assert_close(program, best_ref, rtol=1e-4, atol=1e-4)
     # cuDNN may convolve in TF32: agreement to about 1e-2 of the logits' scale
