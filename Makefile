@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint clean install-rsync lock
+.PHONY: demo test gpu-dry-run lint clean install-rsync lock
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -32,6 +32,9 @@ install-rsync:
 test: $(STAMP) $(TOOLS)  ## the whole test suite (slow multi-process tests included)
 	$(VENV)/bin/ruff check ega_ray tests jobs bench
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=10 tests
+
+gpu-dry-run: $(STAMP)  ## bench/gpu_check.sh's steps on CPU at tiny sizes, so that the GPU check cannot rot (CI)
+	PYTHON=$(VENV)/bin/python bash bench/gpu_check.sh --dry-run
 
 clean:
 	rm -rf runs

@@ -2,7 +2,8 @@
 
 Same device, same teacher (ViT-B/32 image tower shape, random weights), same student (resnet8x4),
 CIFAR-sized random images, batch 64 by default. The seed figure comes from ``seed_throughput`` in
-``../shared/bench/seed_recipe.py`` (the paper's DataLoader + PIL loop, fp32). The project's figures:
+``bench/seed_loop.py`` (the paper's DataLoader + PIL loop; fp16 teacher on a GPU, fp32 elsewhere). The
+project's figures:
 
 - **Ray paths**: real ``ega-ray distill`` runs (Ray Data → Ray Train, one worker). ``online`` and
   ``cached``: the last epoch's ``train_img_per_s`` (steps after the third). ``pipeline`` runs two epochs
@@ -11,12 +12,17 @@ CIFAR-sized random images, batch 64 by default. The seed figure comes from ``see
   figures of every path are in the JSON. The cache build (K=1) is timed apart.
 - **Bare step**: the same ``train_step`` (``ega_ray/train/distill.py``) in a plain loop on one batch that
   stays on the device, no Ray: the ceiling of each path, and with it the overhead of going through Ray.
-- ``--sweep``: the bare cached step over batch sizes × ``--graph-sizes`` (default 64), eager and compiled,
-  with peak memory and GPU utilisation (the LR rule does not change speed). ``--profile``: the top
-  kernels of the bare cached step (torch.profiler), printed and saved in the JSON.
+- ``--sweep``: the bare cached step over batch sizes × ``--graph-sizes`` (default 64), compiled with
+  ``--compile`` and eager without it, with peak memory and GPU utilisation (the LR rule does not change
+  speed). ``--profile``: the top kernels of the bare cached step (torch.profiler), printed and saved in the JSON.
+
+The seed loop and the Ray paths are measured for ``--seconds`` each; the bare steps and the sweep's rows for
+``--bare-seconds`` (default: ``--seconds``). ``--json`` is rewritten after every part (``"complete": false``
+until the end), so a run cut short keeps what it measured. ``--deadline-s S``: the whole command's budget;
+a part that would not fit in what is left is skipped and named in ``"skipped"``, and the exit status is 3.
 
     python bench/throughput.py --device cpu --seconds 5 --json runs/bench/cpu.json
-    python bench/throughput.py --device cuda --seconds 20 --sweep --profile --json runs/bench/gpu.json
+    python bench/throughput.py --device cuda --seconds 15 --sweep --profile --json runs/bench/gpu.json
 """
 
 from __future__ import annotations
@@ -37,8 +43,11 @@ from typing import Any
 import numpy as np
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_BENCH = REPO.parent / "shared" / "bench"
+BENCH = Path(__file__).resolve().parent
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+from seed_loop import seed_throughput  # noqa: E402
+
 MAX_ROWS = 51_200
 CPUS = os.cpu_count() or 1
 MIN_STEPS = 8  # measured steps of a Ray path, at least
@@ -52,20 +61,14 @@ def native_bf16(device: str) -> bool:
     """Whether ``device`` computes in bf16 natively (GPUs with bf16; CPUs with AVX-512 BF16 / AMX)."""
     if device == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    try:  # oneDNN "supports" bf16 on any AVX-512 CPU, by emulation: 10-30× slower than fp32 there
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except (AttributeError, RuntimeError):
         return False
 
 
-def seed_baseline(
-    recipe: Path, x: np.ndarray, y: np.ndarray, device: str, batch: int, workers: int, seconds: float
-) -> float:
-    sys.path.insert(0, str(recipe.parent))
-    try:
-        from seed_recipe import seed_throughput
-    except ImportError as err:
-        raise SystemExit(f"bench: cannot import seed_throughput from {recipe}: {err}") from None
+def seed_baseline(x: np.ndarray, y: np.ndarray, device: str, batch: int, workers: int, seconds: float) -> float:
+    """The paper's loop (bench/seed_loop.py) on the same images: the denominator of every ratio."""
     return seed_throughput(
         x, y, device=device, batch=batch, workers=workers, seconds=seconds, warmup_steps=SEED_WARMUP_STEPS
     )
@@ -78,12 +81,16 @@ def project_config(
     mode: str,
     steps: int = 1,
     epochs: int = 1,
-    graph_size: int = 64,
+    graph_size: int | None = None,
     **optim: Any,
 ):
     """A one-worker ``ega-ray distill`` config of the benchmark (a cached run reads ``out``/cache)."""
     from ega_ray.config import parse_config
 
+    # on one GPU the pipeline's teacher actor and the training worker must share it (a whole GPU each would
+    # leave one of them waiting for the other forever); the cache build and a cached run's validation
+    # embedding run before the worker starts, and take the whole GPU
+    gpu_share = 0.5 if mode == "pipeline" else 1.0
     raw = {
         "data": {"train": str(data / "train"), "val": str(data / "val"), "num_classes": 100},
         "teacher": {
@@ -92,9 +99,10 @@ def project_config(
             "cache": str(out / "cache") if mode == "cached" else None,
             "batch_size": args.batch,
             "actor_cpus": float(CPUS),
+            "actor_gpus": gpu_share,
         },
         "student": {"name": args.student},
-        "distill": {"graph_size": graph_size},
+        "distill": {"graph_size": graph_size or min(64, args.batch)},  # the paper's 64-node graphs
         "optim": {
             "epochs": epochs,
             "batch_size": args.batch,
@@ -105,7 +113,12 @@ def project_config(
         }
         | optim,
         # one worker with every core, as the seed loop's step has (its loader workers share them too)
-        "scaling": {"num_workers": 1, "use_gpu": args.device == "cuda", "cpus_per_worker": float(CPUS)},
+        "scaling": {
+            "num_workers": 1,
+            "use_gpu": args.device == "cuda",
+            "cpus_per_worker": float(CPUS),
+            "gpus_per_worker": gpu_share,
+        },
         "run": {"name": f"bench-{mode}", "output": str(out / mode)},
     }
     return parse_config(raw)
@@ -187,7 +200,14 @@ def connect_local_ray(args: argparse.Namespace) -> None:
 
     if not ray.is_initialized():
         # the worker's and the teacher actor's CPUs, plus one for Ray Data (see ega_ray.train.launch)
-        ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False)
+        try:
+            ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False)
+        except Exception as err:  # noqa: BLE001 - Ray gives its raylet a fixed 30 s, which a loaded machine can miss
+            if "timed out during startup" not in str(err):
+                raise
+            print(f"[bench] the local Ray did not start in time ({err}); starting it again", flush=True)
+            ray.shutdown()
+            ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 
@@ -195,13 +215,34 @@ def gpu_name(device: str) -> str:
     return torch.cuda.get_device_name(0) if device == "cuda" else f"cpu ({CPUS} cores)"
 
 
+class Budget:
+    """The command's time budget (``--deadline-s``): whether a part still fits, and which parts did not.
+
+    A part's need is its measured seconds plus a fixed cost (building, warming up, compiling, starting a Ray
+    run); the fixed costs start from a guess and follow what the earlier parts of this run took."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds, self.t0, self.skipped = seconds, time.monotonic(), []
+
+    def left(self) -> float:
+        return math.inf if self.seconds is None else self.seconds - (time.monotonic() - self.t0)
+
+    def fits(self, part: str, need_s: float) -> bool:
+        if need_s <= self.left():
+            return True
+        self.skipped.append(part)
+        print(f"[bench] {part}: skipped (needs ~{need_s:.0f} s, {max(0.0, self.left()):.0f} s left of --deadline-s)")
+        return False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds per path (after warm-up)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="measured seconds of the seed loop and each Ray path")
+    ap.add_argument("--bare-seconds", type=float, help="measured seconds of each bare step and sweep row (--seconds)")
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--precision", choices=["bf16", "fp32"], help="default: bf16 where the device has it natively")
-    ap.add_argument("--compile", action="store_true", help="torch.compile in the Ray paths and the bare steps")
+    ap.add_argument("--compile", action="store_true", help="torch.compile in the Ray paths, bare steps and sweep")
     ap.add_argument(
         "--paths", nargs="*", choices=PATHS, default=list(PATHS), help="the Ray paths to run (none: bare only)"
     )
@@ -211,72 +252,137 @@ def main() -> int:
     ap.add_argument("--teacher", default="open_clip:ViT-B-32")
     ap.add_argument("--student", default="resnet8x4")
     ap.add_argument("--seed-workers", type=int, default=min(8, CPUS), help="the seed loop's loader workers")
-    ap.add_argument("--json", type=Path, help="write the figures here")
-    ap.add_argument("--seed-recipe", type=Path, default=SHARED_BENCH / "seed_recipe.py", help="the paper's loop")
+    ap.add_argument(
+        "--max-rows", type=int, default=MAX_ROWS, help="training rows at most (the cache build, a pipeline epoch)"
+    )
+    ap.add_argument("--json", type=Path, help="write the figures here (after every part)")
+    ap.add_argument("--deadline-s", type=float, help="skip the parts that would end after this many seconds")
     args = ap.parse_args()
     args.precision = args.precision or ("bf16" if native_bf16(args.device) else "fp32")
+    args.bare_seconds = args.seconds if args.bare_seconds is None else args.bare_seconds
     if args.sweep == []:
         args.sweep = [64, 256, 1024]
-    figures = run_bench(args)
+    budget = Budget(args.deadline_s)
+    figures = run_bench(args, budget)
     print_table(figures)
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(figures, indent=2) + "\n")
-    return 0
+    return 3 if budget.skipped else 0
 
 
-def run_bench(args: argparse.Namespace) -> dict[str, Any]:
+def run_bench(args: argparse.Namespace, budget: Budget | None = None) -> dict[str, Any]:
     from ega_ray.data.parquet import write_split
     from ega_ray.models import build_teacher
+    from ega_ray.train.common import compiler_available
     from ega_ray.train.launch import run_distill
     from ega_ray.train.teacher_cache import build_cache
 
+    budget = budget or Budget(None)
     t_start = time.time()
     device = torch.device(args.device)
+    figures: dict[str, Any] = {}
+    parts: dict[str, float] = {}  # wall seconds of every part: what a --deadline-s must leave room for
+    settings = {
+        "device": gpu_name(args.device),
+        "precision": args.precision,
+        "compile": args.compile,
+        "batch": args.batch,
+        "seconds": args.seconds,
+        "bare_seconds": args.bare_seconds,
+        "seed_loader_workers": args.seed_workers,
+        "max_rows": args.max_rows,
+        # why torch.compile would fall back to eager here (no Triton, no C++ compiler); None: it compiles
+        "compile_unavailable": compiler_available(device) if args.compile else None,
+        "command": " ".join(sys.argv),
+    }
+
+    def save(complete: bool = False) -> dict[str, Any]:
+        out = figures | settings | {"part_seconds": parts, "skipped": budget.skipped, "complete": complete}
+        out["wall_time_s"] = round(time.time() - t_start, 1)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(out, indent=2) + "\n")
+        return out
+
+    def timed(part: str, t0: float) -> None:
+        parts[part] = round(time.time() - t0, 1)
+        save()
+
     print(f"[bench] {gpu_name(args.device)}, precision {args.precision}, compile {args.compile}", flush=True)
+    if settings["compile_unavailable"]:
+        print(f"[bench] --compile: runs eagerly here: {settings['compile_unavailable']}", flush=True)
     rng = np.random.default_rng(0)
     n_seed = max(args.batch * 20, 1280)
     x = rng.integers(0, 256, (n_seed, 32, 32, 3), dtype=np.uint8)
     y = rng.integers(0, 100, n_seed)
-    seed_ips = seed_baseline(args.seed_recipe, x, y, args.device, args.batch, args.seed_workers, args.seconds)
+    t0 = time.time()
+    seed_ips = seed_baseline(x, y, args.device, args.batch, args.seed_workers, args.seconds)
     print(f"[bench] seed loop: {seed_ips:.1f} img/s", flush=True)
-    figures: dict[str, Any] = {"seed_img_per_s": seed_ips}
+    figures["seed_img_per_s"] = seed_ips
+    timed("seed", t0)
 
+    # fixed costs beyond the measured seconds, first guessed, then as measured in this run
+    bare_fixed = 60.0 if args.compile else 10.0
+    ray_fixed = 45.0
     teacher_dim = build_teacher(args.teacher).spec.embed_dim  # built once: the bare steps need only its width
     with tempfile.TemporaryDirectory(prefix="ega-bench-") as tmp:
         tmp = Path(tmp)
+
+        def bare(part: str, cfg, profile: bool = False, seconds: float | None = None) -> dict[str, Any] | None:
+            nonlocal bare_fixed
+            seconds = args.bare_seconds if seconds is None else seconds
+            if not budget.fits(part, seconds + bare_fixed):
+                return None
+            t0 = time.time()
+            result = bare_step(cfg, device, seconds, teacher_dim, profile=profile)
+            bare_fixed = max(5.0, time.time() - t0 - seconds)
+            timed(part, t0)
+            return result
+
         for mode in ("online", "cached"):
-            bare = bare_step(project_config(args, tmp / "data", tmp, mode), device, args.seconds, teacher_dim)
-            figures[f"bare_{mode}_img_per_s"] = bare["img_per_s"]
-            figures[f"bare_{mode}_gpu_util_pct"] = bare["gpu_util_pct"]
-            print(f"[bench] bare {mode} step: {bare['img_per_s']:.1f} img/s", flush=True)
+            r = bare(f"bare_{mode}", project_config(args, tmp / "data", tmp, mode))
+            if r is not None:
+                figures[f"bare_{mode}_img_per_s"] = r["img_per_s"]
+                figures[f"bare_{mode}_gpu_util_pct"] = r["gpu_util_pct"]
+                print(f"[bench] bare {mode} step: {r['img_per_s']:.1f} img/s", flush=True)
 
         # each Ray path runs about --seconds at the speed its bare step showed, never fewer than MIN_STEPS
-        # measured steps, over one training split sized for the teacher-bound paths (at most MAX_ROWS): a
+        # measured steps, over one training split sized for the teacher-bound paths (at most --max-rows): a
         # faster path runs more epochs over it rather than making the cache build (the teacher over every
         # row) longer. A path's figure is the median over its epochs after the first (the only one, if so).
         def steps_for(img_per_s: float) -> int:
             return WARMUP_STEPS + 1 + max(MIN_STEPS, math.ceil(args.seconds * img_per_s / args.batch))
 
+        guess = seed_ips  # a path whose bare step was skipped: sized as if it ran at the seed loop's speed
         expected = {
-            "online": figures["bare_online_img_per_s"],
-            "cached": figures["bare_cached_img_per_s"],
-            "pipeline": figures["bare_online_img_per_s"],
+            "online": figures.get("bare_online_img_per_s", guess),
+            "cached": figures.get("bare_cached_img_per_s", guess),
+            "pipeline": figures.get("bare_online_img_per_s", guess),
         }
-        epoch_steps = min(MAX_ROWS // args.batch, steps_for(expected["online"]))
+        epoch_steps = max(1, min(args.max_rows // args.batch, steps_for(expected["online"])))
         rows = epoch_steps * args.batch
         data = tmp / "data"
-        write_split(data / "train", rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8), rng.integers(0, 100, rows))
-        write_split(data / "val", x[: args.batch], y[: args.batch])
-        connect_local_ray(args)
-        if "cached" in args.paths:
+        paths = list(args.paths)
+        if paths:
             t0 = time.time()
-            build_cache(project_config(args, data, tmp, "online"), 1, tmp / "cache")
-            figures["cache_build_s"] = round(time.time() - t0, 1)
-            figures["cache_rows"] = rows
-        for mode in args.paths:
+            train_x = rng.integers(0, 256, (rows, 32, 32, 3), dtype=np.uint8)
+            write_split(data / "train", train_x, rng.integers(0, 100, rows))
+            write_split(data / "val", x[: args.batch], y[: args.batch])
+            connect_local_ray(args)
+            timed("ray_setup", t0)
+        if "cached" in paths:
+            if budget.fits("cache_build", 2 * rows / expected["online"] + ray_fixed):
+                t0 = time.time()
+                build_cache(project_config(args, data, tmp, "online"), 1, tmp / "cache")
+                figures["cache_build_s"] = round(time.time() - t0, 1)
+                figures["cache_rows"] = rows
+                timed("cache_build", t0)
+            else:
+                paths.remove("cached")
+        for mode in paths:
             # the pipeline's first epoch is fed partly by what its teacher stage computed during start-up
             epochs = max(2 if mode == "pipeline" else 1, math.ceil(steps_for(expected[mode]) / epoch_steps))
+            if not budget.fits(mode, epochs * rows / expected[mode] + ray_fixed):
+                continue
+            t0 = time.time()
             cfg = project_config(args, data, tmp, mode, epoch_steps, epochs)
             with open(Path(run_distill(cfg)["output"]) / "metrics.csv") as f:
                 per_epoch = list(csv.DictReader(f))
@@ -293,7 +399,9 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
             figures[f"{mode}_img_per_s"] = figures[f"{mode}_{'epoch' if mode == 'pipeline' else 'steady'}_img_per_s"]
             figures[f"{mode}_gpu_util_pct"] = median("gpu_util_pct")
             figures[f"{mode}_gpu_mem_peak_gib"] = max(float(r["gpu_mem_peak_gib"]) for r in per_epoch)
+            ray_fixed = max(15.0, time.time() - t0 - sum(float(r["train_time_s"]) for r in per_epoch))
             print(f"[bench] {mode}: {figures[f'{mode}_img_per_s']:.1f} img/s ({epochs} epochs)", flush=True)
+            timed(mode, t0)
 
         if args.sweep or args.profile:
             figures["sweep"] = []
@@ -301,36 +409,28 @@ def run_bench(args: argparse.Namespace) -> dict[str, Any]:
                 if batch % graph:
                     print(f"[bench] sweep: batch {batch} skipped for graph size {graph} (not a multiple)", flush=True)
                     continue
-                for compiled in (False, True):
-                    cfg = project_config(
-                        args, data, tmp, "cached", graph_size=graph, batch_size=batch, compile=compiled
-                    )
-                    row = {"batch": batch, "graph_size": graph, "compile": compiled}
-                    row |= bare_step(cfg, device, args.seconds, teacher_dim)
+                cfg = project_config(args, data, tmp, "cached", graph_size=graph, batch_size=batch)
+                r = bare(f"sweep_{batch}_{graph}", cfg)
+                if r is not None:
+                    row = {"batch": batch, "graph_size": graph, "compile": args.compile} | r
                     figures["sweep"].append(row)
                     print(f"[bench] sweep {row}", flush=True)
             if args.profile:
-                r = bare_step(project_config(args, data, tmp, "cached"), device, 1.0, teacher_dim, profile=True)
-                figures["profile_bare_cached"] = r["profile"]
+                r = bare("profile", project_config(args, data, tmp, "cached"), profile=True, seconds=1.0)
+                if r is not None:
+                    figures["profile_bare_cached"] = r["profile"]
     import ray
 
     ray.shutdown()
-    for mode in args.paths:
+    done = [mode for mode in PATHS if f"{mode}_img_per_s" in figures]
+    for mode in done:
         figures[f"{mode}_vs_seed"] = figures[f"{mode}_img_per_s"] / seed_ips
-    for mode in set(args.paths) & {"online", "cached"}:
-        figures[f"{mode}_ray_overhead"] = 1.0 - figures[f"{mode}_img_per_s"] / figures[f"bare_{mode}_img_per_s"]
-    if "pipeline" in args.paths and "online" in args.paths:
+    for mode in set(done) & {"online", "cached"}:
+        if f"bare_{mode}_img_per_s" in figures:
+            figures[f"{mode}_ray_overhead"] = 1.0 - figures[f"{mode}_img_per_s"] / figures[f"bare_{mode}_img_per_s"]
+    if {"pipeline", "online"} <= set(done):
         figures["pipeline_vs_online"] = figures["pipeline_img_per_s"] / figures["online_img_per_s"]
-    return figures | {
-        "device": gpu_name(args.device),
-        "precision": args.precision,
-        "compile": args.compile,
-        "batch": args.batch,
-        "seconds": args.seconds,
-        "seed_loader_workers": args.seed_workers,
-        "command": " ".join(sys.argv),
-        "wall_time_s": round(time.time() - t_start, 1),
-    }
+    return save(complete=True)
 
 
 def print_table(f: dict[str, Any]) -> None:
@@ -358,6 +458,8 @@ def print_table(f: dict[str, Any]) -> None:
         )
     for row in f.get("profile_bare_cached", []):
         print(f"profile: {row['ms_per_step']:>8.2f} ms/step {row['share_pct']:>5.1f}%  {row['op']}")
+    if f.get("skipped"):
+        print(f"skipped for --deadline-s: {', '.join(f['skipped'])}")
     print(f"wall time {f['wall_time_s']} s")
 
 

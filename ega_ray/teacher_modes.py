@@ -151,8 +151,12 @@ class Pipeline(TeacherMode):
     def summary(self, actors: list) -> dict[str, Any]:
         import ray
 
-        # every epoch's training rows and the validation split once (more if the run was restored)
-        return {"teacher_stage_rows": sum(ray.get([a.rows_embedded.remote() for a in actors]))}
+        # every epoch's training rows and the validation split once (more if the run was restored), and
+        # where the teacher actors ran
+        return {
+            "teacher_stage_rows": sum(ray.get([a.rows_embedded.remote() for a in actors])),
+            "teacher_stage_device": ", ".join(sorted(set(ray.get([a.device_name.remote() for a in actors])))),
+        }
 
 
 TEACHER_MODES: dict[str, TeacherMode] = {mode.name: mode for mode in (Online(), Cached(), Pipeline())}

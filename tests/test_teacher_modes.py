@@ -112,6 +112,8 @@ def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_pat
     # the run's long-lived teacher actors embedded every row of both epochs and the validation split once:
     # Ray Data did not start actors of its own per epoch, and nothing was dropped on the way
     assert summary["teacher_stage_rows"] == 2 * summary["train_rows"] + summary["val_rows"]
+    assert summary["teacher_stage_device"] == "cpu"  # where the actors ran
+    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary  # the file says so too
     # and they are gone with the run: every CPU of the cluster is free again
     deadline = time.monotonic() + 30
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:

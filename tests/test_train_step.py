@@ -88,6 +88,34 @@ def test_bf16_precision_runs_the_teacher_and_the_student_in_bf16_on_cpu() -> Non
     assert all(x.dtype == torch.float32 for x in losses) and torch.isfinite(torch.stack(losses)).all()
 
 
+@pytest.mark.filterwarnings("ignore:teacher zoo")
+def test_restore_takes_the_checkpoint_but_keeps_this_devices_optimizer() -> None:
+    """A checkpoint's optimizer state carries its device's implementation (fused on a GPU); restored on
+    another device, the weights, momenta and schedule come from it, the implementation stays this device's."""
+    cfg, cpu = _cfg(), torch.device("cpu")
+    p = build_parts(cfg, cpu, CLASSES, teacher_dim=64, num_indices=B)
+    feat_t = torch.randn(B, 64, generator=torch.Generator().manual_seed(1))
+    train_step(p, cfg.distill, _batch(), feat_t)
+    p.sched_s.step()
+    p.sched_t.step()
+    state = copy.deepcopy(p.checkpointed().state())
+    for key in ("opt_s", "opt_t"):
+        state[key]["param_groups"][0]["fused"] = True  # as a GPU run saves it
+    q = build_parts(cfg, cpu, CLASSES, teacher_dim=64, num_indices=B)
+    q.checkpointed().restore(state)
+    for a, b in zip(p.student_net.parameters(), q.student_net.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for opt in (q.opt_s, q.opt_t):
+        assert opt.param_groups[0]["fused"] is None, "this device's choice, not the checkpoint's"
+    assert q.opt_s.param_groups[0]["lr"] == p.opt_s.param_groups[0]["lr"]
+    assert q.sched_s.last_epoch == p.sched_s.last_epoch == 1
+    momenta = [q.opt_s.state[w]["momentum_buffer"] for w in q.student_net.parameters()]
+    assert all(
+        torch.equal(m, p.opt_s.state[w]["momentum_buffer"])
+        for m, w in zip(momenta, p.student_net.parameters(), strict=True)
+    )
+
+
 def test_bf16_on_a_gpu_without_it_is_refused(monkeypatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Tesla V100")

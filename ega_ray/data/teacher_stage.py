@@ -98,6 +98,10 @@ class TeacherEmbedder:
     def rows_embedded(self) -> int:
         return self.rows
 
+    def device_name(self) -> str:
+        """Where this actor's teacher runs: ``cuda (<GPU name>)`` or ``cpu``."""
+        return f"cuda ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "cpu"
+
     @torch.no_grad()
     def embed(self, batch: dict[str, np.ndarray], augment: bool) -> dict[str, np.ndarray]:
         images = torch.from_numpy(np.array(batch["image"], dtype=np.uint8)).to(self.device)  # a writable copy

@@ -84,9 +84,19 @@ class Checkpointed:
         return {name: obj.state_dict() for name, obj in self.objects.items()} | values
 
     def restore(self, state: dict[str, Any]) -> dict[str, Any]:
-        """Load every object from ``state``; return the plain values."""
+        """Load every object from ``state`` (read with ``map_location="cpu"``: tensors move to each object's
+        device); return the plain values. An optimizer keeps the implementation chosen for this device
+        (fused SGD on a GPU), not the one saved with it, so a run started on a GPU resumes on a CPU and the
+        other way round."""
         for name, obj in self.objects.items():
-            if name in state or name not in self.optional:
+            if name not in state and name in self.optional:
+                continue
+            if isinstance(obj, torch.optim.Optimizer):
+                own = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in obj.param_groups]
+                obj.load_state_dict(state[name])
+                for group, keep in zip(obj.param_groups, own, strict=True):
+                    group.update(keep)
+            else:
                 obj.load_state_dict(state[name])
         return {k: v for k, v in state.items() if k not in self.objects}
 

@@ -178,14 +178,21 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
             datasets = {"train": train} | ({} if val_on_driver else {"val": val})
             result = fit(cfg, train_func_per_worker, datasets, args, "val_top1", cfg.optim.epochs, callbacks, not trial)
             mode_summary = mode.summary(actors)
-        return write_distill_outputs(cfg, data, result, out, time.time() - t0, not trial) | mode_summary
+        return write_distill_outputs(cfg, data, result, out, time.time() - t0, not trial, mode_summary)
 
 
 def write_distill_outputs(
-    cfg: Config, data: PreparedData, result: ray.train.Result, out: Path, wall_s: float, deployable: bool = True
+    cfg: Config,
+    data: PreparedData,
+    result: ray.train.Result,
+    out: Path,
+    wall_s: float,
+    deployable: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """metrics.csv, learning_curves.png, the exported students and summary.json, from the checkpoints; the
-    best student also as a ``.pt2`` program when ``deployable`` (a search's trials skip it: seconds each)."""
+    """metrics.csv, learning_curves.png, the exported students and summary.json (with ``extra``: what the
+    teacher mode adds), from the checkpoints; the best student also as a ``.pt2`` program when
+    ``deployable`` (a search's trials skip it: seconds each)."""
     last = load_state(result.checkpoint)
     best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
     best = load_state(best_ckpt) if best_ckpt is not None else last
@@ -219,7 +226,7 @@ def write_distill_outputs(
         "seed": cfg.run.seed,
         "wall_time_s": round(wall_s, 1),
         "output": str(out),
-    }
+    } | (extra or {})
     write_json(summary, out / "summary.json")
     return summary
 

@@ -27,6 +27,7 @@ from ega_ray.train.common import (
     epoch_seed,
     load_state,
     maybe_inject_failure,
+    peak_gpu_memory_gib,
     report,
     seed_everything,
     torch_threads,
@@ -136,6 +137,7 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
             "epoch": epoch + 1,
             "train_loss": all_reduce_sum([total / steps], device)[0] / world,
             "lr": lr,
+            "gpu_mem_peak_gib": all_reduce_sum([peak_gpu_memory_gib(device)], device, op="max")[0],  # 0 on CPU
             "restarts": restarts,
         }
         last = epoch + 1 == p.epochs
