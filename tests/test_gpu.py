@@ -241,8 +241,13 @@ def ega_ray(log: Path, *args: str | Path) -> str:
     return text
 
 
+def smoke_command(verb: str, out: Path, *extra: str, mode: str = "online") -> str:
+    """``ega-ray <verb>`` of configs/smoke.yaml on the checked device into ``out``; its log is ``out``.log."""
+    return ega_ray(out.with_suffix(".log"), verb, "--config", SMOKE, *device_settings(mode), *extra, "--output", out)
+
+
 def distill(out: Path, mode: str, *extra: str) -> Path:
-    ega_ray(out.with_suffix(".log"), "distill", "--config", SMOKE, *device_settings(mode), *extra, "--output", out)
+    smoke_command("distill", out, *extra, mode=mode)
     return out
 
 
@@ -348,17 +353,7 @@ def check_resume_on_cpu(out: Path) -> None:
 
 def test_cached_mode(tmp_path: Path) -> None:
     cache = tmp_path / "cache"
-    ega_ray(
-        tmp_path / "cache.log",
-        "cache-teacher",
-        "--config",
-        SMOKE,
-        *device_settings(),
-        "--views",
-        "2",
-        "--output",
-        cache,
-    )
+    smoke_command("cache-teacher", cache, "--views", "2")
     assert (cache / "manifest.json").is_file()
     out = tmp_path / "run"
     check_run(distill(out, "cached", "--set", "teacher.mode=cached", "--set", f"teacher.cache={cache}"))
@@ -374,18 +369,8 @@ def test_pipeline_mode_with_its_teacher_actor_on_a_gpu_share(tmp_path: Path) -> 
 
 def test_pretrain_teacher_on_the_device(tmp_path: Path) -> None:
     out = tmp_path / "pretrain"
-    ega_ray(
-        tmp_path / "pretrain.log",
-        "pretrain-teacher",
-        "--config",
-        SMOKE,
-        *device_settings(),
-        "--set",
-        "pretrain.epochs=1",
-        "--set",
-        f"pretrain.batch_size={128 if GPU else 256}",
-        "--output",
-        out,
+    smoke_command(
+        "pretrain-teacher", out, "--set", "pretrain.epochs=1", "--set", f"pretrain.batch_size={128 if GPU else 256}"
     )
     rows = read_metrics(out)
     assert len(rows) == 1 and math.isfinite(rows[0]["train_loss"]) and 0.0 <= rows[0]["knn_top1"] <= 100.0
