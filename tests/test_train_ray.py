@@ -96,7 +96,7 @@ def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):
     """The README's main command with one epoch per stage: teacher, EGA, CE-only, table, summary.json."""
     from ega_ray.embedded import embedded_config, ensure_teacher, run_embedded
 
-    overrides = ["pretrain.epochs=1", "optim.epochs=1", "optim.milestones=[1]"]
+    overrides = ["pretrain.epochs=1", "optim.epochs=1", "optim.milestones=[1]", "optim.max_steps_per_epoch=6"]
     summary = run_embedded(overrides, output=str(tmp_path / "embedded"))
     out = capsys.readouterr().out
     assert "CE + EGA" in out and "CE only" in out

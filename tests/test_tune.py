@@ -41,6 +41,8 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
         "--set",
         "optim.max_steps_per_epoch=6",  # the search and its resume are the test, not the epochs' length
         "--set",
+        "scaling.num_workers=1",
+        "--set",
         "tune.max_concurrent=1",
         "--set",
         "tune.grace_period=2",
