@@ -36,7 +36,7 @@ from ega_ray.export import load_student
 from ega_ray.losses import DISTILLERS, EGALoss, build_distiller
 from ega_ray.models import build_teacher
 from ega_ray.models.teachers.base import TeacherSpec
-from ega_ray.train.common import STATE_FILE, seed_everything, unwrap
+from ega_ray.train.common import STATE_FILE, latest_state, seed_everything, unwrap
 from ega_ray.train.distill import build_parts, train_step
 
 REPO = Path(__file__).resolve().parents[1]
@@ -257,7 +257,8 @@ def read_metrics(out: Path) -> list[dict[str, float]]:
 
 
 def latest_checkpoint(out: Path) -> Path:
-    """The state file of the run's latest checkpoint, as Ray Train registered it."""
+    """The state file of the run's latest checkpoint, as Ray Train registered it (its path: the resume check
+    also loads it unmapped, to see the device it was written on)."""
     result = ray.train.Result.from_path(str(out))
     assert result.checkpoint is not None, f"no registered checkpoint in {out}"
     return Path(result.checkpoint.path) / STATE_FILE
@@ -274,7 +275,8 @@ def check_run(out: Path) -> None:
     cfg = yaml.safe_load((out / "config.yaml").read_text())
     assert cfg["optim"]["precision"] == "bf16" and cfg["optim"]["channels_last"] is True
     assert cfg["optim"]["compile"] is COMPILE and cfg["scaling"]["use_gpu"] is GPU
-    state = torch.load(latest_checkpoint(out), map_location="cpu", weights_only=True)
+    state = latest_state(str(out.parent), out.name)  # the registered checkpoint, read on CPU
+    assert state is not None, f"no registered checkpoint in {out}"
     fused = state["opt_s"]["param_groups"][0].get("fused")
     if GPU:
         top1 = [r["val_top1"] for r in rows]
