@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ega_ray.config import ConfigError, load_config
-from ega_ray.tune.benchmark import method_config, parse_methods, run_benchmark
+from ega_ray.tune.benchmark import method_config, parse_methods, run_benchmark, tuned_choice
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -35,18 +35,26 @@ def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
     table = (out / "results.md").read_text()
     for label in ("| crd |", "| CE only (no teacher) |", "| teacher head", "the same search budget, 2 trials"):
         assert label in table, table
-    # every method searched its own knobs and the lr, 2 trials each, and its tuned runs use the best one
-    best = json.loads((out / "tuned_settings.json").read_text())["best"]
-    assert set(best["crd"]) == {"distill.crd_temperature", "distill.beta", "optim.lr"} and set(best["ce"]) == {
-        "optim.lr"
-    }  # fmt: skip
+    # every method searched its own knobs and the lr, 2 trials each; its tuned runs use the best trial's values
+    # if that trial beat the reference settings' seed-0 run, else the reference settings
+    tuned_settings = json.loads((out / "tuned_settings.json").read_text())
+    best, seed0 = tuned_settings["best"], tuned_settings["seed0_best_top1"]
+    for method, knobs in (("crd", {"distill.crd_temperature", "distill.beta", "optim.lr"}), ("ce", {"optim.lr"})):
+        reference_row = next(r for r in rows if (r["method"], r["variant"], r["seed"]) == (method, "reference", 0))
+        assert seed0[method]["reference"] == reference_row["best_top1"]
+        assert set(best[method]) == (knobs if seed0[method]["search"] > seed0[method]["reference"] else set())
     searched = [load_config(p) for p in sorted((out / "trials").glob("tune-crd-*/config.yaml"))]
     assert len(searched) == 2 and len({c.distill.crd_temperature for c in searched}) == 2
     assert all(0.03 <= c.distill.crd_temperature <= 0.3 and 0.0125 <= c.optim.lr <= 0.2 for c in searched)
-    tuned = load_config(out / "trials" / "crd-tuned-seed0" / "config.yaml")
-    assert (tuned.distill.crd_temperature, tuned.optim.lr) == pytest.approx(
-        (best["crd"]["distill.crd_temperature"], best["crd"]["optim.lr"])
-    )
+    for method in ("crd", "ce"):
+        reference = [r for r in rows if (r["method"], r["variant"]) == (method, "reference")]
+        tuned = [r for r in rows if (r["method"], r["variant"]) == (method, "tuned")]
+        folder = out / "trials" / f"{method}-tuned-seed0"
+        if best[method]:  # new settings: the seeds ran again with them
+            ran = load_config(folder / "config.yaml").model_dump()
+            assert {k: ran[k.split(".")[0]][k.split(".")[1]] for k in best[method]} == pytest.approx(best[method])
+        else:  # the reference settings: their runs are the tuned rows, nothing ran twice
+            assert not folder.exists() and tuned == [r | {"variant": "tuned"} for r in reference]
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
     # each run used its method and its reference weights
     for method, gamma, beta in (("crd", 1.0, 0.8), ("ce", 1.0, 0.0)):
@@ -59,6 +67,13 @@ def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
     # resuming a finished benchmark trains nothing again and reports the same runs
     again = run_benchmark(None, [], seeds=0, output=out, resume=True)
     assert again == rows and json.loads((out / "tuned_settings.json").read_text())["best"] == best
+
+
+def test_tuned_settings_are_the_reference_unless_a_trial_beat_it() -> None:
+    found = {"optim.lr": 0.1}
+    assert tuned_choice(91.0, found, 90.0) == found
+    assert tuned_choice(90.0, found, 90.0) == {}  # a tie keeps the reference: the smaller change
+    assert tuned_choice(39.4, found, 90.0) == {}
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,11 @@ linear head, trained alongside every run on the same labels, is the third refere
 (``tune.grace_period``, ``tune.reduction_factor``) over the method's own knobs (``search_space`` of its
 class: EGA's temperature and hard graph, node and edge weights; each baseline's weights and temperatures)
 and the learning rate, on seed 0, one experiment per method (``tuning-<method>``: ASHA compares a method's
-trials with each other only). Then the seeds run again with each method's best settings
-(``<method>-tuned-seed<k>``). Tuned rows sit beside the reference rows, with the budget stated.
+trials with each other only). The reference settings compete too, with the reference grid's seed-0 run (the
+same seed, no extra run): a method keeps them unless a trial beat that run, so a search that found nothing
+better never ends below the reference. Then the seeds run again with each method's new settings
+(``<method>-tuned-seed<k>``); a method that kept its reference settings has its reference runs as tuned
+rows (nothing is run twice). Tuned rows sit beside the reference rows, with the budget stated.
 
 Writes ``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds, best- and last-epoch
 top-1) and ``results.png`` (a bar chart).
@@ -187,13 +190,22 @@ def run_benchmark(
         rows = collect(cfg, methods, seeds, output)
         settings = {}
         if tune_trials:
-            settings = {m: search_method(cfg, trial_base, m, tune_trials, output, resume) for m in methods}
-            run_experiment(
-                run_benchmark_trial, trial_base | {"benchmark_tuned": settings}, output, cfg.run.storage, TUNED,
-                resume, grid_tuner(cfg, seeds_grid, TUNED),
-            )  # fmt: skip
-            rows += collect(cfg, methods, seeds, output, "tuned")
-            write_json({"trials_per_method": tune_trials, "best": settings}, output / "tuned_settings.json")
+            reference_seed0 = {r["method"]: r["best_top1"] for r in rows if r["seed"] == 0}
+            searched = {m: search_method(cfg, trial_base, m, tune_trials, output, resume) for m in methods}
+            settings = {m: tuned_choice(*searched[m], reference_seed0[m]) for m in methods}
+            retuned = [m for m in methods if settings[m]]
+            if retuned:  # a method that keeps its reference settings has run them: its reference runs
+                grid = seeds_grid | {"method": tune.grid_search(retuned)}
+                run_experiment(
+                    run_benchmark_trial, trial_base | {"benchmark_tuned": settings}, output, cfg.run.storage, TUNED,
+                    resume, grid_tuner(cfg, grid, TUNED),
+                )  # fmt: skip
+            rows += tuned_rows(rows, collect(cfg, retuned, seeds, output, "tuned"), methods)
+            seed0 = {m: {"search": searched[m][0], "reference": reference_seed0[m]} for m in methods}
+            write_json(
+                {"trials_per_method": tune_trials, "best": settings, "seed0_best_top1": seed0},
+                output / "tuned_settings.json",
+            )
         write_results(rows, cfg, methods, output, time.time() - t0, tune_trials, settings)
         return rows
 
@@ -217,11 +229,18 @@ def grid_tuner(cfg: Config, param_space: dict[str, Any], name: str):
     return new_tuner
 
 
+def tuned_choice(search_top1: float, search_params: dict[str, Any], reference_top1: float) -> dict[str, Any]:
+    """The settings a method's tuned runs use: the best search trial's values if that trial beat the
+    reference settings' seed-0 run (both by best validation top-1 on seed 0), else ``{}``: the reference
+    settings, which win ties (the smaller change)."""
+    return search_params if search_top1 > reference_top1 else {}
+
+
 def search_method(
     cfg: Config, trial_base: dict[str, Any], method: str, trials: int, output: Path, resume: bool
-) -> dict[str, Any]:
-    """``method``'s K-trial search (ASHA over its own knobs and the learning rate, seed 0); the best trial's
-    values (by its best validation top-1, read from its registered checkpoint)."""
+) -> tuple[float, dict[str, Any]]:
+    """``method``'s K-trial search (ASHA over its own knobs and the learning rate, seed 0): the best trial's
+    best validation top-1 (read from its registered checkpoint) and its values."""
     t, name = cfg.tune, f"tuning-{method}"
 
     def new_tuner(trainable, root: str, callbacks: list) -> tune.Tuner:
@@ -254,7 +273,8 @@ def search_method(
         raise RuntimeError(f"benchmark: the search of {method} produced no trial with an epoch")
     # a tie goes to the first trial by id, not to whichever Tune lists first: a resumed benchmark lists its
     # trials in another order and must name the settings its tuned runs were trained with
-    return max(sorted(scored, key=lambda s: s[1]), key=lambda s: s[0])[2]
+    top1, _, params = max(sorted(scored, key=lambda s: s[1]), key=lambda s: s[0])
+    return top1, params
 
 
 def collect(
@@ -287,6 +307,19 @@ def collect(
     return rows
 
 
+def tuned_rows(
+    reference: list[dict[str, Any]], retuned: list[dict[str, Any]], methods: list[str]
+) -> list[dict[str, Any]]:
+    """The tuned rows in method order: a retuned method's own runs, else its reference runs (same settings,
+    same seeds: not run twice)."""
+    return [
+        row
+        for m in methods
+        for row in ([r for r in retuned if r["method"] == m] or
+                    [r | {"variant": "tuned"} for r in reference if (r["method"], r["variant"]) == (m, "reference")])
+    ]  # fmt: skip
+
+
 def _mean_std(values: list[float]) -> str:
     if not values:
         return "—"
@@ -308,6 +341,8 @@ def summary_rows(
 
 
 def _shown(settings: dict[str, Any]) -> str:
+    if not settings:
+        return "reference (no trial beat it on seed 0)"
     return ", ".join(
         f"{k.split('.', 1)[1]} {'hard' if v is None else f'{v:.3g}' if isinstance(v, float) else v}"
         for k, v in sorted(settings.items())
@@ -356,7 +391,8 @@ def write_results(
             f"Tuned: every method got the same search budget, {tune_trials} trials of random search with ASHA "
             f"(grace period {min(t.grace_period, cfg.optim.epochs)} epochs, reduction factor {t.reduction_factor}, "
             f"at most {cfg.optim.epochs} epochs) over its own knobs and the learning rate, on seed 0; then "
-            f"{seeds} seeds with the best trial's settings (tuned_settings.json).",
+            f"{seeds} seeds with the best trial's settings, or the reference settings where no trial beat their "
+            "seed-0 run (tuned_settings.json).",
         ]
     lines += ["", f"wall time {wall_s:.0f} s"]
     (output / "results.md").write_text("\n".join(lines) + "\n")
