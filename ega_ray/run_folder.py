@@ -210,9 +210,12 @@ def rebuild(
     _make_dir(dest, flag)  # an (empty) dest carries the lock while the new content is built
     try:
         with locked(dest, flag):
-            check_target(dest, kind, flag)
+            earlier = check_target(dest, kind, flag)
             with replacing(dest) as tmp:
-                write_marker(tmp, new_marker(kind, **(record or {})))
+                marker = new_marker(kind, **(record or {}))
+                if earlier:  # the folder's creation time stays: a rerun with the same inputs is byte-identical
+                    marker["created"] = earlier.get("created", marker["created"])
+                write_marker(tmp, marker)
                 yield tmp
     except BaseException:
         if created and dest.is_dir() and not any(dest.iterdir()):
