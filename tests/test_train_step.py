@@ -60,7 +60,7 @@ def test_step_loss_is_ce_plus_ega_and_the_step_updates_both_sides() -> None:
     before_s = [t.detach().clone() for t in p.student_net.parameters()]
     before_t = [t.detach().clone() for t in p.t_head.parameters()]
     losses = train_step(p, cfg.distill, batch, feat_t)
-    assert len(losses) == 4 and not any(x.requires_grad for x in losses)
+    assert len(losses) == 5 and not any(x.requires_grad for x in losses)
     torch.testing.assert_close(losses[0], expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[2], ega.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[3], F.cross_entropy(logits_t, batch["label"]).detach(), rtol=1e-5, atol=1e-6)
