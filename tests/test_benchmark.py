@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ega_ray.config import ConfigError, load_config
-from ega_ray.tune.benchmark import method_config, parse_methods, run_benchmark, tuned_choice
+from ega_ray.tune.benchmark import best_trial, method_config, parse_methods, run_benchmark, tuned_choice
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -72,6 +72,16 @@ def test_tuned_settings_are_the_reference_unless_a_trial_beat_it() -> None:
     assert tuned_choice(91.0, found, 90.0) == found
     assert tuned_choice(90.0, found, 90.0) == {}  # a tie keeps the reference: the smaller change
     assert tuned_choice(39.4, found, 90.0) == {}
+    assert tuned_choice(None, {}, 90.0) == {}  # every trial diverged: the reference
+    assert tuned_choice(39.4, found, None) == found  # the reference's seed-0 run diverged
+
+
+def test_a_diverged_search_trial_is_never_the_best() -> None:
+    fast, slow = {"optim.lr": 1e3}, {"optim.lr": 0.05}
+    # the diverged trial's earlier epochs scored higher: it is still not chosen
+    assert best_trial([(None, "a", fast), (61.0, "b", slow)]) == (61.0, slow)
+    assert best_trial([(None, "a", fast), (None, "b", slow)]) == (None, {})
+    assert best_trial([(61.0, "c", fast), (61.0, "b", slow)]) == (61.0, slow)  # a tie: the first trial by id
 
 
 @pytest.mark.parametrize(
