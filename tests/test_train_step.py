@@ -69,6 +69,26 @@ def test_step_loss_is_ce_plus_ega_and_the_step_updates_both_sides() -> None:
 
 
 @pytest.mark.filterwarnings("ignore:teacher zoo")
+def test_the_kd_term_is_its_own_step_loss_so_a_divergence_can_name_it() -> None:
+    from ega_ray.losses.kd import KDLoss
+    from ega_ray.train.distill import step_losses
+
+    cfg = _cfg()
+    cfg.distill.alpha, cfg.distill.beta = 0.7, 0.0
+    p = build_parts(cfg, torch.device("cpu"), CLASSES, teacher_dim=64, num_indices=B)
+    feat_t = torch.randn(B, 64, generator=torch.Generator().manual_seed(1))
+    state = p.views.generator.get_state()
+    losses = step_losses(p, cfg.distill, _batch(), feat_t)
+    p.views.generator.set_state(state)
+    _, logits_s = p.student_net(p.views.student(_batch()["image"], train=True))
+    _, logits_t = p.t_head(feat_t)
+    kd = KDLoss(cfg.distill.kd_temperature)(logits_t, logits_s)
+    torch.testing.assert_close(losses.kd, kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.loss, losses.ce + 0.7 * kd, rtol=1e-5, atol=1e-6)
+    assert float(losses.distill) == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:teacher zoo")
 def test_bf16_precision_runs_the_teacher_and_the_student_in_bf16_on_cpu() -> None:
     cpu = torch.device("cpu")
     assert compute_dtype(_cfg().optim.precision, cpu) == torch.float32  # auto: fp32 on CPU

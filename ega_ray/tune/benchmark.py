@@ -433,7 +433,7 @@ def plot_results(
         lows += [m - s for m, s, (_, b, _) in zip(means, stds, table, strict=True) if b]
         highs += [m + s for m, s in zip(means, stds, strict=True)]
     ax.set_xticks(range(len(labels)), labels, rotation=30)
-    ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(highs) + 2))
+    ax.set_ylim(max(0.0, min(lows, default=0.0) - 5), min(100.0, max(highs, default=100.0) + 2))
     ax.set_ylabel("best validation top-1 (%)")
     ax.set_title(title, fontsize=9)
     if tuned:
