@@ -130,7 +130,8 @@ def diverged_message(epoch: int, step: int, term: str, lr: float, lr_field: str)
     what = TERM_WORDS.get(term, f"the {term} loss")
     at = f"epoch {epoch}, step {step}"
     where = f"are not finite after {at}" if term == WEIGHTS else f"is not finite at {at}"
+    weights = " (or the loss weights)" if lr_field == "optim.lr" else ""  # gamma, beta, alpha: distill only
     return (
-        f"{what} {where} (lr {lr:g}); nothing of this epoch is checkpointed. Lower {lr_field} "
-        "(or the loss weights) and train in a new output folder"
+        f"{what} {where} (lr {lr:g}); nothing of this epoch is checkpointed. Lower {lr_field}{weights} and "
+        "train in a new output folder"
     )
