@@ -174,7 +174,7 @@ def test_every_cluster_verb_has_a_job_script():
 def test_job_scripts_pass_their_arguments_to_the_cli(tmp_path):
     """A job script is the CLI verb: a bad config is refused the same way, before Ray starts."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data: {train: builtin:digits, val: builtin:digits}\noptim: {epochs: 0}\n")
+    bad.write_text("data: {train: builtin:digits, test: builtin:digits}\noptim: {epochs: 0}\n")
     done = subprocess.run(
         [sys.executable, "jobs/distill.py", "--config", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60
     )

@@ -43,7 +43,7 @@ def report(epoch: int, top1: float) -> dict:
 
 
 def test_every_epoch_lands_in_metrics_csv_tensorboard_mlflow_and_wandb(tmp_path):
-    cfg = parse_config({"data": {"train": "t", "val": "v"}, "run": {"loggers": ["tensorboard", "mlflow", "wandb"]}})
+    cfg = parse_config({"data": {"train": "t", "test": "v"}, "run": {"loggers": ["tensorboard", "mlflow", "wandb"]}})
     recorder = RunRecorder(str(tmp_path), "run-a", 3, cfg.run.loggers, cfg.model_dump(mode="json"), verbose=False)
     recorder.after_report(None, [report(1, 40.0), report(1, 40.0)], None)  # both ranks report
     assert [r["epoch"] for r in rows_of(tmp_path / "metrics.csv")] == ["1"], "readable after the first epoch"

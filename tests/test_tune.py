@@ -103,7 +103,7 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
 
 
 def _raw(**space) -> dict:
-    return {"data": {"train": "t", "val": "v"}, "tune": {"space": space}}
+    return {"data": {"train": "t", "test": "v"}, "tune": {"space": space}}
 
 
 @pytest.mark.parametrize(

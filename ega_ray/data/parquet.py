@@ -172,7 +172,7 @@ def check_labels(path: str, field: str, rows: int, unlabeled_ok: bool) -> tuple[
     lowest = -1 if unlabeled_ok else 0
     bad = labels < lowest
     if bad.any():
-        allowed = "0..C−1, or −1 for an unlabeled row" if unlabeled_ok else "0..C−1 (validation rows need labels)"
+        allowed = "0..C−1, or −1 for an unlabeled row" if unlabeled_ok else "0..C−1 (rows evaluated on need labels)"
         raise ValueError(f"{field}: {path!r} has label {labels[bad][0]} (index {index[bad][0]}); labels are {allowed}")
     return labels, index
 
