@@ -89,7 +89,7 @@ def test_ray_job_submit_to_an_autoscaling_cluster_with_token_auth(tmp_path):
     for name in ("config.yaml", "learning_curves.png", *exports):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["epochs"] == 2 and summary["num_workers"] == 2 and 0.0 <= summary["last_val_top1"] <= 100.0
+    assert summary["epochs"] == 2 and summary["num_workers"] == 2 and 0.0 <= summary["test_top1_last"] <= 100.0
     assert summary["labeled_train_rows"] == pytest.approx(0.5 * summary["train_rows"], abs=10)  # label_fraction
     assert (out / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     deployed = torch.export.load(out / "student_best.pt2").module()  # float images in [0, 1], dynamic batch
