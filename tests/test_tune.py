@@ -87,14 +87,19 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and best["trials"] == 2
-    for column in ("temperature", "node_weight", "edge_weight", "lr", "best_top1", "last_top1", "epochs", "status"):
+    scores = ("selected_epoch", "validation_top1_at_selected", "test_top1_at_selected", "test_top1_last")
+    for column in ("temperature", "node_weight", "edge_weight", "lr", *scores, "epochs", "status"):
         assert column in rows[0]
     assert all(r["status"] == "COMPLETED" and r["epochs"] == "2" for r in rows), rows
     with open(first / "metrics.csv") as f:
         history = list(csv.DictReader(f))
     # a finished trial may be rescheduled (the kill came before Tune recorded it) but trains no epoch again
     assert [(h["epoch"], h["restarts"]) for h in history] == [("1", "0"), ("2", "0")]
-    assert best["best_top1"] == max(float(r["best_top1"]) for r in rows)
+    # the best trial is the best on the validation split, whatever the test split says
+    assert best["validation_top1_at_selected"] == max(float(r["validation_top1_at_selected"]) for r in rows)
+    with open(out / "trials" / best["trial_id"] / "metrics.csv") as f:
+        at = list(csv.DictReader(f))[best["selected_epoch"] - 1]
+    assert best["test_top1_at_selected"] == pytest.approx(float(at["test_top1"]))
     winner = yaml.safe_load((out / "best.yaml").read_text())
     assert winner["distill"]["node_weight"] == pytest.approx(best["node_weight"])
     assert winner["optim"]["lr"] == pytest.approx(best["lr"])

@@ -18,8 +18,9 @@ better never ends below the reference. Then the seeds run again with each method
 (``<method>-tuned-seed<k>``); a method that kept its reference settings has its reference runs as tuned
 rows (nothing is run twice). Tuned rows sit beside the reference rows, with the budget stated.
 
-Writes ``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds, best- and last-epoch
-top-1) and ``results.png`` (a bar chart).
+Every choice (each run's epoch, each method's tuned settings) is made on the validation split; the results are
+the test split's top-1 at the epoch the validation split selected and at the last epoch. Writes
+``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds) and ``results.png`` (a bar chart).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
 from ega_ray.losses import DISTILLERS
 from ega_ray.train.common import latest_state
-from ega_ray.train.launch import connect_ray
+from ega_ray.train.launch import SELECTION_METRIC, connect_ray, selected_scores
 from ega_ray.train.outputs import write_json
 from ega_ray.tune.experiment import (
     checked,
@@ -58,6 +59,9 @@ from ega_ray.tune.space import apply_params, effective_params, tune_space
 CE_ONLY = "ce"  # the student without a teacher: distill.beta = 0
 EXPERIMENT = "benchmark"
 TUNED = "benchmark-tuned"
+# what results.csv holds of each run's scores (``selected_scores``), each named after its split
+RESULT_SCORES = ("selected_epoch", "validation_top1_at_selected", "test_top1_at_selected", "test_top1_last",
+                 "test_teacher_head_top1_last")  # fmt: skip
 LR_SPACE = {"optim.lr": {"type": "loguniform", "low": 0.0125, "high": 0.2}}  # searched for every method
 
 
@@ -190,7 +194,7 @@ def run_benchmark(
         rows = collect(cfg, methods, seeds, output)
         settings = {}
         if tune_trials:
-            reference_seed0 = {r["method"]: r["best_top1"] for r in rows if r["seed"] == 0}
+            reference_seed0 = {r["method"]: r["validation_top1_at_selected"] for r in rows if r["seed"] == 0}
             searched = {m: search_method(cfg, trial_base, m, tune_trials, output, resume) for m in methods}
             settings = {m: tuned_choice(*searched[m], reference_seed0[m]) for m in methods}
             retuned = [m for m in methods if settings[m]]
@@ -203,7 +207,7 @@ def run_benchmark(
             rows += tuned_rows(rows, collect(cfg, retuned, seeds, output, "tuned"), methods)
             seed0 = {m: {"search": searched[m][0], "reference": reference_seed0[m]} for m in methods}
             write_json(
-                {"trials_per_method": tune_trials, "best": settings, "seed0_best_top1": seed0},
+                {"trials_per_method": tune_trials, "best": settings, "seed0_validation_top1": seed0},
                 output / "tuned_settings.json",
             )
         write_results(rows, cfg, methods, output, time.time() - t0, tune_trials, settings)
@@ -231,7 +235,8 @@ def grid_tuner(cfg: Config, param_space: dict[str, Any], name: str):
 
 def tuned_choice(search_top1: float, search_params: dict[str, Any], reference_top1: float) -> dict[str, Any]:
     """The settings a method's tuned runs use: the best search trial's values if that trial beat the
-    reference settings' seed-0 run (both by best validation top-1 on seed 0), else ``{}``: the reference
+    reference settings' seed-0 run (both by the validation top-1 of the selected epoch on seed 0, never a test
+    score), else ``{}``: the reference
     settings, which win ties (the smaller change)."""
     return search_params if search_top1 > reference_top1 else {}
 
@@ -240,7 +245,7 @@ def search_method(
     cfg: Config, trial_base: dict[str, Any], method: str, trials: int, output: Path, resume: bool
 ) -> tuple[float, dict[str, Any]]:
     """``method``'s K-trial search (ASHA over its own knobs and the learning rate, seed 0): the best trial's
-    best validation top-1 (read from its registered checkpoint) and its values."""
+    validation top-1 at its selected epoch (read from its registered checkpoint) and its values."""
     t, name = cfg.tune, f"tuning-{method}"
 
     def new_tuner(trainable, root: str, callbacks: list) -> tune.Tuner:
@@ -254,7 +259,7 @@ def search_method(
             trainable,
             param_space=tune_space(method_space(method)),
             tune_config=tune.TuneConfig(
-                metric="val_top1", mode="max", scheduler=scheduler, num_samples=trials,
+                metric=SELECTION_METRIC, mode="max", scheduler=scheduler, num_samples=trials,
                 max_concurrent_trials=trial_concurrency(cfg),
             ),
             run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks),
@@ -268,7 +273,7 @@ def search_method(
         state = latest_state(storage, f"tune-{method}-{trial_id}")
         if state is not None:
             params = {k: v for k, v in result.config.items() if k in method_space(method) or "|" in k}
-            scored.append((max(h["val_top1"] for h in state["history"]), trial_id, effective_params(params)))
+            scored.append((state["best"][SELECTION_METRIC], trial_id, effective_params(params)))
     if not scored:
         raise RuntimeError(f"benchmark: the search of {method} produced no trial with an epoch")
     # a tie goes to the first trial by id, not to whichever Tune lists first: a resumed benchmark lists its
@@ -280,7 +285,8 @@ def search_method(
 def collect(
     cfg: Config, methods: list[str], seeds: int, output: Path, variant: str = "reference"
 ) -> list[dict[str, Any]]:
-    """One row per (method, seed) from the run's latest checkpoint; runs that did not finish are named."""
+    """One row per (method, seed) from the run's latest checkpoint: the epoch the validation split selected,
+    its validation top-1, and the test top-1 there and at the last epoch; runs that did not finish are named."""
     storage, rows, missing = trial_storage(cfg.run.storage, output), [], []
     for method in methods:
         for seed in range(seeds):
@@ -289,18 +295,11 @@ def collect(
             if state is None or state["epoch"] < cfg.optim.epochs:
                 missing.append(name)
                 continue
-            history = state["history"]
+            scores = selected_scores(state["history"], state["best"]["epoch"])
             rows.append(
-                {
-                    "method": method,
-                    "variant": variant,
-                    "seed": seed,
-                    "best_top1": max(h["val_top1"] for h in history),
-                    "best_epoch": state["best"]["epoch"],
-                    "last_top1": history[-1]["val_top1"],
-                    "teacher_head_top1": history[-1]["val_teacher_top1"],
-                    "epochs": state["epoch"],
-                }
+                {"method": method, "variant": variant, "seed": seed}
+                | {k: scores[k] for k in RESULT_SCORES}
+                | {"epochs": state["epoch"]}
             )
     if missing:
         raise RuntimeError(f"benchmark: runs without their last epoch: {', '.join(missing)} (see their logs)")
@@ -329,14 +328,18 @@ def _mean_std(values: list[float]) -> str:
 def summary_rows(
     rows: list[dict[str, Any]], methods: list[str], variant: str = "reference"
 ) -> list[tuple[str, list[float], list[float]]]:
-    """(label, best top-1 per seed, last top-1 per seed) per method of ``variant``, then the teacher head
-    (over every run)."""
+    """(label, test top-1 at the selected epoch per seed, test top-1 at the last epoch per seed) per method of
+    ``variant``, then the teacher head (its last epoch, over every run)."""
     mine = [r for r in rows if r["variant"] == variant]
     out = [
-        (m, [r["best_top1"] for r in mine if r["method"] == m], [r["last_top1"] for r in mine if r["method"] == m])
+        (
+            m,
+            [r["test_top1_at_selected"] for r in mine if r["method"] == m],
+            [r["test_top1_last"] for r in mine if r["method"] == m],
+        )
         for m in methods
     ]
-    heads = [r["teacher_head_top1"] for r in rows]
+    heads = [r["test_teacher_head_top1_last"] for r in rows]
     return [*out, ("teacher head (linear, same labels)", heads, heads)]
 
 
@@ -367,16 +370,17 @@ def write_results(
     seeds = len({r["seed"] for r in rows})
     lines = [
         f"teacher `{cfg.teacher.name}` → student `{cfg.student.name}`, {cfg.optim.epochs} epochs, "
-        f"label fraction {cfg.data.label_fraction}, {seeds} seeds; validation top-1 (%), mean ± std over seeds",
+        f"label fraction {cfg.data.label_fraction}, {seeds} seeds; test top-1 (%) at the epoch the validation "
+        "split selected and at the last epoch, mean ± std over seeds",
         "",
     ]
     if tuned is None:
-        lines += ["| method | best epoch | last epoch |", "| --- | --- | --- |"]
+        lines += ["| method | selected epoch | last epoch |", "| --- | --- | --- |"]
         for label, best, last in reference:
             lines.append(f"| {_label(label)} | {_mean_std(best)} | {_mean_std(last)} |")
     else:
         lines += [
-            "| method | reference weights: best | last | tuned: best | last | tuned settings |",
+            "| method | reference weights: selected | last | tuned: selected | last | tuned settings |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         for (label, best, last), (_, t_best, t_last) in zip(reference, tuned, strict=True):
@@ -392,7 +396,7 @@ def write_results(
             f"(grace period {min(t.grace_period, cfg.optim.epochs)} epochs, reduction factor {t.reduction_factor}, "
             f"at most {cfg.optim.epochs} epochs) over its own knobs and the learning rate, on seed 0; then "
             f"{seeds} seeds with the best trial's settings, or the reference settings where no trial beat their "
-            "seed-0 run (tuned_settings.json).",
+            "seed-0 run (tuned_settings.json); trials and settings compared on the validation split.",
         ]
     lines += ["", f"wall time {wall_s:.0f} s"]
     (output / "results.md").write_text("\n".join(lines) + "\n")
@@ -410,7 +414,8 @@ def plot_results(
     path: Path,
     title: str,
 ) -> None:
-    """Best validation top-1 per method (mean ± std over seeds); tuned bars beside the reference ones."""
+    """Test top-1 at the selected epoch per method (mean ± std over seeds); tuned bars beside the reference
+    ones."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -432,7 +437,7 @@ def plot_results(
         highs += [m + s for m, s in zip(means, stds, strict=True)]
     ax.set_xticks(range(len(labels)), labels, rotation=30)
     ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(highs) + 2))
-    ax.set_ylabel("best validation top-1 (%)")
+    ax.set_ylabel("test top-1 at the selected epoch (%)")
     ax.set_title(title, fontsize=9)
     if tuned:
         ax.legend(fontsize=8)
