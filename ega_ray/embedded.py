@@ -55,7 +55,7 @@ def ensure_teacher(base: Config, teacher_dir: Path) -> tuple[Path, float]:
     clear_run(teacher_dir, "pretrain-teacher")
     raw = base.model_dump(mode="json")
     raw["run"] |= {"output": str(teacher_dir), "name": "teacher"}
-    knn = run_pretrain(parse_config(raw))["knn_top1"]
+    knn = run_pretrain(parse_config(raw))["knn_test_top1"]
     ckpt = torch.load(teacher_file, map_location="cpu", weights_only=True)
     ckpt["key"] = key
     torch.save(ckpt, teacher_file)

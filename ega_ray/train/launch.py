@@ -329,7 +329,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
             "name": cfg.run.name,
             "arch": cfg.pretrain.arch,
             "epochs": state["epoch"],
-            "knn_top1": knn,
+            "knn_test_top1": knn,  # the kNN probe on data.test (nothing is selected on it)
             "teacher": str(out / "teacher.pt"),
             "wall_time_s": round(time.time() - t0, 1),
         }
