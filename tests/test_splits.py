@@ -92,3 +92,17 @@ def test_too_few_training_rows_left_for_a_batch(tmp_path, monkeypatch):
     cfg = resolve(load_config(None, overrides))
     with pytest.raises(ConfigError, match=r"^data\.train: \d+ rows are left to train on .* optim\.batch_size 256"):
         check_distill(cfg)
+
+
+def test_the_summary_reports_test_at_the_epoch_validation_selected():
+    from ega_ray.train.launch import selected_scores
+
+    history = [
+        {"epoch": e, "validation_top1": v, "test_top1": t, "test_top5": t + 5, "test_teacher_top1": 30.0 + e}
+        for e, v, t in ((1, 50.0, 40.0), (2, 70.0, 65.0), (3, 60.0, 90.0))
+    ]
+    scores = selected_scores(history, selected_epoch=2)
+    assert (scores["selected_epoch"], scores["validation_top1_at_selected"]) == (2, 70.0)
+    assert (scores["test_top1_at_selected"], scores["test_top5_at_selected"]) == (65.0, 70.0)  # not test's best, 90
+    assert (scores["test_top1_last"], scores["validation_top1_last"]) == (90.0, 60.0)
+    assert scores["test_teacher_head_top1_at_selected"] == 32.0 and scores["selected_by"] == "validation_top1"

@@ -163,3 +163,23 @@ def test_resume_accepts_only_state_files_it_recorded(tmp_path):
     (exp / "trial_1" / "error.pkl").write_bytes(b"planted")
     with pytest.raises(OutputFolderError, match=r"did not write \(search/trial_1/error\.pkl\)"):
         verify_state(out, str(exp))
+
+
+def test_a_trial_is_scored_at_the_epoch_its_validation_split_selected():
+    import math
+
+    import pandas as pd
+
+    from ega_ray.tune.report import trial_scores
+
+    # the test split peaks at epoch 2, the validation split at epoch 3 (tied at 4: the first one counts)
+    history = pd.DataFrame(
+        {"epoch": [1, 2, 3, 4], "validation_top1": [50.0, 60.0, 70.0, 70.0], "test_top1": [40.0, 80.0, 65.0, 66.0]}
+    )
+    assert trial_scores(history) == {
+        "selected_epoch": 3,
+        "validation_top1_at_selected": 70.0,
+        "test_top1_at_selected": 65.0,
+        "test_top1_last": 66.0,
+    }
+    assert all(math.isnan(v) for v in trial_scores(None).values())
