@@ -97,8 +97,10 @@ def main() -> int:
             clear_run(out)
             run = [f"run.seed={seed}", f"run.name={out.name}", f"run.output={out}"]
             s = run_distill(parse_config(apply_overrides(json.loads(json.dumps(base)), [*run, *changes])))
-            rows.append({"path": path, "seed": seed, "best_top1": s["best_val_top1"], "last_top1": s["last_val_top1"]})
-            print(f"[fast-path] {path} seed {seed}: best {s['best_val_top1']:.2f}, last {s['last_val_top1']:.2f}")
+            # best_top1: the test top-1 at the epoch the validation split selected; last_top1: at the last epoch
+            selected, last = s["test_top1_at_selected"], s["test_top1_last"]
+            rows.append({"path": path, "seed": seed, "best_top1": selected, "last_top1": last})
+            print(f"[fast-path] {path} seed {seed}: test top-1 {selected:.2f} at the selected epoch, {last:.2f} last")
 
     summary = {"settings": paths, "rows": rows}
     print(f"\n{'path':<10} {'best top-1':>16} {'last top-1':>16}")

@@ -114,7 +114,8 @@ def measure(args: argparse.Namespace) -> int:
     n = prepared.num_train
     if big > n:
         raise ConfigError(f"--batches: {big} is more than the training split's {n} rows")
-    split = mask_labels(read_decoded(cfg.data.train, cfg.data.image_size), prepared.keep)
+    rows = read_decoded(cfg.data.train, cfg.data.image_size, "data.train", prepared.trained)  # less validation
+    split = mask_labels(rows, prepared.keep)
     data = {"image": torch.from_numpy(split["image"]).to(device)}
     data |= {k: torch.from_numpy(split[k].astype(np.int64)).to(device) for k in ("label", "index")}
     teacher_dim = check_teacher(cfg).spec.embed_dim

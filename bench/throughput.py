@@ -92,7 +92,7 @@ def project_config(
     # embedding run before the worker starts, and take the whole GPU
     gpu_share = 0.5 if mode == "pipeline" else 1.0
     raw = {
-        "data": {"train": str(data / "train"), "val": str(data / "val"), "num_classes": 100},
+        "data": {"train": str(data / "train"), "test": str(data / "val"), "num_classes": 100},
         "teacher": {
             "name": args.teacher,
             "mode": mode,

@@ -103,7 +103,9 @@ def _parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("eval", help="a saved student on a split: top-1/5, per class, confusion matrix, kNN probe")
     v.add_argument("--student", required=True, help="a run's student_best.pt / student_last.pt (or .safetensors)")
-    v.add_argument("--data", required=True, help="a labeled Parquet split (`ega-ray prepare`); builtin:digits: its val")
+    v.add_argument(
+        "--data", required=True, help="a labeled Parquet split (`ega-ray prepare`); builtin:digits: its test split"
+    )
     v.add_argument(
         "--knn-train", help="the kNN probe's labeled bank, e.g. the training split; default: leave-one-out on --data"
     )

@@ -68,9 +68,22 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+OLD_VAL = (
+    "data.val was split into data.test (the split you report on) and data.validation / "
+    "data.validation_fraction (the split that selects; default: 10% of data.train, carved per class)"
+)
+
+
 class DataConfig(_Section):
     train: str = Field(description="Parquet folder, s3:// / gs:// URI, or builtin:digits")
-    val: str = Field(description="Parquet folder, URI, or builtin:digits (its validation split)")
+    test: str = Field(description="the split the results are reported on: Parquet folder, URI, or builtin:digits")
+    validation: str | None = Field(
+        None, description="the split that selects (best epoch, Tune, tuned settings); None: carved from data.train"
+    )
+    validation_fraction: float = Field(
+        0.1, gt=0, lt=1, description="share of each class's labeled training rows carved out as the validation split"
+    )
+    validation_seed: int = Field(0, description="the carving's seed; apart from run.seed, so every seed selects alike")
     num_classes: int | None = Field(None, ge=2, description="classes; None reads it from the training labels")
     label_fraction: float = Field(1.0, gt=0, le=1, description="share of training labels the CE terms see")
     image_size: int = Field(32, ge=8, description="the student's input size (images are resized to it)")
@@ -79,6 +92,13 @@ class DataConfig(_Section):
     materialize: Literal["auto", "always", "never"] = Field(
         "auto", description="keep decoded splits in Ray's object store (auto: when under 2 GiB decoded)"
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, raw: Any) -> Any:
+        if isinstance(raw, dict) and "val" in raw:
+            raise ValueError(OLD_VAL)
+        return raw
 
 
 class TeacherConfig(_Section):
@@ -293,7 +313,9 @@ class TuneSection(_Section):
     """``ega-ray tune``: the searched fields and how trials are scheduled (see docs/tuning.md)."""
 
     num_samples: int = Field(8, ge=1, description="trials to sample (grid entries multiply them)")
-    metric: str = Field("val_top1", description="validation metric to maximise")
+    metric: Literal["validation_top1", "validation_top5"] = Field(
+        "validation_top1", description="the validation split's metric to maximise"
+    )
     search: Literal["random", "optuna"] = Field("random", description="optuna needs the optional extra [tune]")
     grace_period: int = Field(3, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
     reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor of trials at each rung")

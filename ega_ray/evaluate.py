@@ -1,7 +1,9 @@
 """``ega-ray eval``: a saved student on a labeled Parquet split: top-1, top-5, per-class accuracy, a confusion
 matrix and a kNN probe of its embeddings, written to ``eval.json`` and ``confusion.png``.
 
-The student sees what it saw in validation during training: images decoded and resized to its
+``builtin:digits`` is the digits' test split. eval.json names the split (its folder) and, from the
+``config.yaml`` beside the student file, what it was to the run that trained the student (test, validation or
+train). The student sees what it saw in evaluation during training: images decoded and resized to its
 ``image_size`` (PIL bicubic, ``decode_images``), scaled to [0, 1] and normalized with its saved mean and
 std (``ViewMaker.student(train=False)``). The split is read in batches of ``--batch-size`` rows, so memory
 holds one batch of images plus, per row, its top-5 classes and its embedding (``embed_dim`` floats, for the
@@ -29,6 +31,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pyarrow.dataset as pads  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
 from sklearn.neighbors import NearestNeighbors  # noqa: E402
 
@@ -112,6 +115,24 @@ def class_names(split_path: str, num_classes: int) -> list[str] | None:
     if isinstance(classes, list) and len(classes) == num_classes and all(isinstance(c, str) for c in classes):
         return classes
     return None
+
+
+def split_of_run(student: Path, split_path: str) -> str | None:
+    """What ``split_path`` was to the run that trained ``student`` (read from the ``config.yaml`` beside the
+    student file): ``test`` (reported on), ``validation`` (selected on) or ``train``; None when unknown.
+
+    Args:
+        student: the student file.
+        split_path: the evaluated split's resolved path.
+
+    Returns:
+        The split's role in that run, or None.
+    """
+    try:
+        data = yaml.safe_load((student.parent / "config.yaml").read_text())["data"]
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+    return next((role for role in ("test", "validation", "train") if data.get(role) == split_path), None)
 
 
 def default_output(student: Path, data: str) -> Path:
@@ -239,7 +260,7 @@ def run_eval(
     student_path = Path(student).expanduser()
     model, meta = load_student(student_path)
     classes = meta["num_classes"]
-    split = check_eval_split(data, "--data", classes, unlabeled_ok=False, builtin_split_name="val")
+    split = check_eval_split(data, "--data", classes, unlabeled_ok=False, builtin_split_name="test")
     bank = None
     if knn_train is not None:
         bank = check_eval_split(knn_train, "--knn-train", classes, unlabeled_ok=True, builtin_split_name="train")
@@ -279,6 +300,8 @@ def run_eval(
         "student_name": meta["student"],
         "epoch": meta["epoch"],
         "data": split.path,
+        "split": Path(split.path.rstrip("/")).name,  # the split's folder name, e.g. test
+        "split_of_run": split_of_run(student_path, split.path),  # test | validation | train | None (unknown)
         "rows": int(len(y)),
         "num_classes": classes,
         "top1": round(100.0 * float((evaluated.topk[:, 0] == y).mean()), 4),
@@ -305,6 +328,13 @@ def run_eval(
     return result
 
 
+SPLIT_ROLES = {
+    "test": ", the training run's data.test (reported on)",
+    "validation": ", the training run's data.validation (selected on: not a held-out score)",
+    "train": ", the training run's data.train (trained on: not a held-out score)",
+}
+
+
 def summary_lines(result: dict[str, Any]) -> list[str]:
     """The few lines `ega-ray eval` prints."""
     scored = [c for c in result["per_class"] if c["top1"] is not None]
@@ -313,7 +343,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     bank = "leave-one-out" if knn["bank"] == "leave-one-out" else f"bank {knn['bank_rows']} rows"
     return [
         f"student: {result['student_name']} (epoch {result['epoch']}), {result['student']}",
-        f"data: {result['data']} ({result['rows']} rows, {result['num_classes']} classes)",
+        f"data: {result['data']} ({result['rows']} rows, {result['num_classes']} classes); split "
+        f"{result['split']}{SPLIT_ROLES.get(result['split_of_run'], '')}",
         f"top-1: {result['top1']:.2f}  top-{result['top5_k']}: {result['top5']:.2f}",
         f"kNN top-1: {knn['top1']:.2f} (k={knn['k']}, {bank})",
         "lowest classes: " + ", ".join(f"{c.get('name', c['class'])} {c['top1']:.1f}" for c in worst),

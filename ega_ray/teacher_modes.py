@@ -56,12 +56,13 @@ class TeacherMode:
         cfg: Config,
         data: PreparedData,
         train: ray.data.Dataset,
-        val: ray.data.Dataset | None,
+        evals: dict[str, ray.data.Dataset],
         actors: list,
         materialized: bool,
-    ) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
-        """The decoded splits with the teacher's embeddings attached where the worker expects them."""
-        return train, val
+    ) -> tuple[ray.data.Dataset, dict[str, ray.data.Dataset]]:
+        """The decoded splits (training, and the evaluation splits that travel through Ray Data, by name) with
+        the teacher's embeddings attached where the worker expects them."""
+        return train, evals
 
     def shuffle_buffer(self, cfg: Config, per_worker: int) -> int:
         """Rows in each worker's local shuffle buffer."""
@@ -96,15 +97,18 @@ class Cached(TeacherMode):
 
         check_manifest(cfg, spec)
 
-    def wire(self, cfg, data, train, val, actors, materialized):
+    def wire(self, cfg, data, train, evals, actors, materialized):
         from ega_ray.data.cache_format import load_cached_embeddings
         from ega_ray.data.teacher_stage import attach_cached, embed_with_actor_pool
 
-        # the validation split's evaluation view, embedded once here, before training holds its resources
-        val = embed_with_actor_pool(val, cfg, views=1, attach=True, augment=False).materialize()
+        # the evaluation splits' view, embedded once here, before training holds its resources
+        evals = {
+            k: embed_with_actor_pool(v, cfg, views=1, attach=True, augment=False).materialize()
+            for k, v in evals.items()
+        }
         table, position = load_cached_embeddings(str(cfg.teacher.cache), data.indices)
         train = train.map_batches(attach_cached, fn_kwargs={"table": table, "position": position}, batch_format="numpy")
-        return train, val
+        return train, evals
 
     def features(self, parts, batch, epoch, seed, train):
         import torch
@@ -127,12 +131,15 @@ class Pipeline(TeacherMode):
 
         return teacher_servers(cfg)
 
-    def wire(self, cfg, data, train, val, actors, materialized):
+    def wire(self, cfg, data, train, evals, actors, materialized):
         from ega_ray.data.teacher_stage import embed_remotely
 
         # light tasks that hand each batch to a long-lived teacher actor; a few in flight per actor keep it busy
         stage = dict(batch_size=cfg.teacher.batch_size, batch_format="numpy", num_cpus=0, concurrency=2 * len(actors))
-        val = val.map_batches(embed_remotely, fn_kwargs={"servers": actors, "augment": False}, **stage).materialize()
+        evals = {
+            k: v.map_batches(embed_remotely, fn_kwargs={"servers": actors, "augment": False}, **stage).materialize()
+            for k, v in evals.items()
+        }
         # blocks of one teacher batch: a task hands back its output when its input block is done, so a large
         # block (a whole materialized file) would reach the trainer as one late burst, not a stream. A
         # materialized split's blocks come in a new random order every epoch: the workers' local shuffle
@@ -140,7 +147,7 @@ class Pipeline(TeacherMode):
         train = train.repartition(target_num_rows_per_block=cfg.teacher.batch_size)
         train = train.randomize_block_order() if materialized else train
         train = train.map_batches(embed_remotely, fn_kwargs={"servers": actors, "augment": True}, **stage)
-        return train, val
+        return train, evals
 
     def shuffle_buffer(self, cfg: Config, per_worker: int) -> int:
         return min(cfg.data.shuffle_buffer, STAGE_SHUFFLE_BATCHES * per_worker)
@@ -151,7 +158,7 @@ class Pipeline(TeacherMode):
     def summary(self, actors: list) -> dict[str, Any]:
         import ray
 
-        # every epoch's training rows and the validation split once (more if the run was restored), and
+        # every epoch's training rows and the evaluation splits once (more if the run was restored), and
         # where the teacher actors ran
         return {
             "teacher_stage_rows": sum(ray.get([a.rows_embedded.remote() for a in actors])),

@@ -77,7 +77,7 @@ def test_no_import_cycles_in_the_package():
 def test_light_modules_import_neither_torch_nor_ray(module):
     probe = (
         f"import sys, {module}; from ega_ray.config import parse_config; "
-        "parse_config({'data': {'train': 't', 'val': 'v'}, 'teacher': {'name': 'open_clip:ViT-B-32'}}); "
+        "parse_config({'data': {'train': 't', 'test': 'v'}, 'teacher': {'name': 'open_clip:ViT-B-32'}}); "
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'ray', 'open_clip', 'timm', 'torchvision'}))"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, cwd=REPO)

@@ -41,11 +41,12 @@ def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
     assert len(searched) == 2 and len({c.distill.crd_temperature for c in searched}) == 2
     assert all(0.03 <= c.distill.crd_temperature <= 0.3 and 0.0125 <= c.optim.lr <= 0.2 for c in searched)
     tuned_settings = json.loads((out / "tuned_settings.json").read_text())
-    best, seed0 = tuned_settings["best"], tuned_settings["seed0_best_top1"]
+    best, seed0 = tuned_settings["best"], tuned_settings["seed0_validation_top1"]
     for method, knobs in (("crd", {"distill.crd_temperature", "distill.beta", "optim.lr"}), ("ce", {"optim.lr"})):
         reference = [r for r in rows if (r["method"], r["variant"]) == (method, "reference")]
         tuned = [r for r in rows if (r["method"], r["variant"]) == (method, "tuned")]
-        assert seed0[method]["reference"] == reference[0]["best_top1"]
+        assert seed0[method]["reference"] == reference[0]["validation_top1_at_selected"]  # chosen on validation
+        assert {"test_top1_at_selected", "test_top1_last"} <= set(reference[0])
         assert set(best[method]) == (knobs if seed0[method]["search"] > seed0[method]["reference"] else set())
         folder = out / "trials" / f"{method}-tuned-seed0"
         if best[method]:  # new settings: the seeds ran again with them
@@ -106,13 +107,13 @@ def test_results_files_keep_one_row_per_run_and_leave_diverged_runs_out(tmp_path
     from ega_ray.config import parse_config
     from ega_ray.tune.benchmark import summary_rows, write_results
 
-    cfg = parse_config({"data": {"train": "t", "val": "v"}})
+    cfg = parse_config({"data": {"train": "t", "test": "v"}})
     write_results(ROWS, cfg, ["ega", "kd", "ce"], tmp_path, wall_s=3.0)
     with open(tmp_path / "results.csv") as f:
         saved = list(csv.DictReader(f))
     assert len(saved) == len(ROWS) and [r["status"] for r in saved].count("diverged") == 1
     kd1 = next(r for r in saved if (r["method"], r["seed"]) == ("kd", "1"))
-    assert (kd1["status"], kd1["best_top1"], kd1["last_top1"]) == ("diverged", "", "")
+    assert (kd1["status"], kd1["test_top1_at_selected"], kd1["test_top1_last"]) == ("diverged", "", "")
     table = (tmp_path / "results.md").read_text()
     assert "| kd | 2 of 3 (1 diverged) | 92.50 ± 0.71 |" in table and "- kd, seed 1: diverged (" in table
     assert dict((m, best) for m, best, _ in summary_rows(ROWS, ["kd"]))["kd"] == [93.0, 92.0]

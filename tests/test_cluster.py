@@ -89,7 +89,7 @@ def test_ray_job_submit_to_an_autoscaling_cluster_with_token_auth(tmp_path):
     for name in ("config.yaml", "learning_curves.png", *exports):
         assert (out / name).is_file(), name
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["epochs"] == 2 and summary["num_workers"] == 2 and 0.0 <= summary["last_val_top1"] <= 100.0
+    assert summary["epochs"] == 2 and summary["num_workers"] == 2 and 0.0 <= summary["test_top1_last"] <= 100.0
     assert summary["labeled_train_rows"] == pytest.approx(0.5 * summary["train_rows"], abs=10)  # label_fraction
     assert (out / "learning_curves.png").read_bytes()[:4] == b"\x89PNG"
     deployed = torch.export.load(out / "student_best.pt2").module()  # float images in [0, 1], dynamic batch
@@ -174,7 +174,7 @@ def test_every_cluster_verb_has_a_job_script():
 def test_job_scripts_pass_their_arguments_to_the_cli(tmp_path):
     """A job script is the CLI verb: a bad config is refused the same way, before Ray starts."""
     bad = tmp_path / "bad.yaml"
-    bad.write_text("data: {train: builtin:digits, val: builtin:digits}\noptim: {epochs: 0}\n")
+    bad.write_text("data: {train: builtin:digits, test: builtin:digits}\noptim: {epochs: 0}\n")
     done = subprocess.run(
         [sys.executable, "jobs/distill.py", "--config", str(bad)], cwd=REPO, capture_output=True, text=True, timeout=60
     )

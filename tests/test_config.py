@@ -19,7 +19,7 @@ from ega_ray.config import Config, ConfigError, OptimConfig, apply_overrides, lo
 from ega_ray.train.preflight import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
-MINIMAL: dict[str, Any] = {"data": {"train": "train", "val": "val"}}
+MINIMAL: dict[str, Any] = {"data": {"train": "train", "test": "test"}}
 
 
 def _raw(**sections: dict[str, Any]) -> dict[str, Any]:
@@ -48,9 +48,9 @@ def _write(path: Path, raw: Any) -> Path:
 
 @pytest.fixture
 def splits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A working directory holding (empty) train/ and val/ folders; resolve() only checks they exist."""
+    """A working directory holding (empty) train/ and test/ folders; resolve() only checks they exist."""
     (tmp_path / "train").mkdir()
-    (tmp_path / "val").mkdir()
+    (tmp_path / "test").mkdir()
     monkeypatch.chdir(tmp_path)
     return tmp_path
 
@@ -188,7 +188,36 @@ def test_missing_data_section() -> None:
 
 def test_missing_data_field() -> None:
     msg = _error({"data": {"train": "train"}})
-    assert msg == "data.val: required field is missing"
+    assert msg == "data.test: required field is missing"
+
+
+def test_old_val_field_says_what_it_became() -> None:
+    msg = _error({"data": {"train": "train", "val": "val"}})
+    assert msg.startswith("data: data.val was split into data.test (the split you report on) and data.validation")
+    assert "data.validation_fraction" in msg
+
+
+def test_old_tune_metric_is_refused() -> None:
+    msg = _error(_raw(tune={"metric": "val_top1"}))
+    assert msg.startswith("tune.metric:") and "validation_top1" in msg
+
+
+@pytest.mark.parametrize("fraction", [0, 1, -0.1, 1.5])
+def test_validation_fraction_outside_zero_one(fraction: float) -> None:
+    assert _error(_raw(data={"validation_fraction": fraction})).startswith("data.validation_fraction:")
+
+
+def test_validation_split_must_be_apart_from_test_and_train(splits: Path) -> None:
+    for other in ("test", "train"):
+        with pytest.raises(ConfigError) as info:
+            resolve(parse_config(_raw(data={"validation": other})))
+        msg = _one_line(info.value)
+        assert msg.startswith("data.validation:") and f"is also data.{other}" in msg
+
+
+def test_builtin_validation_split_is_refused(splits: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^data\.validation: 'builtin:digits' has a train and a test split only"):
+        resolve(parse_config(_raw(data={"validation": "builtin:digits"})))
 
 
 def test_nonexistent_data_path(splits: Path) -> None:
@@ -201,9 +230,9 @@ def test_nonexistent_data_path(splits: Path) -> None:
 
 def test_unknown_builtin_dataset(splits: Path) -> None:
     with pytest.raises(ConfigError) as info:
-        resolve(parse_config(_raw(data={"val": "builtin:cifar10"})))
+        resolve(parse_config(_raw(data={"test": "builtin:cifar10"})))
     msg = _one_line(info.value)
-    assert msg.startswith("data.val:") and "digits" in msg
+    assert msg.startswith("data.test:") and "digits" in msg
 
 
 def test_nonexistent_teacher_weights(splits: Path) -> None:
@@ -313,23 +342,25 @@ def test_resolved_makes_paths_absolute(splits: Path) -> None:
     cfg = parse_config(_raw(teacher={"name": "zoo:resnet8", "weights": "weights/t.pt"}))
     res = resolve(cfg)
     assert res.data.train == str(splits.resolve() / "train")
-    assert res.data.val == str(splits.resolve() / "val")
+    assert res.data.test == str(splits.resolve() / "test") and res.data.validation is None
     assert res.teacher.weights == str(splits.resolve() / "weights" / "t.pt")
     assert res.run.output == str(splits.resolve() / "runs" / "ega")
     assert cfg.data.train == "train"  # the original is untouched
 
 
 def test_resolved_keeps_uris(splits: Path) -> None:
-    res = resolve(parse_config(_raw(data={"train": "s3://bucket/train", "val": "gs://bucket/val"})))
-    assert (res.data.train, res.data.val) == ("s3://bucket/train", "gs://bucket/val")
+    uris = {"train": "s3://bucket/train", "test": "gs://bucket/test", "validation": "gs://bucket/validation"}
+    res = resolve(parse_config(_raw(data=uris)))
+    assert (res.data.train, res.data.test, res.data.validation) == tuple(uris.values())
 
 
 def test_resolved_prepares_builtin_digits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"
     monkeypatch.setenv("EGA_RAY_CACHE", str(cache))
     monkeypatch.chdir(tmp_path)
-    res = resolve(parse_config(_raw(data={"train": "builtin:digits", "val": "builtin:digits"})))
-    train, val = Path(res.data.train), Path(res.data.val)
+    res = resolve(parse_config(_raw(data={"train": "builtin:digits", "test": "builtin:digits"})))
+    train, val = Path(res.data.train), Path(res.data.test)
+    assert val.name == "test"
     assert train.is_absolute() and val.is_absolute() and train != val
     assert train.is_relative_to(cache.resolve()) and val.is_relative_to(cache.resolve())
     for split in (train, val):

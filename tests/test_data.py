@@ -20,10 +20,10 @@ from ega_ray.models.teachers.base import TeacherSpec
 def test_digits_preparation_is_pixel_exact_and_complete(tmp_path):
     paths = prepare_digits(tmp_path / "digits")
     train = pq.read_table(paths["train"]).to_pydict()
-    val = pq.read_table(paths["val"]).to_pydict()
-    assert len(train["index"]) + len(val["index"]) == 1797  # nothing dropped
-    assert len(val["index"]) == 360
-    for split in (train, val):
+    test = pq.read_table(paths["test"]).to_pydict()
+    assert len(train["index"]) + len(test["index"]) == 1797  # nothing dropped
+    assert len(test["index"]) == 360
+    for split in (train, test):
         assert sorted(split["index"]) == list(range(len(split["index"])))
         assert set(split["label"]) == set(range(10))
     # every stored image decodes to one of the source images, byte for byte
@@ -183,7 +183,7 @@ def test_bad_training_columns_are_refused_before_ray_naming_the_split(tmp_path, 
 
     cfg = resolve(
         load_config(
-            None, [f"data.train={write_raw_split(tmp_path / 'train', label, index)}", "data.val=builtin:digits"]
+            None, [f"data.train={write_raw_split(tmp_path / 'train', label, index)}", "data.test=builtin:digits"]
         ),
         check_teacher_file=False,
     )
@@ -196,15 +196,18 @@ def test_validation_rows_need_labels_and_the_classes_must_cover_them(tmp_path):
     from ega_ray.train.preflight import prepare_data, resolve
 
     def cfg(val, *more):
-        return resolve(load_config(None, ["data.train=builtin:digits", f"data.val={val}", *more]), False)
+        overrides = ["data.train=builtin:digits", "data.test=builtin:digits", f"data.validation={val}", *more]
+        return resolve(load_config(None, overrides), False)
 
     unlabeled = write_raw_split(tmp_path / "v1", [0, -1, 2], [0, 1, 2])
-    with pytest.raises(ConfigError, match=r"^data\.val: .* has label -1 \(index 1\); labels are 0..C−1 \(validation"):
+    with pytest.raises(ConfigError, match=r"^data\.validation: .* has label -1 \(index 1\); labels are 0..C−1 \(rows"):
         prepare_data(cfg(unlabeled))
     eleven = write_raw_split(tmp_path / "v2", [0, 1, 10], [0, 1, 2])
-    with pytest.raises(ConfigError, match=r"^data.num_classes: 10, but data.val .* has label 10"):
+    with pytest.raises(ConfigError, match=r"^data.num_classes: 10, but data.validation .* has label 10"):
         prepare_data(cfg(eleven, "data.num_classes=10"))
-    assert prepare_data(cfg(eleven)).num_classes == 11
+    data = prepare_data(cfg(eleven))
+    assert data.num_classes == 11 and data.carved is None and data.num_validation == 3
+    assert data.num_train == 1437 and data.validation["split"] == "data.validation"
 
 
 def test_an_undecodable_image_names_its_split_and_row():

@@ -49,6 +49,9 @@ def world(tmp_path_factory):
     model = build_classifier(meta)
     torch.nn.init.normal_(model.head.classifier.weight, std=3.0)  # spread the predictions over the classes
     write_student(model, meta, root / "run", "student_best", ("pt", "safetensors"))
+    # the training run's resolved config beside the student: eval names what the evaluated split was to it
+    run_data = {"train": str(root / "data" / "train"), "test": str(root / "data" / "val")}
+    (root / "run" / "config.yaml").write_text(json.dumps({"data": run_data}))
     return root, model, meta, splits
 
 
@@ -103,6 +106,8 @@ def test_eval_matches_a_direct_computation(world, capsys):
         "bank_rows": int(labeled.sum()),
         "embedding": None,
     }
+    assert (result["split"], result["split_of_run"]) == ("val", "test")
+    assert "split val, the training run's data.test (reported on)" in printed
     assert result["student_sha256"] == hashlib.sha256(student.read_bytes()).hexdigest()
     assert (result["student"], result["data"], result["rows"], result["epoch"]) == (
         str(student),

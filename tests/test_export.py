@@ -139,7 +139,7 @@ def test_a_run_exports_pt_safetensors_and_pt2_and_survives_an_exporter_failure(t
 
     cfg = parse_config(
         {
-            "data": {"train": "t", "val": "v", "image_size": SIZE},
+            "data": {"train": "t", "test": "v", "image_size": SIZE},
             "teacher": {"name": "ssl"},
             "student": {"name": "resnet8"},
             "distill": {"embed_dim": 16},

@@ -269,7 +269,7 @@ def check_run(out: Path) -> None:
     rows = read_metrics(out)
     assert [int(r["epoch"]) for r in rows] == list(range(1, EPOCHS + 1))
     for r in rows:
-        for key in ("train_loss", "train_ce", "train_distill", "train_teacher_ce", "val_top1"):
+        for key in ("train_loss", "train_ce", "train_distill", "train_teacher_ce", "validation_top1", "test_top1"):
             assert math.isfinite(r[key]), (key, r)
     assert rows[-1]["train_loss"] < rows[0]["train_loss"], [r["train_loss"] for r in rows]
     cfg = yaml.safe_load((out / "config.yaml").read_text())
@@ -279,7 +279,7 @@ def check_run(out: Path) -> None:
     assert state is not None, f"no registered checkpoint in {out}"
     fused = state["opt_s"]["param_groups"][0].get("fused")
     if GPU:
-        top1 = [r["val_top1"] for r in rows]
+        top1 = [r["validation_top1"] for r in rows]
         assert max(top1[1:]) > top1[0] and max(top1) > 15.0, f"accuracy did not rise: {top1}"
         for r in rows:  # NVML's utilisation and the worker's peak memory are real readings on a GPU
             assert 0.0 < r["gpu_util_pct"] <= 100.0, r
@@ -366,7 +366,7 @@ def test_pipeline_mode_with_its_teacher_actor_on_a_gpu_share(tmp_path: Path) -> 
     check_run(distill(out, "pipeline", "--set", "teacher.mode=pipeline"))
     summary = yaml.safe_load((out / "summary.json").read_text())
     assert summary["teacher_stage_device"].startswith("cuda" if GPU else "cpu"), summary["teacher_stage_device"]
-    assert summary["teacher_stage_rows"] >= summary["val_rows"] + EPOCHS * 64
+    assert summary["teacher_stage_rows"] >= summary["validation_rows"] + summary["test_rows"] + EPOCHS * 64
 
 
 def test_pretrain_teacher_on_the_device(tmp_path: Path) -> None:

@@ -367,9 +367,9 @@ def test_prepare_digits_writes_the_rows_of_builtin_digits(tmp_path):
     assert report["classes"] == [str(i) for i in range(10)] and report["source"] == "sklearn.datasets.load_digits"
     assert report["splits"] == {
         "train": {"rows": 1437, "files": 1, "skipped": 0},
-        "val": {"rows": 360, "files": 1, "skipped": 0},
+        "test": {"rows": 360, "files": 1, "skipped": 0},
     }
-    for split in ("train", "val"):
+    for split in ("train", "test"):
         builtin = Path(builtin_split("builtin:digits", split))
         ours = read(tmp_path / "out" / split)
         assert ours == read(builtin)  # images, labels and index, row for row

@@ -65,11 +65,13 @@ def test_paired_differences_use_the_seeds_both_have_and_say_what_they_resolve() 
 
 
 def _row(method: str, seed: int, best: float | None, last: float | None = None, head: float = 80.0) -> dict:
+    """A results.csv row: ``best`` is the test top-1 at the selected epoch (None: the run diverged)."""
     status = "finished" if best is not None else "diverged"
     return {
-        "method": method, "variant": "reference", "seed": seed, "best_top1": best, "best_epoch": 2,
-        "last_top1": best - 1 if best is not None and last is None else last,
-        "teacher_head_top1": head if best is not None else None, "epochs": 10 if best is not None else 1,
+        "method": method, "variant": "reference", "seed": seed, "selected_epoch": 2 if best is not None else None,
+        "validation_top1_at_selected": best + 0.5 if best is not None else None, "test_top1_at_selected": best,
+        "test_top1_last": best - 1 if best is not None and last is None else last,
+        "test_teacher_head_top1_last": head if best is not None else None, "epochs": 10 if best is not None else 1,
         "status": status, "note": "" if best is not None else "the distiller's loss (distill) is not finite at …",
     }  # fmt: skip
 
@@ -87,7 +89,7 @@ def _cells(lines: list[str], first: str) -> list[str]:
 
 def test_the_method_table_averages_finished_runs_and_counts_the_diverged() -> None:
     lines = method_table(ROWS, ["ega", "kd", "ce"])
-    assert lines[0].startswith("| method | runs | best epoch: mean ± std | 95% CI |")
+    assert lines[0].startswith("| method | runs | selected epoch: mean ± std | 95% CI |")
     kd = _cells(lines, "kd")
     assert kd[1] == "2 of 3 (1 diverged)"
     x = np.array([93.0, 92.0])
@@ -113,7 +115,7 @@ def test_the_paired_table_and_the_section_name_the_diverged_run() -> None:
 def test_results_state_the_seed_count_and_warn_below_three() -> None:
     from ega_ray.config import parse_config
 
-    cfg = parse_config({"data": {"train": "t", "val": "v"}})
+    cfg = parse_config({"data": {"train": "t", "test": "v"}})
     text = "\n".join(results_lines(ROWS, cfg, ["ega", "kd", "ce"], wall_s=12.0))
     assert "3 seeds (0, 1, 2)" in text and "1 run diverged (listed, not averaged)" in text
     assert "too few to resolve" not in text and text.endswith("wall time 12 s")

@@ -67,7 +67,7 @@ def test_cache_then_cached_training_and_a_refused_mismatch(tmp_path, teacher_fil
     short = ["optim.epochs=1", "optim.max_steps_per_epoch=6"]
     cached = smoke(tmp_path, teacher_file, *short, "teacher.mode=cached", f"teacher.cache={tmp_path / 'cache'}")
     result = run_distill(cached)
-    assert result["epochs"] == 1 and 0.0 <= result["teacher_head_top1"] <= 100.0
+    assert result["epochs"] == 1 and 0.0 <= result["test_teacher_head_top1_last"] <= 100.0
 
     # a cache changed after its manifest was written is refused, and so is one that lacks views
     spec = build_teacher("zoo:resnet8", weights=str(teacher_file)).spec
@@ -109,9 +109,11 @@ def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_pat
     cfg = smoke(tmp_path, teacher_file, "optim.epochs=2", "teacher.mode=pipeline")
     summary = run_distill(cfg)
     assert summary["epochs"] == 2
-    # the run's long-lived teacher actors embedded every row of both epochs and the validation split once:
-    # Ray Data did not start actors of its own per epoch, and nothing was dropped on the way
-    assert summary["teacher_stage_rows"] == 2 * summary["train_rows"] + summary["val_rows"]
+    # the run's long-lived teacher actors embedded every training row of both epochs (the carved validation
+    # rows never) and both evaluation splits once: Ray Data did not start actors of its own per epoch, and
+    # nothing was dropped on the way
+    evaluated = summary["validation_rows"] + summary["test_rows"]
+    assert summary["teacher_stage_rows"] == 2 * summary["train_rows"] + evaluated
     assert summary["teacher_stage_device"] == "cpu"  # where the actors ran
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary  # the file says so too
     # and they are gone with the run: every CPU of the cluster is free again
@@ -122,4 +124,4 @@ def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_pat
     # the teacher head's accuracy comes from embeddings computed by the stage, as in online mode
     teacher = build_teacher("zoo:resnet8", weights=str(teacher_file))
     assert teacher.spec.embed_dim == 64
-    assert 0.0 <= summary["teacher_head_top1"] <= 100.0
+    assert 0.0 <= summary["test_teacher_head_top1_last"] <= 100.0

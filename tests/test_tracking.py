@@ -39,30 +39,30 @@ def rows_of(path: Path) -> list[dict[str, str]]:
 
 
 def report(epoch: int, top1: float) -> dict:
-    return {"epoch": epoch, "train_loss": 2.0 / epoch, "train_ce": 1.0 / epoch, "val_top1": top1, "lr": 0.05}
+    return {"epoch": epoch, "train_loss": 2.0 / epoch, "train_ce": 1.0 / epoch, "validation_top1": top1, "lr": 0.05}
 
 
 def test_every_epoch_lands_in_metrics_csv_tensorboard_mlflow_and_wandb(tmp_path):
-    cfg = parse_config({"data": {"train": "t", "val": "v"}, "run": {"loggers": ["tensorboard", "mlflow", "wandb"]}})
+    cfg = parse_config({"data": {"train": "t", "test": "v"}, "run": {"loggers": ["tensorboard", "mlflow", "wandb"]}})
     recorder = RunRecorder(str(tmp_path), "run-a", 3, cfg.run.loggers, cfg.model_dump(mode="json"), verbose=False)
     recorder.after_report(None, [report(1, 40.0), report(1, 40.0)], None)  # both ranks report
     assert [r["epoch"] for r in rows_of(tmp_path / "metrics.csv")] == ["1"], "readable after the first epoch"
     recorder.after_report(None, [report(2, 55.0)], None)
     recorder.after_report(None, [report(2, 57.5)], None)  # epoch 2 trained again after a restore: replaces
     recorder.after_report(None, [report(3, 60.0)], None)  # the last epoch: the trackers are closed
-    assert [(r["epoch"], r["val_top1"]) for r in rows_of(tmp_path / "metrics.csv")] == [
+    assert [(r["epoch"], r["validation_top1"]) for r in rows_of(tmp_path / "metrics.csv")] == [
         ("1", "40.0"), ("2", "57.5"), ("3", "60.0")
     ]  # fmt: skip
 
     scalars = read_scalars(tmp_path / "tensorboard")
-    assert scalars["val/top1"][-1] == (3, 60.0) and [s for s, _ in scalars["train/loss"]] == [1, 2, 2, 3]
+    assert scalars["validation/top1"][-1] == (3, 60.0) and [s for s, _ in scalars["train/loss"]] == [1, 2, 2, 3]
     assert scalars["lr"][0] == (1, pytest.approx(0.05))
 
     import mlflow
 
     client = mlflow.tracking.MlflowClient(tracking_uri=(tmp_path / "mlruns").as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("ega-ray").experiment_id])
-    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "val_top1"))
+    history = sorted((m.step, m.value) for m in client.get_metric_history(run.info.run_id, "validation_top1"))
     assert history == [(1, 40.0), (2, 55.0), (2, 57.5), (3, 60.0)]
     assert run.data.params["distill.method"] == "ega" and run.info.run_name == "run-a"
 
@@ -77,12 +77,13 @@ def test_every_epoch_lands_in_metrics_csv_tensorboard_mlflow_and_wandb(tmp_path)
 
 
 def test_the_epoch_line_is_compact_and_shows_gpu_columns_only_on_a_gpu():
-    cpu = {"epoch": "3", "train_loss": "1.5", "train_ce": "0.5", "train_distill": "1.0", "val_top1": "81.25",
-           "best_val_top1": "82.0", "best_epoch": "2", "train_img_per_s": "1234.5", "gpu_mem_peak_gib": "0.0",
-           "gpu_util_pct": "0.0"}  # fmt: skip
+    cpu = {"epoch": "3", "train_loss": "1.5", "train_ce": "0.5", "train_distill": "1.0",
+           "validation_top1": "81.25", "best_validation_top1": "82.0", "selected_epoch": "2", "test_top1": "79.5",
+           "train_img_per_s": "1234.5", "gpu_mem_peak_gib": "0.0", "gpu_util_pct": "0.0"}  # fmt: skip
     line = format_epoch(cpu, 30, 125.0)
     assert line == (
-        "epoch  3/30  loss 1.500 (ce 0.500, distill 1.000)  top-1 81.25% (best 82.00 @2)  1,234 img/s  eta 2m05s"
+        "epoch  3/30  loss 1.500 (ce 0.500, distill 1.000)  validation top-1 81.25% (best 82.00 @2)  test 79.50%  "
+        "1,234 img/s  eta 2m05s"
     )
     gpu = format_epoch(cpu | {"gpu_mem_peak_gib": "7.25", "gpu_util_pct": "93.4"}, 30, None)
     assert gpu.endswith("1,234 img/s  GPU 7.2 GiB 93%") and "eta" not in gpu

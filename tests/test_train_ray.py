@@ -60,15 +60,54 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, local_ray):
     ):
         run_distill(smoke(tmp_path, "optim.epochs=3", "distill.method=kd", short))
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
-    assert run_distill(smoke(tmp_path, "optim.epochs=4", "run.max_failures=0", short))["epochs"] == 4
+    with pytest.raises(OutputFolderError, match=r"other settings \(data.validation_seed: 0 → 1\)"):
+        run_distill(smoke(tmp_path, "optim.epochs=3", "data.validation_seed=1", short))  # another validation split
+    summary = run_distill(smoke(tmp_path, "optim.epochs=4", "run.max_failures=0", short))
+    assert summary["epochs"] == 4
     assert [(int(r["epoch"]), int(r["restarts"])) for r in read_metrics(run_dir)] == [(1, 0), (2, 1), (3, 1), (4, 2)]
-
-    assert [step for step, _ in read_scalars(run_dir / "tensorboard")["val/top1"]] == [1, 2, 3, 4]
+    assert [step for step, _ in read_scalars(run_dir / "tensorboard")["validation/top1"]] == [1, 2, 3, 4]
+    check_selection_and_splits(cfg, run_dir, summary)
     # the latest checkpoint is the one Ray Train registered, not the newest-looking folder on disk
     stray = run_dir / "checkpoint_2099-12-31_23-59-59.999999"
     stray.mkdir()
     torch.save({**state, "epoch": 999}, stray / "state.pt")
     assert latest_state(str(tmp_path), run_dir.name)["epoch"] == 4
+
+
+def check_selection_and_splits(cfg, run_dir: Path, summary: dict) -> None:
+    """The protocol (docs/method.md): the recorded validation rows are apart from the test split and from the
+    rows the workers train on, and summary.json reports the test split at the epoch validation selected."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from ega_ray.train.launch import decoded_splits
+    from ega_ray.train.preflight import prepare_data
+
+    resolved = resolve(cfg)
+    recorded = json.loads((run_dir / "validation_rows.json").read_text())
+    carved = set(recorded["index"])
+    assert recorded["split"] == "carved from data.train" and recorded["path"] == resolved.data.train
+    assert len(carved) == recorded["rows"] == summary["validation_rows"] > 0
+    assert len(recorded["rows_per_class"]) == 10, "every class is in the validation split"
+    train = pq.read_table(resolved.data.train).to_pydict()
+    test_images = set(pq.read_table(resolved.data.test).to_pydict()["image"])
+    validation_images = {im for im, i in zip(train["image"], train["index"], strict=True) if i in carved}
+    assert len(validation_images) == len(carved) and not validation_images & test_images
+    # the training split the workers get (the same function run_distill hands to Ray Train) lacks them
+    trained, evals, _ = decoded_splits(resolved, prepare_data(resolved))
+    trained_index = set(np.concatenate([b["index"] for b in trained.iter_batches(batch_format="numpy")]).tolist())
+    assert not trained_index & carved and len(trained_index) + len(carved) == len(train["index"])
+    assert set(np.concatenate([b["index"] for b in evals["validation"].iter_batches()]).tolist()) == carved
+
+    rows = read_metrics(run_dir)
+    validation = [float(r["validation_top1"]) for r in rows]
+    selected = int(np.argmax(validation)) + 1  # the first best validation epoch
+    assert summary["selected_epoch"] == selected and summary["selected_by"] == "validation_top1"
+    assert summary["validation_top1_at_selected"] == pytest.approx(validation[selected - 1])
+    assert summary["test_top1_at_selected"] == pytest.approx(float(rows[selected - 1]["test_top1"]))
+    assert summary["test_top1_last"] == pytest.approx(float(rows[-1]["test_top1"]))
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert not any(k.startswith(("best_", "val_")) for k in summary), "every score names its split"
 
 
 def test_an_undecodable_image_stops_the_run_naming_its_row(tmp_path, local_ray):
@@ -122,8 +161,11 @@ def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):
     assert "CE + EGA" in out and "CE only" in out
     saved = json.loads((tmp_path / "embedded" / "summary.json").read_text())
     assert saved == summary
-    for key in ("teacher_knn_top1", "student_ce_top1", "student_ega_top1", "wall_time_s"):
+    scores = ["teacher_knn_test_top1", "student_ce_test_top1_at_selected", "student_ega_test_top1_at_selected"]
+    for key in (*scores, "student_ega_test_top1_last", "student_ega_validation_top1_at_selected", "wall_time_s"):
         assert 0.0 <= saved[key] and (key == "wall_time_s" or saved[key] <= 100.0)
+    assert "test top-1 (%)" in out and saved["validation_rows"] == 145 and saved["test_rows"] == 360
+    assert (tmp_path / "embedded" / "teacher" / "validation_rows.json").is_file(), "held out of pretraining too"
     assert saved["labeled_train_rows"] < 0.15 * saved["train_rows"]
     assert (tmp_path / "embedded" / "ega" / "metrics.csv").is_file()
     teacher_file = tmp_path / "embedded" / "teacher" / "teacher.pt"

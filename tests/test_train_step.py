@@ -22,7 +22,7 @@ B, CLASSES = 16, 10
 def _cfg(**optim):
     return parse_config(
         {
-            "data": {"train": "unused", "val": "unused", "num_classes": CLASSES},
+            "data": {"train": "unused", "test": "unused", "num_classes": CLASSES},
             "teacher": {"name": "zoo:resnet8"},
             "student": {"name": "resnet8"},
             "distill": {"graph_size": 8},

@@ -87,14 +87,19 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     with open(out / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 2 and best["trials"] == 2
-    for column in ("temperature", "node_weight", "edge_weight", "lr", "best_top1", "last_top1", "epochs", "status"):
+    scores = ("selected_epoch", "validation_top1_at_selected", "test_top1_at_selected", "test_top1_last")
+    for column in ("temperature", "node_weight", "edge_weight", "lr", *scores, "epochs", "status"):
         assert column in rows[0]
     assert all(r["status"] == "COMPLETED" and r["epochs"] == "2" for r in rows), rows
     with open(first / "metrics.csv") as f:
         history = list(csv.DictReader(f))
     # a finished trial may be rescheduled (the kill came before Tune recorded it) but trains no epoch again
     assert [(h["epoch"], h["restarts"]) for h in history] == [("1", "0"), ("2", "0")]
-    assert best["best_top1"] == max(float(r["best_top1"]) for r in rows)
+    # the best trial is the best on the validation split, whatever the test split says
+    assert best["validation_top1_at_selected"] == max(float(r["validation_top1_at_selected"]) for r in rows)
+    with open(out / "trials" / best["trial_id"] / "metrics.csv") as f:
+        at = list(csv.DictReader(f))[best["selected_epoch"] - 1]
+    assert best["test_top1_at_selected"] == pytest.approx(float(at["test_top1"]))
     winner = yaml.safe_load((out / "best.yaml").read_text())
     assert winner["distill"]["node_weight"] == pytest.approx(best["node_weight"])
     assert winner["optim"]["lr"] == pytest.approx(best["lr"])
@@ -115,14 +120,15 @@ def test_a_diverged_trial_ends_alone_and_is_never_the_best(tmp_path, local_ray):
     with open(out / "trials.csv") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: float(r["lr"]))
     assert [(float(r["lr"]), r["status"]) for r in rows] == [(0.05, "COMPLETED"), (1e8, "DIVERGED")], rows
-    assert rows[1]["best_top1"] == "nan" and float(rows[0]["best_top1"]) == best["best_top1"]
+    key = "validation_top1_at_selected"
+    assert rows[1][key] == "nan" and float(rows[0][key]) == best[key]
     assert best["lr"] == 0.05 and load_config(out / "best.yaml").optim.lr == 0.05
     assert not list((out / "trials" / rows[1]["trial_id"]).glob("student_*"))  # nothing of it exported
     assert (out / "search.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def _raw(**space) -> dict:
-    return {"data": {"train": "t", "val": "v"}, "tune": {"space": space}}
+    return {"data": {"train": "t", "test": "v"}, "tune": {"space": space}}
 
 
 @pytest.mark.parametrize(
@@ -177,3 +183,23 @@ def test_resume_accepts_only_state_files_it_recorded(tmp_path):
     (exp / "trial_1" / "error.pkl").write_bytes(b"planted")
     with pytest.raises(OutputFolderError, match=r"did not write \(search/trial_1/error\.pkl\)"):
         verify_state(out, str(exp))
+
+
+def test_a_trial_is_scored_at_the_epoch_its_validation_split_selected():
+    import math
+
+    import pandas as pd
+
+    from ega_ray.tune.report import trial_scores
+
+    # the test split peaks at epoch 2, the validation split at epoch 3 (tied at 4: the first one counts)
+    history = pd.DataFrame(
+        {"epoch": [1, 2, 3, 4], "validation_top1": [50.0, 60.0, 70.0, 70.0], "test_top1": [40.0, 80.0, 65.0, 66.0]}
+    )
+    assert trial_scores(history) == {
+        "selected_epoch": 3,
+        "validation_top1_at_selected": 70.0,
+        "test_top1_at_selected": 65.0,
+        "test_top1_last": 66.0,
+    }
+    assert all(math.isnan(v) for v in trial_scores(None).values())

@@ -21,23 +21,26 @@ def digits_images(size: int = 32) -> tuple[np.ndarray, np.ndarray]:
     return np.repeat(up[..., None], 3, axis=-1), d.target.astype(np.int64)
 
 
-def digits_splits(val_fraction: float = 0.2, seed: int = 0, size: int = 32) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """``train`` and ``val`` (images, labels): a stratified split of all digits. What ``builtin:digits`` and
-    ``ega-ray prepare digits`` both write, so the two give the same rows."""
+def digits_splits(
+    test_fraction: float = 0.2, seed: int = 0, size: int = 32
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """``train`` and ``test`` (images, labels): a stratified split of all digits. What ``builtin:digits`` and
+    ``ega-ray prepare digits`` both write, so the two give the same rows. (A run's validation split is carved
+    from ``train``: see ``ega_ray.data.splits``.)"""
     images, labels = digits_images(size)
     x_tr, x_va, y_tr, y_va = train_test_split(
-        images, labels, test_size=val_fraction, stratify=labels, random_state=seed
+        images, labels, test_size=test_fraction, stratify=labels, random_state=seed
     )
-    return {"train": (x_tr, y_tr), "val": (x_va, y_va)}
+    return {"train": (x_tr, y_tr), "test": (x_va, y_va)}
 
 
-def prepare_digits(out: str | Path, val_fraction: float = 0.2, seed: int = 0, size: int = 32) -> dict[str, Path]:
-    """Write ``out/train`` and ``out/val`` (stratified split); skips splits that already exist."""
+def prepare_digits(out: str | Path, test_fraction: float = 0.2, seed: int = 0, size: int = 32) -> dict[str, Path]:
+    """Write ``out/train`` and ``out/test`` (stratified split); skips the work when both exist."""
     out = Path(out)
-    paths = {"train": out / "train", "val": out / "val"}
+    paths = {"train": out / "train", "test": out / "test"}
     if all(p.exists() for p in paths.values()):
         return paths
-    for split, (images, labels) in digits_splits(val_fraction, seed, size).items():
+    for split, (images, labels) in digits_splits(test_fraction, seed, size).items():
         write_split(paths[split], images, labels)
     return paths
 
@@ -51,7 +54,8 @@ def cache_dir() -> Path:
 
 
 def builtin_split(value: str, split: str) -> str:
-    """``builtin:digits`` → the prepared split's local folder (prepared on first use)."""
+    """``builtin:digits`` → the prepared split's local folder (prepared on first use); ``split``: train or
+    test."""
     name = value.removeprefix(BUILTIN_PREFIX)
     if name != "digits":
         raise ValueError(f"unknown built-in dataset {name!r}; allowed: digits")

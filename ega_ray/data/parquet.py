@@ -114,10 +114,15 @@ def read_columns(path: str, columns: list[str]) -> pa.Table:
     return pads.dataset(path, format="parquet").to_table(columns=columns)
 
 
-def read_decoded(path: str, image_size: int, split: str = "data.val") -> dict[str, np.ndarray]:
-    """A whole (non-empty, checked) split, decoded on the calling process, e.g. a small validation split on
-    the driver: image (N, S, S, 3) uint8, label, index."""
+def read_decoded(
+    path: str, image_size: int, split: str = "data.test", wanted: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
+    """A whole (non-empty, checked) split, decoded on the calling process, e.g. a small evaluation split on
+    the driver: image (N, S, S, 3) uint8, label, index. ``wanted``: only the rows it marks (a mask by index,
+    e.g. the validation rows carved from the training split)."""
     table = read_columns(path, ["image", "label", "index"])
+    if wanted is not None:
+        table = table.filter(pa.array(wanted[table["index"].to_numpy()]))
     index = table["index"].to_numpy()
     batch = decode_images({"image": table["image"].to_pylist(), "index": index}, image_size, split)
     return batch | {"label": table["label"].to_numpy()}
@@ -172,7 +177,7 @@ def check_labels(path: str, field: str, rows: int, unlabeled_ok: bool) -> tuple[
     lowest = -1 if unlabeled_ok else 0
     bad = labels < lowest
     if bad.any():
-        allowed = "0..C−1, or −1 for an unlabeled row" if unlabeled_ok else "0..C−1 (validation rows need labels)"
+        allowed = "0..C−1, or −1 for an unlabeled row" if unlabeled_ok else "0..C−1 (rows evaluated on need labels)"
         raise ValueError(f"{field}: {path!r} has label {labels[bad][0]} (index {index[bad][0]}); labels are {allowed}")
     return labels, index
 
@@ -196,3 +201,10 @@ def mask_labels(batch: dict[str, np.ndarray], keep: np.ndarray) -> dict[str, np.
     """Ray Data batch transform: labels of rows outside ``keep`` become −1 (unlabeled)."""
     batch["label"] = np.where(keep[batch["index"]], batch["label"], -1)
     return batch
+
+
+def select_rows(batch: dict[str, np.ndarray], wanted: np.ndarray) -> dict[str, np.ndarray]:
+    """Ray Data batch transform: only the rows ``wanted`` marks (a boolean mask by index), e.g. the training
+    split less its carved validation rows, or those rows alone."""
+    chosen = wanted[batch["index"]]
+    return {k: v[chosen] for k, v in batch.items()}

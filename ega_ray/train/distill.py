@@ -64,8 +64,8 @@ class WorkerArgs:
     teacher_dim: int  # width of the teacher's features
     num_train: int  # training rows
     num_indices: int  # the size of a per-row memory (CRD): the largest index + 1
-    keep_val: bool  # the validation split is small: keep this worker's rows in memory after the first pass
-    val_split: Any  # ObjectRef of the decoded validation split (sent from the driver), or None: a Ray Data shard
+    keep_eval: bool  # the evaluation splits are small: keep this worker's rows in memory after the first pass
+    eval_splits: dict[str, Any]  # split → ObjectRef of it decoded (sent from the driver), or None: a Ray Data shard
     progress_bar: bool
 
 
@@ -230,31 +230,34 @@ def evaluate(
     return tuple(counts)
 
 
-class ValidationRows:
-    """This worker's share of the validation split (rows index % world == rank). A small split comes decoded
-    with the run (``val_split``, through the object store) or is read through Ray Data once, and is then
-    served from memory: a Ray Data pass starts a streaming executor, which costs seconds."""
+class EvalRows:
+    """This worker's share of an evaluation split (``validation`` or ``test``; rows index % world == rank).
+    A small split comes decoded with the run (``eval_splits``, through the object store) or is read through
+    Ray Data once, and is then served from memory: a Ray Data pass starts a streaming executor, which costs
+    seconds."""
 
-    def __init__(self, args: WorkerArgs, rank: int, world: int, device: torch.device) -> None:
-        self.args, self.rank, self.world, self.device = args, rank, world, device
+    def __init__(self, args: WorkerArgs, split: str, rank: int, world: int, device: torch.device) -> None:
+        self.args, self.split, self.rank, self.world, self.device = args, split, rank, world, device
         self.kept: list[dict[str, torch.Tensor]] = []
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         if self.kept:
             yield from self.kept
             return
-        if self.args.val_split is not None:
-            rows = {k: torch.from_numpy(np.array(v)) for k, v in ray.get(self.args.val_split).items()}  # writable
+        decoded = self.args.eval_splits[self.split]
+        if decoded is not None:
+            rows = {k: torch.from_numpy(np.array(v)) for k, v in ray.get(decoded).items()}  # writable
             starts = range(0, len(rows["label"]), EVAL_BATCH)
             source = ({k: v[i : i + EVAL_BATCH].to(self.device) for k, v in rows.items()} for i in starts)
         else:
-            source = ray.train.get_dataset_shard("val").iter_torch_batches(batch_size=EVAL_BATCH, device=self.device)
+            shard = ray.train.get_dataset_shard(self.split)
+            source = shard.iter_torch_batches(batch_size=EVAL_BATCH, device=self.device)
         for batch in source:
             mine = batch["index"] % self.world == self.rank
             batch = {k: v[mine] for k, v in batch.items()}
             if len(batch["label"]):
                 yield batch
-                if self.args.keep_val:
+                if self.args.keep_eval:
                     self.kept.append(batch)
 
 
@@ -278,7 +281,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     saved = p.checkpointed()
 
     # --- restore
-    start_epoch, history, best, restarts = 0, [], {"val_top1": -1.0, "epoch": 0}, 0
+    # the selected epoch: the best validation top-1 (the test split never selects)
+    start_epoch, history, best, restarts = 0, [], {"validation_top1": -1.0, "epoch": 0}, 0
     state = load_state(ray.train.get_checkpoint())
     if state is not None:
         values = saved.restore(state)
@@ -287,7 +291,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
 
     train_shard = ray.train.get_dataset_shard("train")
     per_worker = o.batch_size // world
-    val_rows = ValidationRows(args, rank, world, device)
+    eval_rows = {split: EvalRows(args, split, rank, world, device) for split in args.eval_splits}
     steps_per_epoch = min(args.num_train // o.batch_size, o.max_steps_per_epoch or args.num_train)
     progress = Progress(cfg.run.name, o.epochs, start_epoch, steps_per_epoch, args.progress_bar)
     watch = NonFiniteWatch(WATCHED, device)
@@ -332,16 +336,18 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
                 f"smaller than optim.batch_size {o.batch_size}"
             )
 
-        # --- evaluate (summed over ranks) and report
-        c1, c5, ct, n = all_reduce_sum(list(evaluate(p, iter(val_rows), epoch, seed, args.num_classes)), device)
+        # --- evaluate both splits (summed over ranks) and report
+        scores = {}
+        for split, rows in eval_rows.items():
+            c1, c5, ct, n = all_reduce_sum(list(evaluate(p, iter(rows), epoch, seed, args.num_classes)), device)
+            scores |= {f"{split}_top1": 100.0 * c1 / n, f"{split}_top5": 100.0 * c5 / n}
+            scores[f"{split}_teacher_top1"] = 100.0 * ct / n
         mean_losses = [x / world for x in all_reduce_sum((sums / steps).tolist(), device)]
         img_per_s = all_reduce_sum([timer.images_per_s(per_worker)], device)[0]  # summed over workers
         metrics = {
             "epoch": epoch + 1,
             **{f"train_{name}": value for name, value in zip(StepLosses._fields, mean_losses, strict=True)},
-            "val_top1": 100.0 * c1 / n,
-            "val_top5": 100.0 * c5 / n,
-            "val_teacher_top1": 100.0 * ct / n,
+            **scores,
             "lr": lr,
             "train_img_per_s": img_per_s,
             "train_img_per_s_per_worker": img_per_s / world,
@@ -352,9 +358,9 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
             "restarts": restarts,
         }
         history.append(metrics)
-        if metrics["val_top1"] > best["val_top1"]:
-            best = {"val_top1": metrics["val_top1"], "epoch": epoch + 1}
-        metrics |= {"best_val_top1": best["val_top1"], "best_epoch": best["epoch"]}
+        if metrics["validation_top1"] > best["validation_top1"]:
+            best = {"validation_top1": metrics["validation_top1"], "epoch": epoch + 1}
+        metrics |= {"best_validation_top1": best["validation_top1"], "selected_epoch": best["epoch"]}
         progress.epoch_done(epoch)
         # --- checkpoint every epoch: everything needed to resume exactly here
         state = saved.state(

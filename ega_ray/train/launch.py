@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import ray
 import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -20,7 +21,7 @@ from ray.train.torch import TorchTrainer
 
 from ega_ray.config import Config
 from ega_ray.data.images import decode_images
-from ega_ray.data.parquet import mask_labels, read_decoded
+from ega_ray.data.parquet import mask_labels, read_decoded, select_rows
 from ega_ray.errors import ConfigError, DivergedError
 from ega_ray.teacher_modes import TEACHER_MODES
 from ega_ray.train.common import load_state
@@ -29,6 +30,8 @@ from ega_ray.train.preflight import PreparedData, check_distill, check_student, 
 from ega_ray.train.tracking import RunRecorder, epoch_lines, quiet_ray_logs
 
 MATERIALIZE_AUTO_BYTES = 2 << 30
+SELECTION_METRIC = "validation_top1"  # the best epoch, Ray Train's best checkpoint (Tune's metric: tune.metric)
+VALIDATION_ROWS = "validation_rows.json"  # the run folder's record of the validation split
 VAL_IN_MEMORY_BYTES = 256 << 20
 
 
@@ -76,31 +79,48 @@ def connect_ray(cfg: Config) -> None:
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), logging_level=level, **env)
 
 
+EVAL_SPLITS = ("validation", "test")  # evaluated every epoch; only the validation split selects
+
+
+def eval_source(cfg: Config, data: PreparedData, split: str) -> tuple[str, str, np.ndarray | None]:
+    """Where an evaluation split's rows are: its Parquet path, the field naming that path (in a decoding
+    error), and for the validation rows carved from the training split the mask (by index) of those rows
+    (None: the whole split)."""
+    if split == "validation" and data.carved is not None:
+        return cfg.data.train, "data.train", data.carved
+    return getattr(cfg.data, split), f"data.{split}", None
+
+
+def read_split(path: str, image_size: int, field: str, wanted: np.ndarray | None) -> ray.data.Dataset:
+    """A split read through Ray Data (only the rows ``wanted`` marks, when given) and decoded."""
+    ds = ray.data.read_parquet(path)
+    if wanted is not None:  # before decoding: the rows left out are never decoded
+        ds = ds.map_batches(select_rows, fn_kwargs={"wanted": wanted}, batch_format="numpy")
+    return ds.map_batches(decode_images, fn_kwargs={"image_size": image_size, "split": field}, batch_format="numpy")
+
+
 def decoded_splits(
-    cfg: Config, data: PreparedData, with_val: bool = True
-) -> tuple[ray.data.Dataset, ray.data.Dataset | None, bool]:
-    """The decoded, label-masked training split, the decoded validation split (None without ``with_val``:
-    it travels another way), and whether they were materialized: small splits are kept in the object store,
-    since re-reading and decoding them every epoch costs seconds of Ray Data start-up per epoch, more than
-    training on them."""
+    cfg: Config, data: PreparedData, evals: tuple[str, ...] = EVAL_SPLITS
+) -> tuple[ray.data.Dataset, dict[str, ray.data.Dataset], bool]:
+    """The decoded, label-masked training split (less the carved validation rows), the decoded evaluation
+    splits named in ``evals`` (the others travel another way), and whether they were materialized: small
+    splits are kept in the object store, since re-reading and decoding them every epoch costs seconds of
+    Ray Data start-up per epoch, more than training on them."""
     size = cfg.data.image_size
-    train = (
-        ray.data.read_parquet(cfg.data.train)
-        .map_batches(decode_images, fn_kwargs={"image_size": size, "split": "data.train"}, batch_format="numpy")
-        .map_batches(mask_labels, fn_kwargs={"keep": data.keep}, batch_format="numpy")
+    train = read_split(cfg.data.train, size, "data.train", data.trained).map_batches(
+        mask_labels, fn_kwargs={"keep": data.keep}, batch_format="numpy"
     )
-    val = None
-    if with_val:
-        val = ray.data.read_parquet(cfg.data.val).map_batches(
-            decode_images, fn_kwargs={"image_size": size, "split": "data.val"}, batch_format="numpy"
-        )
-    decoded_bytes = (data.num_train + data.num_val) * size * size * 3
+    splits = {}
+    for split in evals:
+        path, field, wanted = eval_source(cfg, data, split)
+        splits[split] = read_split(path, size, field, wanted)
+    decoded_bytes = (data.num_train + data.num_validation + data.num_test) * size * size * 3
     materialize = cfg.data.materialize == "always" or (
         cfg.data.materialize == "auto" and decoded_bytes < MATERIALIZE_AUTO_BYTES
     )
     if not materialize:
-        return train, val, False
-    return train.materialize(), None if val is None else val.materialize(), True
+        return train, splits, False
+    return train.materialize(), {k: v.materialize() for k, v in splits.items()}, True
 
 
 def fit(
@@ -164,25 +184,32 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
         write_config(cfg, out)
         t0 = time.time()
         connect_ray(cfg)
-        # a validation split this small stays in the workers' memory after its first pass; when no teacher
-        # stage must embed it, it is decoded here and handed over through the object store, without a Ray
-        # Data pass (each pass starts a streaming executor: seconds, more than a small split's evaluation)
-        keep_val = data.num_val * cfg.data.image_size**2 * 3 <= VAL_IN_MEMORY_BYTES
-        val_on_driver = keep_val and mode.teacher_in_worker
+        write_json(data.validation, out / VALIDATION_ROWS)
+        # evaluation splits this small stay in the workers' memory after their first pass; when no teacher
+        # stage must embed them, they are decoded here and handed over through the object store, without a
+        # Ray Data pass (each pass starts a streaming executor: seconds, more than a small split's evaluation)
+        rows = {"validation": data.num_validation, "test": data.num_test}
+        keep_eval = all(n * cfg.data.image_size**2 * 3 <= VAL_IN_MEMORY_BYTES for n in rows.values())
+        on_driver = keep_eval and mode.teacher_in_worker
+        sources = {split: eval_source(cfg, data, split) for split in EVAL_SPLITS}
+        eval_splits = {
+            split: ray.put(read_decoded(path, cfg.data.image_size, field, wanted)) if on_driver else None
+            for split, (path, field, wanted) in sources.items()
+        }
         args = WorkerArgs(
             num_classes=data.num_classes,
             teacher_dim=teacher_dim,
             num_train=data.num_train,
             num_indices=int(data.indices.max()) + 1,
-            keep_val=keep_val,
-            val_split=ray.put(read_decoded(cfg.data.val, cfg.data.image_size)) if val_on_driver else None,
+            keep_eval=keep_eval,
+            eval_splits=eval_splits,
             progress_bar=cfg.run.progress_bar if cfg.run.progress_bar is not None else sys.stderr.isatty(),
         )
         with mode.actors(cfg) as actors:
-            train, val, materialized = decoded_splits(cfg, data, with_val=not val_on_driver)
-            train, val = mode.wire(cfg, data, train, val, actors, materialized)
-            datasets = {"train": train} | ({} if val_on_driver else {"val": val})
-            result = fit(cfg, train_func_per_worker, datasets, args, "val_top1", cfg.optim.epochs, callbacks, not trial)
+            train, evals, materialized = decoded_splits(cfg, data, () if on_driver else EVAL_SPLITS)
+            train, evals = mode.wire(cfg, data, train, evals, actors, materialized)
+            datasets, epochs = {"train": train} | evals, cfg.optim.epochs
+            result = fit(cfg, train_func_per_worker, datasets, args, SELECTION_METRIC, epochs, callbacks, not trial)
             mode_summary = mode.summary(actors)
         return write_distill_outputs(cfg, data, result, out, time.time() - t0, not trial, mode_summary)
 
@@ -200,7 +227,8 @@ def write_distill_outputs(
     teacher mode adds), from the checkpoints; the best student also as a ``.pt2`` program when
     ``deployable`` (a search's trials skip it: seconds each)."""
     last = load_state(result.checkpoint)
-    best_ckpt = max(result.best_checkpoints, key=lambda cm: cm[1]["val_top1"])[0] if result.best_checkpoints else None
+    scored = result.best_checkpoints
+    best_ckpt = max(scored, key=lambda cm: cm[1][SELECTION_METRIC])[0] if scored else None
     best = load_state(best_ckpt) if best_ckpt is not None else last
     history = last["history"]
     write_metrics_csv(history, out / "metrics.csv")
@@ -211,30 +239,55 @@ def write_distill_outputs(
     )
     export_student(cfg, last, out, "student_last", pt2=False)  # `ega-ray export` makes one when wanted
     export_student(cfg, best, out, "student_best", pt2=deployable)
-    final = history[-1]
     summary = {
         "name": cfg.run.name,
         "method": cfg.distill.method if cfg.distill.beta > 0 else "ce-only",
         "teacher": cfg.teacher.name,
         "teacher_mode": cfg.teacher.mode,
         "student": cfg.student.name,
-        "epochs": final["epoch"],
+        "epochs": history[-1]["epoch"],
         "num_workers": cfg.scaling.num_workers,
         "global_batch": cfg.optim.batch_size,
         "labeled_train_rows": int(data.keep.sum()),
         "train_rows": data.num_train,
-        "val_rows": data.num_val,
-        "best_val_top1": last["best"]["val_top1"],
-        "best_epoch": last["best"]["epoch"],
-        "last_val_top1": final["val_top1"],
-        "last_val_top5": final["val_top5"],
-        "teacher_head_top1": final["val_teacher_top1"],
+        "validation_rows": data.num_validation,
+        "validation_split": data.validation["split"],
+        "test_rows": data.num_test,
+        **selected_scores(history, last["best"]["epoch"]),
         "seed": cfg.run.seed,
         "wall_time_s": round(wall_s, 1),
         "output": str(out),
     } | (extra or {})
     write_json(summary, out / "summary.json")
     return summary
+
+
+def selected_scores(history: list[dict[str, Any]], selected_epoch: int) -> dict[str, Any]:
+    """What a run reports, each key naming its split: the epoch the validation split selected (its best
+    validation top-1), the validation score that selected it, and the test split's scores at that epoch and
+    at the last one. The test split's own best epoch is never reported: choosing it would select on test.
+
+    Args:
+        history: the run's metrics, one dict per epoch (``epoch`` from 1).
+        selected_epoch: the epoch with the best validation top-1 (the first of ties).
+
+    Returns:
+        The summary's score fields.
+    """
+    at = next(row for row in history if row["epoch"] == selected_epoch)
+    last = history[-1]
+    return {
+        "selected_epoch": selected_epoch,
+        "selected_by": SELECTION_METRIC,
+        "validation_top1_at_selected": at["validation_top1"],
+        "test_top1_at_selected": at["test_top1"],
+        "test_top5_at_selected": at["test_top5"],
+        "test_teacher_head_top1_at_selected": at["test_teacher_top1"],
+        "validation_top1_last": last["validation_top1"],
+        "test_top1_last": last["test_top1"],
+        "test_top5_last": last["test_top5"],
+        "test_teacher_head_top1_last": last["test_teacher_top1"],
+    }
 
 
 def run_pretrain(cfg: Config) -> dict[str, Any]:
@@ -254,9 +307,10 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     with run_folder(cfg, "pretrain-teacher") as out:
         write_config(cfg, out)
         t0 = time.time()
+        write_json(data.validation, out / VALIDATION_ROWS)  # held out of pretraining too
         connect_ray(cfg)
-        train, val, _ = decoded_splits(cfg, data)
-        datasets = {"train": train, "knn_train": train, "val": val}
+        train, evals, _ = decoded_splits(cfg, data, ("test",))
+        datasets = {"train": train, "knn_train": train, "test": evals["test"]}  # kNN reported on test
         result = fit(cfg, pretrain_func_per_worker, datasets, None, None, cfg.pretrain.epochs)
         state = load_state(result.checkpoint)
         history = state["history"]
@@ -281,7 +335,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
             "name": cfg.run.name,
             "arch": cfg.pretrain.arch,
             "epochs": state["epoch"],
-            "knn_top1": knn,
+            "knn_test_top1": knn,  # the kNN probe on data.test (nothing is selected on it)
             "teacher": str(out / "teacher.pt"),
             "wall_time_s": round(time.time() - t0, 1),
         }

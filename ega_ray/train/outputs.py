@@ -36,7 +36,7 @@ def write_metrics_csv(history: list[dict], path: Path) -> None:
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
-    """Training losses (left) and validation accuracies (right) per epoch."""
+    """Training losses (left) and validation and test accuracies (right) per epoch."""
     epochs = [row["epoch"] for row in history]
     fig, (ax_l, ax_a) = plt.subplots(1, 2, figsize=(10, 4))
     for key in ("train_loss", "train_ce", "train_distill", "train_teacher_ce"):
@@ -45,16 +45,16 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
     ax_l.set(xlabel="epoch", ylabel="loss", title="training loss")
     ax_l.legend()
     for key, label in (
-        ("val_top1", "student top-1"),
-        ("val_top5", "student top-5"),
-        ("val_teacher_top1", "teacher head top-1"),
-        ("knn_top1", "kNN top-1"),
+        ("validation_top1", "student top-1, validation"),
+        ("test_top1", "student top-1, test"),
+        ("validation_teacher_top1", "teacher head top-1, validation"),
+        ("knn_top1", "kNN top-1, test"),
     ):
         rows = [row for row in history if key in row]
         if rows:
             xs, ys = [r["epoch"] for r in rows], [r[key] for r in rows]
             ax_a.plot(xs, ys, marker="." if len(rows) < 30 else None, label=label)
-    ax_a.set(xlabel="epoch", ylabel="%", title="validation")
+    ax_a.set(xlabel="epoch", ylabel="%", title="accuracy")
     if ax_a.lines:
         ax_a.legend()
     fig.suptitle(title)

@@ -1,6 +1,7 @@
-"""What the driver checks before Ray starts: paths, both splits and their labels, the teacher, the teacher
-mode's own needs, and the output folder. Each failure is one line naming the field, file or folder
-(ConfigError / OutputFolderError). No Ray here; torch only where a teacher is built.
+"""What the driver checks before Ray starts: paths, the splits and their labels, the validation split carved
+from the training split, the teacher, the teacher mode's own needs, and the output folder. Each failure is one
+line naming the field, file or folder (ConfigError / OutputFolderError). No Ray here; torch only where a
+teacher is built.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 
 from ega_ray.config import EPOCHS_FIELD, Config, is_uri
 from ega_ray.data.parquet import check_labels, check_split, stratified_label_mask
+from ega_ray.data.splits import carve_validation, index_mask, validation_record
 from ega_ray.errors import ConfigError, OutputFolderError
 from ega_ray.models.weights import is_weights_file
 from ega_ray.run_folder import claim, remove_own, settings_differences
@@ -33,9 +35,16 @@ def resolve(cfg: Config, check_teacher_file: bool = True) -> Config:
     from ega_ray.data.digits import builtin_split
 
     cfg = cfg.model_copy(deep=True)
-    for field in ("train", "val"):
+    for field in ("train", "test", "validation"):
         value = getattr(cfg.data, field)
+        if value is None:
+            continue
         if value.startswith("builtin:"):
+            if field == "validation":
+                raise ConfigError(
+                    f"data.validation: {value!r} has a train and a test split only; leave data.validation empty "
+                    "to carve the validation split from data.train (data.validation_fraction)"
+                )
             try:
                 value = builtin_split(value, field)
             except ValueError as err:
@@ -53,6 +62,12 @@ def resolve(cfg: Config, check_teacher_file: bool = True) -> Config:
         cfg.teacher.weights = str(path)
     if cfg.teacher.cache is not None:
         cfg.teacher.cache = str(Path(cfg.teacher.cache).expanduser().resolve())
+    for field in ("train", "test"):
+        if cfg.data.validation == getattr(cfg.data, field):
+            raise ConfigError(
+                f"data.validation: {cfg.data.validation!r} is also data.{field}; the split that selects must be "
+                "apart from the rows trained on and from the split reported on"
+            )
     cfg.run.output = str(cfg.output_dir.expanduser().resolve())
     if cfg.run.storage is not None and not is_uri(cfg.run.storage):
         cfg.run.storage = str(Path(cfg.run.storage).expanduser().resolve())
@@ -62,33 +77,65 @@ def resolve(cfg: Config, check_teacher_file: bool = True) -> Config:
 @dataclass
 class PreparedData:
     num_classes: int
-    keep: np.ndarray  # which training rows keep their label (by index)
-    indices: np.ndarray  # the training split's index column
-    num_train: int
-    num_val: int
+    keep: np.ndarray  # which training rows keep their label (by index); False for every carved validation row
+    indices: np.ndarray  # the training split's index column (all rows, the carved ones included)
+    num_train: int  # rows trained on (the training split less the carved validation rows)
+    num_validation: int
+    num_test: int
+    carved: np.ndarray | None  # the validation rows carved from data.train (a mask by index), None: data.validation
+    validation: dict[str, Any]  # what validation_rows.json records (``ega_ray.data.splits.validation_record``)
+
+    @property
+    def trained(self) -> np.ndarray | None:
+        """A mask by index of the training split's rows that are trained on; None: all of them."""
+        return None if self.carved is None else ~self.carved
 
 
 def prepare_data(cfg: Config) -> PreparedData:
-    """Check both splits and their labels on the driver; choose the labeled subset."""
+    """Check the splits and their labels on the driver; carve the validation split from the training split
+    (unless ``data.validation`` names one) and choose the labeled subset of the rows left to train on."""
+    d = cfg.data
     try:
-        n_train = check_split(cfg.data.train, "data.train")
-        n_val = check_split(cfg.data.val, "data.val")
-        labels, index = check_labels(cfg.data.train, "data.train", n_train, unlabeled_ok=True)
-        val_labels, _ = check_labels(cfg.data.val, "data.val", n_val, unlabeled_ok=False)
+        n_train = check_split(d.train, "data.train")
+        n_test = check_split(d.test, "data.test")
+        labels, index = check_labels(d.train, "data.train", n_train, unlabeled_ok=True)
+        test_labels, _ = check_labels(d.test, "data.test", n_test, unlabeled_ok=False)
+        if d.validation is not None:
+            n_val = check_split(d.validation, "data.validation")
+            val_labels, val_index = check_labels(d.validation, "data.validation", n_val, unlabeled_ok=False)
+            carved = None
+        else:
+            carved = carve_validation(labels, index, d.validation_fraction, d.validation_seed)
+            val_labels, val_index = labels[np.isin(index, carved)], carved
+            n_val = len(carved)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    seen = int(max(labels.max(), val_labels.max())) + 1
+    seen = int(max(labels.max(), val_labels.max(), test_labels.max())) + 1
     if seen < 1:
-        raise ConfigError(f"data.train: {cfg.data.train!r} has no labeled row (every label is -1)")
-    num_classes = cfg.data.num_classes or seen
+        raise ConfigError(f"data.train: {d.train!r} has no labeled row (every label is -1)")
+    num_classes = d.num_classes or seen
     if seen > num_classes:
-        split, path = ("data.train", cfg.data.train) if labels.max() >= num_classes else ("data.val", cfg.data.val)
+        splits = (("train", labels), ("validation", val_labels), ("test", test_labels))
+        field = next(f for f, y in splits if y.max() >= num_classes)
         raise ConfigError(
-            f"data.num_classes: {num_classes}, but {split} {path!r} has label {seen - 1} "
-            "(labels are 0..C-1, -1 unlabeled)"
+            f"data.num_classes: {num_classes}, but data.{field} {getattr(d, field) or d.train!r} has label "
+            f"{seen - 1} (labels are 0..C-1, -1 unlabeled)"
         )
-    keep = stratified_label_mask(labels, index, cfg.data.label_fraction, cfg.run.seed)
-    return PreparedData(num_classes, keep, index, n_train, n_val)
+    size = int(index.max()) + 1
+    mask = None if carved is None else index_mask(carved, size)
+    rest = np.ones(len(index), dtype=bool) if mask is None else ~mask[index]
+    keep = np.zeros(size, dtype=bool)
+    budget = stratified_label_mask(labels[rest], index[rest], d.label_fraction, cfg.run.seed)
+    keep[: len(budget)] = budget
+    record = validation_record(
+        carved,
+        labels if carved is not None else val_labels,
+        index if carved is not None else val_index,
+        d.train if carved is not None else d.validation,
+        d.validation_fraction,
+        d.validation_seed,
+    )
+    return PreparedData(num_classes, keep, index, int(rest.sum()), n_val, n_test, mask, record)
 
 
 def check_student(name: str, field: str = "student.name") -> None:
@@ -116,6 +163,11 @@ def check_teacher(cfg: Config) -> Teacher:
 def check_distill(cfg: Config) -> tuple[PreparedData, int]:
     """Everything a distillation run checks before Ray starts; the data and the teacher's embedding width."""
     data = prepare_data(cfg)
+    if data.num_train < cfg.optim.batch_size:
+        raise ConfigError(
+            f"data.train: {data.num_train} rows are left to train on (less the validation split), fewer than "
+            f"optim.batch_size {cfg.optim.batch_size}"
+        )
     check_student(cfg.student.name)
     spec = check_teacher(cfg).spec
     TEACHER_MODES[cfg.teacher.mode].preflight(cfg, spec)

@@ -71,7 +71,8 @@ def embed_all(backbone: nn.Module, data, cfg: Config, device: torch.device) -> t
 
 
 def knn_top1(backbone: nn.Module, train_data, val_data, cfg: Config, device: torch.device) -> float:
-    """kNN top-1 (%) of frozen features: cosine distance, distance-weighted vote of k training neighbours."""
+    """kNN top-1 (%) of frozen features on ``val_data`` (the run's test split): cosine distance,
+    distance-weighted vote of k training neighbours. Nothing is selected on it."""
     backbone.eval()
     x_tr, y_tr = embed_all(backbone, train_data, cfg, device)
     x_va, y_va = embed_all(backbone, val_data, cfg, device)
@@ -108,7 +109,7 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
         start_epoch, history, restarts = values["epoch"], values["history"], values["restarts"] + 1
 
     shard = ray.train.get_dataset_shard("train")
-    knn_train, knn_val = ray.train.get_dataset_shard("knn_train"), ray.train.get_dataset_shard("val")
+    knn_train, knn_test = ray.train.get_dataset_shard("knn_train"), ray.train.get_dataset_shard("test")
     mean, std = cfg.augment.student_mean, cfg.augment.student_std
     size = teacher_input_size(cfg)
     watch = NonFiniteWatch(["ntxent"], device)
@@ -151,7 +152,7 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
         }
         last = epoch + 1 == p.epochs
         if rank == 0 and (last or (epoch + 1) % 5 == 0):
-            metrics["knn_top1"] = knn_top1(unwrap(net).backbone, knn_train, knn_val, cfg, device)
+            metrics["knn_top1"] = knn_top1(unwrap(net).backbone, knn_train, knn_test, cfg, device)
         history.append(metrics)
         report(metrics, saved.state(epoch=epoch + 1, history=history, restarts=restarts))
         maybe_inject_failure(epoch + 1, cfg.run.fail_after_epoch, cfg.output_dir)

@@ -77,9 +77,9 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 
 def scalar_tag(key: str) -> str:
-    """TensorBoard's grouping: ``train_loss`` → ``train/loss``, ``val_top1`` → ``val/top1``."""
+    """TensorBoard's grouping: ``train_loss`` → ``train/loss``, ``validation_top1`` → ``validation/top1``."""
     group, sep, rest = key.partition("_")
-    return f"{group}/{rest}" if sep and group in ("train", "val", "gpu", "best") else key
+    return f"{group}/{rest}" if sep and group in ("train", "validation", "test", "gpu", "best") else key
 
 
 class RunRecorder(ray.train.UserCallback):
@@ -180,9 +180,12 @@ def format_epoch(row: dict[str, str], total: int, eta_s: float | None) -> str:
     if loss is not None:
         terms = [f"{k} {v:.3f}" for k in ("ce", "distill") if (v := num(f"train_{k}")) is not None]
         parts.append(f"loss {loss:.3f}" + (f" ({', '.join(terms)})" if terms else ""))
-    if (top1 := num("val_top1")) is not None:
-        best, at = num("best_val_top1"), num("best_epoch")
-        parts.append(f"top-1 {top1:.2f}%" + (f" (best {best:.2f} @{int(at)})" if best is not None and at else ""))
+    if (top1 := num("validation_top1")) is not None:
+        best, at = num("best_validation_top1"), num("selected_epoch")
+        chosen = f" (best {best:.2f} @{int(at)})" if best is not None and at else ""
+        parts.append(f"validation top-1 {top1:.2f}%{chosen}")
+    if (test := num("test_top1")) is not None:
+        parts.append(f"test {test:.2f}%")
     if (knn := num("knn_top1")) is not None:
         parts.append(f"kNN {knn:.2f}%")
     if (speed := num("train_img_per_s")) is not None:

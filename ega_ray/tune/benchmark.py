@@ -21,7 +21,9 @@ rows (nothing is run twice). Tuned rows sit beside the reference rows, with the 
 A run that diverges (a non-finite loss: ``DivergedError``) ends its trial and the benchmark goes on; it is
 a row with ``status`` ``diverged``, left out of every mean, and never a search's best trial.
 
-Writes ``results.csv`` (one row per run, its ``status``), ``results.md`` (per method: runs, mean ± std and
+Every choice (each run's epoch, each method's tuned settings) is made on the validation split; the results are
+the test split's top-1 at the epoch the validation split selected and at the last epoch. Writes
+``results.csv`` (one row per run, its ``status``), ``results.md`` (per method: runs, mean ± std and
 the 95% t interval over seeds of best- and last-epoch top-1; EGA − each method paired over seeds, with
 its interval and verdict; the diverged runs, ``ega_ray/tune/tables.py``) and ``results.png`` (a bar chart).
 """
@@ -43,7 +45,7 @@ from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
 from ega_ray.errors import DivergedError, find_usage_error
 from ega_ray.losses import DISTILLERS
 from ega_ray.train.common import latest_state
-from ega_ray.train.launch import connect_ray
+from ega_ray.train.launch import SELECTION_METRIC, connect_ray, selected_scores
 from ega_ray.train.outputs import write_json
 from ega_ray.tune.experiment import (
     checked,
@@ -63,6 +65,9 @@ from ega_ray.tune.tables import CE_ONLY, DIVERGED, FINISHED, finished, results_l
 
 EXPERIMENT = "benchmark"
 TUNED = "benchmark-tuned"
+# what results.csv holds of each run's scores (``selected_scores``), each named after its split
+RESULT_SCORES = ("selected_epoch", "validation_top1_at_selected", "test_top1_at_selected", "test_top1_last",
+                 "test_teacher_head_top1_last")  # fmt: skip
 LR_SPACE = {"optim.lr": {"type": "loguniform", "low": 0.0125, "high": 0.2}}  # searched for every method
 
 
@@ -195,7 +200,7 @@ def run_benchmark(
         rows = collect(cfg, methods, seeds, output, diverged=diverged_runs(results))
         settings = {}
         if tune_trials:
-            reference_seed0 = {r["method"]: r["best_top1"] for r in rows if r["seed"] == 0}
+            reference_seed0 = {r["method"]: r["validation_top1_at_selected"] for r in rows if r["seed"] == 0}
             searched = {m: search_method(cfg, trial_base, m, tune_trials, output, resume) for m in methods}
             settings = {m: tuned_choice(*searched[m], reference_seed0[m]) for m in methods}
             retuned = [m for m in methods if settings[m]]
@@ -210,7 +215,7 @@ def run_benchmark(
             rows += tuned_rows(rows, collect(cfg, retuned, seeds, output, "tuned", diverged), methods)
             seed0 = {m: {"search": searched[m][0], "reference": reference_seed0[m]} for m in methods}
             write_json(
-                {"trials_per_method": tune_trials, "best": settings, "seed0_best_top1": seed0},
+                {"trials_per_method": tune_trials, "best": settings, "seed0_validation_top1": seed0},
                 output / "tuned_settings.json",
             )
         write_results(rows, cfg, methods, output, time.time() - t0, tune_trials, settings)
@@ -240,7 +245,8 @@ def tuned_choice(
     search_top1: float | None, search_params: dict[str, Any], reference_top1: float | None
 ) -> dict[str, Any]:
     """The settings a method's tuned runs use: the best search trial's values if that trial beat the
-    reference settings' seed-0 run (both by best validation top-1 on seed 0), else ``{}``: the reference
+    reference settings' seed-0 run (both by the validation top-1 of the selected epoch on seed 0, never a test
+    score), else ``{}``: the reference
     settings, which win ties (the smaller change). None: no trial that did not diverge (the reference is
     kept), or a reference run that diverged (any trial that did not beats it)."""
     if search_top1 is None:
@@ -274,8 +280,8 @@ def search_method(
     cfg: Config, trial_base: dict[str, Any], method: str, trials: int, output: Path, resume: bool
 ) -> tuple[float | None, dict[str, Any]]:
     """``method``'s K-trial search (ASHA over its own knobs and the learning rate, seed 0): the best trial's
-    best validation top-1 (read from its registered checkpoint) and its values; a trial that diverged is
-    never the best ((None, {}) when every trial diverged)."""
+    validation top-1 at its selected epoch (read from its registered checkpoint) and its values; a trial that
+    diverged is never the best ((None, {}) when every trial diverged)."""
     t, name = cfg.tune, f"tuning-{method}"
 
     def new_tuner(trainable, root: str, callbacks: list) -> tune.Tuner:
@@ -289,7 +295,7 @@ def search_method(
             trainable,
             param_space=tune_space(method_space(method)),
             tune_config=tune.TuneConfig(
-                metric="val_top1", mode="max", scheduler=scheduler, num_samples=trials,
+                metric=SELECTION_METRIC, mode="max", scheduler=scheduler, num_samples=trials,
                 max_concurrent_trials=trial_concurrency(cfg),
             ),
             run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks),
@@ -304,7 +310,7 @@ def search_method(
         diverged = result.error is not None and isinstance(find_usage_error(result.error), DivergedError)
         if state is not None or diverged:
             params = {k: v for k, v in result.config.items() if k in method_space(method) or "|" in k}
-            top1 = None if diverged else max(h["val_top1"] for h in state["history"])
+            top1 = None if diverged else state["best"][SELECTION_METRIC]
             scored.append((top1, trial_id, effective_params(params)))
     if not scored:
         raise RuntimeError(f"benchmark: the search of {method} produced no trial with an epoch")
@@ -319,7 +325,8 @@ def collect(
     variant: str = "reference",
     diverged: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (method, seed) from the run's latest checkpoint; a run in ``diverged`` (run name → its
+    """One row per (method, seed) from the run's latest checkpoint (the epoch the validation split selected, its
+    validation top-1, the test top-1 there and at the last epoch); a run in ``diverged`` (run name → its
     line) is a row with status ``diverged`` and no scores; runs that did not finish otherwise are named."""
     storage, rows, missing = trial_storage(cfg.run.storage, output), [], []
     for method in methods:
@@ -328,28 +335,18 @@ def collect(
             state = latest_state(storage, name)
             if name in (diverged or {}):
                 rows.append(
-                    {"method": method, "variant": variant, "seed": seed, "best_top1": None, "best_epoch": None,
-                     "last_top1": None, "teacher_head_top1": None, "epochs": state["epoch"] if state else 0,
-                     "status": DIVERGED, "note": diverged[name]}
+                    {"method": method, "variant": variant, "seed": seed} | dict.fromkeys(RESULT_SCORES)
+                    | {"epochs": state["epoch"] if state else 0, "status": DIVERGED, "note": diverged[name]}
                 )  # fmt: skip
                 continue
             if state is None or state["epoch"] < cfg.optim.epochs:
                 missing.append(name)
                 continue
-            history = state["history"]
+            scores = selected_scores(state["history"], state["best"]["epoch"])
             rows.append(
-                {
-                    "method": method,
-                    "variant": variant,
-                    "seed": seed,
-                    "best_top1": max(h["val_top1"] for h in history),
-                    "best_epoch": state["best"]["epoch"],
-                    "last_top1": history[-1]["val_top1"],
-                    "teacher_head_top1": history[-1]["val_teacher_top1"],
-                    "epochs": state["epoch"],
-                    "status": FINISHED,
-                    "note": "",
-                }
+                {"method": method, "variant": variant, "seed": seed}
+                | {k: scores[k] for k in RESULT_SCORES}
+                | {"epochs": state["epoch"], "status": FINISHED, "note": ""}
             )
     if missing:
         raise RuntimeError(f"benchmark: runs without their last epoch: {', '.join(missing)} (see their logs)")
@@ -372,13 +369,17 @@ def tuned_rows(
 def summary_rows(
     rows: list[dict[str, Any]], methods: list[str], variant: str = "reference"
 ) -> list[tuple[str, list[float], list[float]]]:
-    """(label, best top-1 per seed, last top-1 per seed) per method of ``variant``, then the teacher head
-    (over every run of it); runs that diverged are left out."""
+    """(label, test top-1 at the selected epoch per seed, test top-1 at the last epoch per seed) per method of
+    ``variant``, then the teacher head (its last epoch, over every run of it); runs that diverged are left out."""
     out = [
-        (m, [r["best_top1"] for r in finished(rows, m, variant)], [r["last_top1"] for r in finished(rows, m, variant)])
+        (
+            m,
+            [r["test_top1_at_selected"] for r in finished(rows, m, variant)],
+            [r["test_top1_last"] for r in finished(rows, m, variant)],
+        )
         for m in methods
     ]
-    heads = [r["teacher_head_top1"] for r in finished(rows, variant=variant)]
+    heads = [r["test_teacher_head_top1_last"] for r in finished(rows, variant=variant)]
     return [*out, ("teacher head (linear, same labels)", heads, heads)]
 
 
@@ -412,7 +413,8 @@ def plot_results(
     path: Path,
     title: str,
 ) -> None:
-    """Best validation top-1 per method (mean ± std over seeds); tuned bars beside the reference ones."""
+    """Test top-1 at the selected epoch per method (mean ± std over seeds); tuned bars beside the reference
+    ones."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -434,7 +436,7 @@ def plot_results(
         highs += [m + s for m, s in zip(means, stds, strict=True)]
     ax.set_xticks(range(len(labels)), labels, rotation=30)
     ax.set_ylim(max(0.0, min(lows, default=0.0) - 5), min(100.0, max(highs, default=100.0) + 2))
-    ax.set_ylabel("best validation top-1 (%)")
+    ax.set_ylabel("test top-1 at the selected epoch (%)")
     ax.set_title(title, fontsize=9)
     if tuned:
         ax.legend(fontsize=8)

@@ -58,19 +58,34 @@ def trial_rows(results, cfg: Config, output: Path) -> list[dict[str, Any]]:
         for key in keys:
             row[_column(key, keys)] = params.get(key)
         scored = epochs and status != DIVERGED  # a diverged trial's earlier epochs are not its score
-        row |= {
-            "best_top1": float(history["val_top1"].max()) if scored else math.nan,
-            "last_top1": float(history["val_top1"].iloc[-1]) if scored else math.nan,
-            "epochs": epochs,
-        }
+        row |= trial_scores(history if scored else None) | {"epochs": epochs}
         rows.append((row, params, history))
     return rows
 
 
+SCORE_COLUMNS = ("selected_epoch", "validation_top1_at_selected", "test_top1_at_selected", "test_top1_last")
+
+
+def trial_scores(history: pd.DataFrame | None) -> dict[str, Any]:
+    """A trial's trials.csv scores, each named after its split: the epoch the validation split selected (the
+    first with the best validation top-1), that validation top-1, and the test top-1 there and at the trial's
+    last epoch (NaN for a trial without an epoch). Trials are compared on the validation score only."""
+    if history is None:
+        return dict.fromkeys(SCORE_COLUMNS, math.nan)
+    at = int(history["validation_top1"].to_numpy().argmax())
+    return {
+        "selected_epoch": int(history["epoch"].iloc[at]),
+        "validation_top1_at_selected": float(history["validation_top1"].iloc[at]),
+        "test_top1_at_selected": float(history["test_top1"].iloc[at]),
+        "test_top1_last": float(history["test_top1"].iloc[-1]),
+    }
+
+
 def best_trial(rows: list[tuple[dict[str, Any], dict[str, Any], Any]]):
-    """The row with the highest best top-1 among trials with an epoch that did not diverge; None if none."""
+    """The row with the highest validation top-1 (at its selected epoch) among the trials that trained an
+    epoch and did not diverge; None if none did."""
     usable = [r for r in rows if r[0]["epochs"] > 0 and r[0]["status"] != DIVERGED]
-    return max(usable, key=lambda r: r[0]["best_top1"]) if usable else None
+    return max(usable, key=lambda r: r[0]["validation_top1_at_selected"]) if usable else None
 
 
 def write_report(results, cfg: Config, output: Path, wall_time_s: float) -> dict[str, Any]:
@@ -89,7 +104,8 @@ def write_report(results, cfg: Config, output: Path, wall_time_s: float) -> dict
     best = apply_params(cfg.model_dump(mode="json"), best_params)
     best["run"] |= {"name": "best", "output": None, "fail_after_epoch": None}
     (output / "best.yaml").write_text(
-        f"# ega-ray tune: the best of {len(rows)} trials (val top-1 {best_row['best_top1']:.2f}); "
+        f"# ega-ray tune: the best of {len(rows)} trials by validation top-1 "
+        f"({best_row['validation_top1_at_selected']:.2f}; test top-1 there {best_row['test_top1_at_selected']:.2f}); "
         f"run with: ega-ray distill --config best.yaml\n" + yaml.safe_dump(best, sort_keys=False)
     )
     print_best(best_row, len(rows), wall_time_s)
@@ -104,11 +120,15 @@ def plot_search(rows, cfg: Config, path: Path) -> None:
     diverged = [r[1] for r in rows if r[0]["status"] == DIVERGED]
     fig, (ax_t, ax_w, ax_c) = plt.subplots(1, 3, figsize=(15, 4.2))
     soft = [
-        (r[1].get("distill.temperature"), r[0]["best_top1"])
+        (r[1].get("distill.temperature"), r[0]["validation_top1_at_selected"])
         for r in done
         if r[1].get("distill.temperature") is not None
     ]
-    hard = [r[0]["best_top1"] for r in done if "distill.temperature" in r[1] and r[1]["distill.temperature"] is None]
+    hard = [
+        r[0]["validation_top1_at_selected"]
+        for r in done
+        if "distill.temperature" in r[1] and r[1]["distill.temperature"] is None
+    ]
     if soft:
         ax_t.scatter(*zip(*soft, strict=True), label="soft graph (τ)")
         ax_t.set_xscale("log")
@@ -116,7 +136,7 @@ def plot_search(rows, cfg: Config, path: Path) -> None:
     if hard:
         x = min((t for t, _ in soft), default=1.0) / 2
         ax_t.scatter([x] * len(hard), hard, marker="s", color="C3", label="hard graph (paper)")
-    ax_t.set(xlabel="graph temperature τ", ylabel="best val top-1 (%)", title="top-1 against temperature")
+    ax_t.set(xlabel="graph temperature τ", ylabel="best validation top-1 (%)", title="top-1 against temperature")
     lost = [params["distill.temperature"] for params in diverged if params.get("distill.temperature") is not None]
     if lost:
         y = min((top1 for _, top1 in soft), default=0.0) if soft else 0.0
@@ -124,23 +144,24 @@ def plot_search(rows, cfg: Config, path: Path) -> None:
     if soft or hard or lost:
         ax_t.legend()
     pts = [
-        (r[1]["distill.node_weight"], r[1]["distill.edge_weight"], r[0]["best_top1"])
+        (r[1]["distill.node_weight"], r[1]["distill.edge_weight"], r[0]["validation_top1_at_selected"])
         for r in done
         if "distill.node_weight" in r[1] and "distill.edge_weight" in r[1]
     ]
     if pts:
         xs, ys, cs = zip(*pts, strict=True)
         sc = ax_w.scatter(xs, ys, c=cs, cmap="viridis", s=60)
-        fig.colorbar(sc, ax=ax_w, label="best val top-1 (%)")
+        fig.colorbar(sc, ax=ax_w, label="best validation top-1 (%)")
     lost_w = [(q["distill.node_weight"], q["distill.edge_weight"]) for q in diverged
               if "distill.node_weight" in q and "distill.edge_weight" in q]  # fmt: skip
     if lost_w:
         ax_w.scatter(*zip(*lost_w, strict=True), marker="x", color="black", s=60, label="diverged")
         ax_w.legend()
     ax_w.set(xlabel="node weight", ylabel="edge weight", title="loss weights")
-    for row, _, history in sorted(done, key=lambda r: -r[0]["best_top1"])[:5]:
-        ax_c.plot(history["epoch"], history["val_top1"], label=f"{row['trial_id']} ({row['best_top1']:.1f})")
-    ax_c.set(xlabel="epoch", ylabel="val top-1 (%)", title="best trials")
+    for row, _, history in sorted(done, key=lambda r: -r[0]["validation_top1_at_selected"])[:5]:
+        label = f"{row['trial_id']} ({row['validation_top1_at_selected']:.1f})"
+        ax_c.plot(history["epoch"], history["validation_top1"], label=label)
+    ax_c.set(xlabel="epoch", ylabel="validation top-1 (%)", title="best trials")
     if done:
         ax_c.legend(fontsize=8)
     if diverged:  # whatever the space: the count is on the figure

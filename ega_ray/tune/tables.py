@@ -16,6 +16,7 @@ FINISHED, DIVERGED = "finished", "diverged"
 CE_ONLY = "ce"  # the benchmark's CE-only student: no teacher (distill.beta = 0)
 EGA = "ega"
 TEACHER_HEAD = "teacher head (linear, same labels)"
+AT_SELECTED, AT_LAST = "test_top1_at_selected", "test_top1_last"  # results.csv's columns that the tables report
 
 
 def label(method: str) -> str:
@@ -47,10 +48,11 @@ def interval(s: Summary, signed: bool = False) -> str:
 
 
 def method_table(rows: list[dict[str, Any]], methods: list[str], variant: str = "reference") -> list[str]:
-    """Per method: runs (finished of all, the diverged counted), best- and last-epoch top-1 as mean ± std
+    """Per method: runs (finished of all, the diverged counted), test top-1 at the epoch the validation split
+    selected and at the last epoch as mean ± std
     and 95% interval over the finished runs; then the teacher head over every finished run of ``variant``."""
     lines = [
-        "| method | runs | best epoch: mean ± std | 95% CI | last epoch: mean ± std | 95% CI |",
+        "| method | runs | selected epoch: mean ± std | 95% CI | last epoch: mean ± std | 95% CI |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
     mine = [r for r in rows if r["variant"] == variant]
@@ -59,23 +61,24 @@ def method_table(rows: list[dict[str, Any]], methods: list[str], variant: str = 
         done = finished(rows, m, variant)
         diverged = len(runs) - len(done)
         count = f"{len(done)}" if not diverged else f"{len(done)} of {len(runs)} ({diverged} diverged)"
-        best, last = summarize([r["best_top1"] for r in done]), summarize([r["last_top1"] for r in done])
+        best, last = (summarize([r[key] for r in done]) for key in (AT_SELECTED, AT_LAST))
         lines.append(
             f"| {label(m)} | {count} | {mean_std(best)} | {interval(best)} | {mean_std(last)} | {interval(last)} |"
         )
-    heads = summarize([r["teacher_head_top1"] for r in finished(rows, variant=variant)])
+    heads = summarize([r["test_teacher_head_top1_last"] for r in finished(rows, variant=variant)])
     lines.append(f"| {TEACHER_HEAD} | {heads.n} | {mean_std(heads)} | {interval(heads)} | {mean_std(heads)} | "
                  f"{interval(heads)} |")  # fmt: skip
     return lines
 
 
 def paired_table(rows: list[dict[str, Any]], methods: list[str], variant: str = "reference") -> list[str]:
-    """EGA − each other method, paired over the seeds both finished: best- and last-epoch top-1, each with
+    """EGA − each other method, paired over the seeds both finished: test top-1 at the selected and the last
+    epoch, each with
     its 95% interval and verdict. Empty when EGA is not among ``methods``."""
     if EGA not in methods:
         return []
     lines = [
-        "| EGA − method | seeds | best epoch | 95% CI | verdict | last epoch | 95% CI | verdict |",
+        "| EGA − method | seeds | selected epoch | 95% CI | verdict | last epoch | 95% CI | verdict |",
         "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
 
@@ -85,8 +88,8 @@ def paired_table(rows: list[dict[str, Any]], methods: list[str], variant: str = 
     for m in methods:
         if m == EGA:
             continue
-        best = paired_difference(by_seed(EGA, "best_top1"), by_seed(m, "best_top1"))
-        last = paired_difference(by_seed(EGA, "last_top1"), by_seed(m, "last_top1"))
+        best = paired_difference(by_seed(EGA, AT_SELECTED), by_seed(m, AT_SELECTED))
+        last = paired_difference(by_seed(EGA, AT_LAST), by_seed(m, AT_LAST))
         lines.append(
             f"| {label(m)} | {len(best.seeds)} | {_num(best.diff.mean, True)} | {interval(best.diff, True)} | "
             f"{best.verdict} | {_num(last.diff.mean, True)} | {interval(last.diff, True)} | {last.verdict} |"
@@ -148,8 +151,9 @@ def results_lines(
     diverged = sum(r["status"] == DIVERGED for r in rows)
     lines = [
         f"teacher `{cfg.teacher.name}` → student `{cfg.student.name}`, {cfg.optim.epochs} epochs, "
-        f"label fraction {cfg.data.label_fraction}, {len(seeds)} seeds ({', '.join(map(str, seeds))}); validation "
-        "top-1 (%) over the runs that finished: mean ± sample std, and the 95% Student-t interval of the mean"
+        f"label fraction {cfg.data.label_fraction}, {len(seeds)} seeds ({', '.join(map(str, seeds))}); test "
+        "top-1 (%) at the epoch the validation split selected and at the last epoch, over the runs that finished: "
+        "mean ± sample std, and the 95% Student-t interval of the mean"
         + (f"; {diverged} run{'' if diverged == 1 else 's'} diverged (listed, not averaged)" if diverged else ""),
         "",
     ]
@@ -169,7 +173,8 @@ def results_lines(
         f"(grace period {min(t.grace_period, cfg.optim.epochs)} epochs, reduction factor {t.reduction_factor}, "
         f"at most {cfg.optim.epochs} epochs) over its own knobs and the learning rate, on seed 0; then "
         f"{len(seeds)} seeds with the best trial's settings, or the reference settings where no trial beat their "
-        "seed-0 run (tuned_settings.json). A trial that diverged is never the best.",
+        "seed-0 run (tuned_settings.json); trials and settings compared on the validation split. A trial that "
+        "diverged is never the best.",
         "",
         f"wall time {wall_s:.0f} s",
     ]

@@ -30,5 +30,5 @@ def open_digits(src: Path | None, max_pixels: int) -> Source:  # noqa: ARG001 - 
         return Split(name, array_rows(chunks, name), 0)  # 0: the count is known once the digits are loaded
 
     return Source(
-        None, [str(i) for i in range(10)], [split("train"), split("val")], origin="sklearn.datasets.load_digits"
+        None, [str(i) for i in range(10)], [split("train"), split("test")], origin="sklearn.datasets.load_digits"
     )
