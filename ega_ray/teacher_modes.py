@@ -81,7 +81,7 @@ class Online(TeacherMode):
     teacher_in_worker = True
 
     def features(self, parts, batch, epoch, seed, train):
-        return parts.teacher(parts.views.teacher(batch["image"], train=train))
+        return parts.teacher(parts.views.teacher(batch["image"], train=train, index=batch["index"]))
 
 
 class Cached(TeacherMode):
@@ -137,6 +137,10 @@ class Pipeline(TeacherMode):
         # block (a whole materialized file) would reach the trainer as one late burst, not a stream. A
         # materialized split's blocks come in a new random order every epoch: the workers' local shuffle
         # buffer is kept small in this mode (it would wait for the stage to fill it)
+        if cfg.run.deterministic:
+            # a stage does not know the epoch, and every worker reads the whole split on this path: the
+            # workers ask the actors themselves, for views keyed by (seed, epoch, index) (``features``)
+            return train, val
         train = train.repartition(target_num_rows_per_block=cfg.teacher.batch_size)
         train = train.randomize_block_order() if materialized else train
         train = train.map_batches(embed_remotely, fn_kwargs={"servers": actors, "augment": True}, **stage)
@@ -146,7 +150,16 @@ class Pipeline(TeacherMode):
         return min(cfg.data.shuffle_buffer, STAGE_SHUFFLE_BATCHES * per_worker)
 
     def features(self, parts, batch, epoch, seed, train):
-        return batch[TEACHER_EMB][:, 0].float()
+        if TEACHER_EMB in batch:
+            return batch[TEACHER_EMB][:, 0].float()
+        import ray
+
+        # the deterministic path: one of the run's teacher actors embeds this batch's keyed views (which one
+        # does not matter: the same teacher, the same views)
+        images, index = batch["image"].cpu().numpy(), batch["index"].cpu().numpy()
+        server = parts.teacher_servers[int(index[0]) % len(parts.teacher_servers)]
+        emb = ray.get(server.embed.remote({"image": images, "index": index}, train, epoch=epoch, seed=seed))
+        return torch_from(emb[TEACHER_EMB][:, 0], batch["index"].device)
 
     def summary(self, actors: list) -> dict[str, Any]:
         import ray
@@ -157,6 +170,13 @@ class Pipeline(TeacherMode):
             "teacher_stage_rows": sum(ray.get([a.rows_embedded.remote() for a in actors])),
             "teacher_stage_device": ", ".join(sorted(set(ray.get([a.device_name.remote() for a in actors])))),
         }
+
+
+def torch_from(array, device):
+    """A numpy array as a float tensor on ``device``."""
+    import torch
+
+    return torch.from_numpy(array).to(device).float()
 
 
 TEACHER_MODES: dict[str, TeacherMode] = {mode.name: mode for mode in (Online(), Cached(), Pipeline())}

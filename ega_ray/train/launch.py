@@ -112,10 +112,12 @@ def fit(
     epochs: int,
     callbacks: list | None = None,
     console: bool = True,
+    whole_train: bool = False,
 ) -> ray.train.Result:
     """One TorchTrainer over ``datasets`` (``train`` split between the workers), resuming from the run's
     latest checkpoint when it has one; keeps the best (by ``score``) and the latest checkpoints. Every epoch
-    is recorded in the run folder (``RunRecorder``) and, with ``console``, printed as one line."""
+    is recorded in the run folder (``RunRecorder``) and, with ``console``, printed as one line. ``whole_train``:
+    every worker gets the whole ``train`` split (the deterministic path picks its rows by index)."""
     keep = {"checkpoint_score_attribute": score, "checkpoint_score_order": "max"} if score else {}
     out, config = cfg.output_dir, cfg.model_dump(mode="json")
     recorder = RunRecorder(str(out), cfg.run.name, epochs, cfg.run.loggers, config, cfg.run.verbose)
@@ -137,7 +139,7 @@ def fit(
             logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=[] if whole_train else ["train"]),
     )
     if not console:
         return trainer.fit()
@@ -173,10 +175,14 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
             progress_bar=cfg.run.progress_bar if cfg.run.progress_bar is not None else sys.stderr.isatty(),
         )
         with mode.actors(cfg) as actors:
+            args.teacher_servers = actors
             train, val, materialized = decoded_splits(cfg, data, with_val=not val_on_driver)
             train, val = mode.wire(cfg, data, train, val, actors, materialized)
             datasets = {"train": train} | ({} if val_on_driver else {"val": val})
-            result = fit(cfg, train_func_per_worker, datasets, args, "val_top1", cfg.optim.epochs, callbacks, not trial)
+            result = fit(
+                cfg, train_func_per_worker, datasets, args, "val_top1", cfg.optim.epochs, callbacks, not trial,
+                whole_train=cfg.run.deterministic,
+            )  # fmt: skip
             mode_summary = mode.summary(actors)
         return write_distill_outputs(cfg, data, result, out, time.time() - t0, not trial, mode_summary)
 
