@@ -18,6 +18,7 @@ and no Ray at import (the config uses it); each method imports what it runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -66,6 +67,10 @@ class TeacherMode:
     def shuffle_buffer(self, cfg: Config, per_worker: int) -> int:
         """Rows in each worker's local shuffle buffer."""
         return cfg.data.shuffle_buffer
+
+    def feed(self, parts: Parts, batches: Iterator[dict], epoch: int, seed: int) -> Iterator[dict]:
+        """The deterministic path's numpy training batches, with what this mode attaches in the worker."""
+        return batches
 
     def features(self, parts: Parts, batch: dict[str, torch.Tensor], epoch: int, seed: int, train: bool):
         """The teacher's (B, D) float features of ``batch`` in the worker."""
@@ -149,17 +154,24 @@ class Pipeline(TeacherMode):
     def shuffle_buffer(self, cfg: Config, per_worker: int) -> int:
         return min(cfg.data.shuffle_buffer, STAGE_SHUFFLE_BATCHES * per_worker)
 
-    def features(self, parts, batch, epoch, seed, train):
-        if TEACHER_EMB in batch:
-            return batch[TEACHER_EMB][:, 0].float()
+    def feed(self, parts, batches, epoch, seed):
         import ray
 
-        # the deterministic path: one of the run's teacher actors embeds this batch's keyed views (which one
-        # does not matter: the same teacher, the same views)
-        images, index = batch["image"].cpu().numpy(), batch["index"].cpu().numpy()
-        server = parts.teacher_servers[int(index[0]) % len(parts.teacher_servers)]
-        emb = ray.get(server.embed.remote({"image": images, "index": index}, train, epoch=epoch, seed=seed))
-        return torch_from(emb[TEACHER_EMB][:, 0], batch["index"].device)
+        # the deterministic path has no stage: the run's teacher actors embed each batch's views keyed by
+        # (seed, epoch, index), asked one batch ahead so that the teacher works while the student trains
+        # (which actor does not matter: the same teacher, the same views)
+        servers, pending = parts.teacher_servers, None
+        for step, batch in enumerate(batches):
+            rows = {"image": batch["image"], "index": batch["index"]}
+            ref = servers[step % len(servers)].embed.remote(rows, True, epoch=epoch, seed=seed)
+            if pending is not None:
+                yield pending[0] | {TEACHER_EMB: ray.get(pending[1])[TEACHER_EMB]}
+            pending = (batch, ref)
+        if pending is not None:
+            yield pending[0] | {TEACHER_EMB: ray.get(pending[1])[TEACHER_EMB]}
+
+    def features(self, parts, batch, epoch, seed, train):
+        return batch[TEACHER_EMB][:, 0].float()
 
     def summary(self, actors: list) -> dict[str, Any]:
         import ray
@@ -170,13 +182,6 @@ class Pipeline(TeacherMode):
             "teacher_stage_rows": sum(ray.get([a.rows_embedded.remote() for a in actors])),
             "teacher_stage_device": ", ".join(sorted(set(ray.get([a.device_name.remote() for a in actors])))),
         }
-
-
-def torch_from(array, device):
-    """A numpy array as a float tensor on ``device``."""
-    import torch
-
-    return torch.from_numpy(array).to(device).float()
 
 
 TEACHER_MODES: dict[str, TeacherMode] = {mode.name: mode for mode in (Online(), Cached(), Pipeline())}

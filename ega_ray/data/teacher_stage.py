@@ -123,6 +123,8 @@ class TeacherEmbedder:
             embs.append(self.teacher(x).to(torch.float16).cpu().numpy())
         stacked = np.stack(embs, axis=1)  # (rows, views, D)
         self.rows += len(index)
+        if keyed is not None:  # a worker's request: it has the rest of the batch
+            return {TEACHER_EMB: stacked}
         if self.attach:
             batch[TEACHER_EMB] = stacked
             return batch

@@ -306,7 +306,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         sums = torch.zeros(4, dtype=torch.float64, device=device)  # the epoch's StepLosses, summed
         steps, timer = 0, StepTimer(device)
         if cfg.run.deterministic:
-            batches = (to_device(b, device) for b in rows.batches(epoch, per_worker, steps_per_epoch))
+            mine = p.mode.feed(p, rows.batches(epoch, per_worker, steps_per_epoch), epoch, seed)
+            batches = (to_device(b, device) for b in mine)
         else:
             batches = train_shard.iter_torch_batches(
                 batch_size=per_worker,
