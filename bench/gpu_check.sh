@@ -190,7 +190,7 @@ run_step throughput-compile "$cap" "$PY" bench/throughput.py --device "$DEVICE" 
 
 # --- the record: summary.json, tests.json, artifacts.tar.gz; the figures against the targets
 if [ -d "$WORK/pytest" ]; then
-    (cd "$WORK/pytest" && find . \( -name metrics.csv -o -name summary.json -o -name config.yaml -o -name manifest.json \
+    (cd "$WORK/pytest" && find . \( -name metrics.csv -o -name summary.json -o -name config.yaml -o -name manifest.json -o -name determinism.json \
         -o -name '*.log' \) -size -4M -print0 | tar -czf "$OUT_DIR/artifacts.tar.gz" --null -T -)
 fi
 "$PY" bench/gpu_check_summary.py --work "$WORK" --out "$OUT_DIR" --dry-run "$DRY" --wall "$SECONDS"

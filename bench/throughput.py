@@ -12,6 +12,9 @@ project's figures:
   figures of every path are in the JSON. The cache build (K=1) is timed apart.
 - **Bare step**: the same ``train_step`` (``ega_ray/train/distill.py``) in a plain loop on one batch that
   stays on the device, no Ray: the ceiling of each path, and with it the overhead of going through Ray.
+- **Data paths** (``--data-paths``, default ``both``): every Ray path runs with the deterministic data path
+  (``run.deterministic``: the figures without a suffix) and then with Ray Data's streaming split
+  (``*_streaming_*``); ``<path>_deterministic_cost`` is 1 − deterministic / streaming over whole epochs.
 - ``--sweep``: the bare cached step over batch sizes × ``--graph-sizes`` (default 64), compiled with
   ``--compile`` and eager without it, with peak memory and GPU utilisation (the LR rule does not change
   speed). ``--profile``: the top kernels of the bare cached step (torch.profiler), printed and saved in the JSON.
@@ -82,9 +85,11 @@ def project_config(
     steps: int = 1,
     epochs: int = 1,
     graph_size: int | None = None,
+    deterministic: bool = True,
     **optim: Any,
 ):
-    """A one-worker ``ega-ray distill`` config of the benchmark (a cached run reads ``out``/cache)."""
+    """A one-worker ``ega-ray distill`` config of the benchmark (a cached run reads ``out``/cache);
+    ``deterministic``: its ``run.deterministic`` (the data path)."""
     from ega_ray.config import parse_config
 
     # on one GPU the pipeline's teacher actor and the training worker must share it (a whole GPU each would
@@ -119,7 +124,11 @@ def project_config(
             "cpus_per_worker": float(CPUS),
             "gpus_per_worker": gpu_share,
         },
-        "run": {"name": f"bench-{mode}", "output": str(out / mode)},
+        "run": {
+            "name": f"bench-{mode}",
+            "output": str(out / (mode if deterministic else f"{mode}-streaming")),
+            "deterministic": deterministic,
+        },
     }
     return parse_config(raw)
 
@@ -245,6 +254,12 @@ def main() -> int:
     ap.add_argument("--compile", action="store_true", help="torch.compile in the Ray paths, bare steps and sweep")
     ap.add_argument(
         "--paths", nargs="*", choices=PATHS, default=list(PATHS), help="the Ray paths to run (none: bare only)"
+    )
+    ap.add_argument(
+        "--data-paths",
+        choices=["both", "deterministic", "streaming"],
+        default="both",
+        help="each Ray path with run.deterministic, Ray Data's streaming split, or both side by side",
     )
     ap.add_argument("--sweep", type=int, nargs="*", metavar="BATCH", help="bare cached step at these batch sizes")
     ap.add_argument("--graph-sizes", type=int, nargs="+", default=[64], help="EGA graph sizes in the sweep")
@@ -377,13 +392,17 @@ def run_bench(args: argparse.Namespace, budget: Budget | None = None) -> dict[st
                 timed("cache_build", t0)
             else:
                 paths.remove("cached")
-        for mode in paths:
+        # each path with the deterministic data path (run.deterministic, the figures without a suffix) and,
+        # with --data-paths both, right after it Ray Data's streaming split (the figures with "_streaming")
+        variants = {"both": (True, False), "deterministic": (True,), "streaming": (False,)}[args.data_paths]
+        for mode, deterministic in itertools.product(paths, variants):
             # the pipeline's first epoch is fed partly by what its teacher stage computed during start-up
             epochs = max(2 if mode == "pipeline" else 1, math.ceil(steps_for(expected[mode]) / epoch_steps))
             if not budget.fits(mode, epochs * rows / expected[mode] + ray_fixed):
                 continue
             t0 = time.time()
-            cfg = project_config(args, data, tmp, mode, epoch_steps, epochs)
+            cfg = project_config(args, data, tmp, mode, epoch_steps, epochs, deterministic=deterministic)
+            suffix = "" if deterministic else "_streaming"
             with open(Path(run_distill(cfg)["output"]) / "metrics.csv") as f:
                 per_epoch = list(csv.DictReader(f))
             measured = per_epoch[1:] or per_epoch
@@ -392,16 +411,23 @@ def run_bench(args: argparse.Namespace, budget: Budget | None = None) -> dict[st
                 return statistics.median(float(r[key]) for r in measured)
 
             # steps after the warm-up; and whole epochs, their wait for the first batch included
-            figures[f"{mode}_steady_img_per_s"] = median("train_img_per_s")
-            figures[f"{mode}_epoch_img_per_s"] = rows / median("train_time_s")
+            figures[f"{mode}{suffix}_steady_img_per_s"] = median("train_img_per_s")
+            figures[f"{mode}{suffix}_epoch_img_per_s"] = rows / median("train_time_s")
             # the pipeline's headline is its whole epoch: its steady window is fed by batches the teacher
             # stage computed while the trainer waited for its first ones (Ray Data runs ahead)
-            figures[f"{mode}_img_per_s"] = figures[f"{mode}_{'epoch' if mode == 'pipeline' else 'steady'}_img_per_s"]
-            figures[f"{mode}_gpu_util_pct"] = median("gpu_util_pct")
-            figures[f"{mode}_gpu_mem_peak_gib"] = max(float(r["gpu_mem_peak_gib"]) for r in per_epoch)
+            headline = "epoch" if mode == "pipeline" else "steady"
+            figures[f"{mode}{suffix}_img_per_s"] = figures[f"{mode}{suffix}_{headline}_img_per_s"]
+            figures[f"{mode}{suffix}_gpu_util_pct"] = median("gpu_util_pct")
+            figures[f"{mode}{suffix}_gpu_mem_peak_gib"] = max(float(r["gpu_mem_peak_gib"]) for r in per_epoch)
             ray_fixed = max(15.0, time.time() - t0 - sum(float(r["train_time_s"]) for r in per_epoch))
-            print(f"[bench] {mode}: {figures[f'{mode}_img_per_s']:.1f} img/s ({epochs} epochs)", flush=True)
-            timed(mode, t0)
+            ips = figures[f"{mode}{suffix}_img_per_s"]
+            print(f"[bench] {mode}{suffix}: {ips:.1f} img/s ({epochs} epochs)", flush=True)
+            timed(mode + suffix, t0)
+            if f"{mode}_streaming_epoch_img_per_s" in figures and f"{mode}_epoch_img_per_s" in figures:
+                # what the deterministic path costs, over whole epochs (its gathering of the epoch's rows included)
+                figures[f"{mode}_deterministic_cost"] = (
+                    1.0 - figures[f"{mode}_epoch_img_per_s"] / figures[f"{mode}_streaming_epoch_img_per_s"]
+                )
 
         if args.sweep or args.profile:
             figures["sweep"] = []
@@ -447,6 +473,14 @@ def print_table(f: dict[str, Any]) -> None:
             f"{'' if bare is None else f'{bare:.1f}':>11} {'' if overhead is None else f'{overhead:.1%}':>13} "
             f"{f[f'{mode}_gpu_util_pct']:>11.0f}"
         )
+    for mode in PATHS:
+        if f"{mode}_streaming_epoch_img_per_s" in f:
+            cost = f.get(f"{mode}_deterministic_cost")
+            print(
+                f"{mode}: streaming split {f[f'{mode}_streaming_epoch_img_per_s']:.1f} img/s over whole epochs, "
+                f"deterministic {f.get(f'{mode}_epoch_img_per_s', float('nan')):.1f}"
+                + ("" if cost is None else f" (costs {cost:.1%})")
+            )
     if "cache_build_s" in f:
         print(f"cache build (K=1, {f['cache_rows']} images): {f['cache_build_s']} s")
     for row in f.get("sweep", []):

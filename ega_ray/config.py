@@ -335,6 +335,11 @@ class RunSection(_Section):
         "default: inside the run folder (single-node only)",
     )
     seed: int = 0
+    deterministic: bool = Field(
+        True,
+        description="reproducible runs: each epoch's rows per worker and their order from (seed, epoch, index) "
+        "(every worker reads the whole training split), deterministic GPU kernels (docs/performance.md)",
+    )
     progress_bar: bool | None = Field(
         None, description="a progress bar over the run's steps; default: when the driver runs in a terminal"
     )

@@ -18,6 +18,7 @@ and no Ray at import (the config uses it); each method imports what it runs.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -68,6 +69,10 @@ class TeacherMode:
         """Rows in each worker's local shuffle buffer."""
         return cfg.data.shuffle_buffer
 
+    def feed(self, parts: Parts, batches: Iterator[dict], epoch: int, seed: int) -> Iterator[dict]:
+        """The deterministic path's numpy training batches, with what this mode attaches in the worker."""
+        return batches
+
     def features(self, parts: Parts, batch: dict[str, torch.Tensor], epoch: int, seed: int, train: bool):
         """The teacher's (B, D) float features of ``batch`` in the worker."""
         raise NotImplementedError
@@ -82,7 +87,7 @@ class Online(TeacherMode):
     teacher_in_worker = True
 
     def features(self, parts, batch, epoch, seed, train):
-        return parts.teacher(parts.views.teacher(batch["image"], train=train))
+        return parts.teacher(parts.views.teacher(batch["image"], train=train, index=batch["index"]))
 
 
 class Cached(TeacherMode):
@@ -144,6 +149,10 @@ class Pipeline(TeacherMode):
         # block (a whole materialized file) would reach the trainer as one late burst, not a stream. A
         # materialized split's blocks come in a new random order every epoch: the workers' local shuffle
         # buffer is kept small in this mode (it would wait for the stage to fill it)
+        if cfg.run.deterministic:
+            # a stage does not know the epoch, and every worker reads the whole split on this path: the
+            # workers ask the actors themselves, for views keyed by (seed, epoch, index) (``features``)
+            return train, evals
         train = train.repartition(target_num_rows_per_block=cfg.teacher.batch_size)
         train = train.randomize_block_order() if materialized else train
         train = train.map_batches(embed_remotely, fn_kwargs={"servers": actors, "augment": True}, **stage)
@@ -151,6 +160,22 @@ class Pipeline(TeacherMode):
 
     def shuffle_buffer(self, cfg: Config, per_worker: int) -> int:
         return min(cfg.data.shuffle_buffer, STAGE_SHUFFLE_BATCHES * per_worker)
+
+    def feed(self, parts, batches, epoch, seed):
+        import ray
+
+        # the deterministic path has no stage: the run's teacher actors embed each batch's views keyed by
+        # (seed, epoch, index), asked one batch ahead so that the teacher works while the student trains
+        # (which actor does not matter: the same teacher, the same views)
+        servers, pending = parts.teacher_servers, None
+        for step, batch in enumerate(batches):
+            rows = {"image": batch["image"], "index": batch["index"]}
+            ref = servers[step % len(servers)].embed.remote(rows, True, epoch=epoch, seed=seed)
+            if pending is not None:
+                yield pending[0] | {TEACHER_EMB: ray.get(pending[1])[TEACHER_EMB]}
+            pending = (batch, ref)
+        if pending is not None:
+            yield pending[0] | {TEACHER_EMB: ray.get(pending[1])[TEACHER_EMB]}
 
     def features(self, parts, batch, epoch, seed, train):
         return batch[TEACHER_EMB][:, 0].float()

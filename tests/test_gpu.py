@@ -36,8 +36,9 @@ from ega_ray.export import load_student
 from ega_ray.losses import DISTILLERS, EGALoss, build_distiller
 from ega_ray.models import build_teacher
 from ega_ray.models.teachers.base import TeacherSpec
-from ega_ray.train.common import STATE_FILE, latest_state, seed_everything, unwrap
+from ega_ray.train.common import STATE_FILE, deterministic_kernels, latest_state, seed_everything, unwrap
 from ega_ray.train.distill import build_parts, train_step
+from ega_ray.train.preflight import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -351,6 +352,55 @@ def check_resume_on_cpu(out: Path) -> None:
         losses = train_step(p, cfg.distill, batch, feat_t)
         assert torch.isfinite(torch.stack(tuple(losses))).all(), losses
     assert all(not torch.equal(a, b) for a, b in zip(before, p.student_net.parameters(), strict=True))
+
+
+def test_one_step_twice_under_deterministic_kernels(tmp_path: Path) -> None:
+    """run.deterministic's kernels: the same step from the same state twice, on the device. Records the
+    largest difference of the losses and of the updated weights, and the operations PyTorch warned have no
+    deterministic kernel (warn-only), in determinism.json (kept in the check's artifacts)."""
+    cfg = resolve(load_config(SMOKE, ["augment.flip=true", f"scaling.use_gpu={GPU}"]))  # builtin:digits → its files
+    set_up = deterministic_kernels(DEVICE)
+    try:
+        one_step_twice(cfg, set_up, tmp_path)
+    finally:  # the other tests of this process keep PyTorch's defaults
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False
+
+
+def one_step_twice(cfg, set_up: list[str], tmp_path: Path) -> None:
+    import json
+    import warnings
+
+    assert bool(set_up) == GPU and (torch.are_deterministic_algorithms_enabled() or not GPU)
+    split = read_decoded(cfg.data.train, cfg.data.image_size)
+    batch = {k: torch.from_numpy(np.asarray(v[:64])).to(DEVICE) for k, v in split.items()}
+    outcomes, warned = [], set()
+    for _ in range(2):
+        seed_everything(cfg.run.seed)
+        teacher_dim = build_teacher(cfg.teacher.name, cfg.teacher.weights).spec.embed_dim
+        p = build_parts(cfg, DEVICE, 10, teacher_dim, num_indices=2000)
+        p.views.set_epoch(cfg.run.seed, 0)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with torch.no_grad():
+                feat_t = p.teacher(p.views.teacher(batch["image"], train=True, index=batch["index"]))
+            losses = train_step(p, cfg.distill, batch, feat_t)
+        warned |= {str(w.message).split("\n")[0] for w in caught if "deterministic" in str(w.message)}
+        weights = [q.detach().cpu().clone() for q in p.student_net.parameters()]
+        outcomes.append((torch.stack(tuple(losses)).cpu(), weights))
+    (l1, w1), (l2, w2) = outcomes
+    report = {
+        "device": str(DEVICE) if not GPU else torch.cuda.get_device_name(DEVICE),
+        "settings": set_up,
+        "max_abs_diff_loss": float((l1 - l2).abs().max()),
+        "max_abs_diff_weights": max(float((a - b).abs().max()) for a, b in zip(w1, w2, strict=True)),
+        "nondeterministic_ops": sorted(warned),
+    }
+    (tmp_path / "determinism.json").write_text(json.dumps(report, indent=2) + "\n")
+    print("determinism:", json.dumps(report))
+    assert math.isfinite(report["max_abs_diff_weights"])
+    if not GPU:  # CPU kernels at a fixed thread count are deterministic
+        assert report["max_abs_diff_weights"] == 0.0 and report["max_abs_diff_loss"] == 0.0
 
 
 def test_cached_mode(tmp_path: Path) -> None:

@@ -103,18 +103,28 @@ class TeacherEmbedder:
         return f"cuda ({torch.cuda.get_device_name(self.device)})" if self.device.type == "cuda" else "cpu"
 
     @torch.no_grad()
-    def embed(self, batch: dict[str, np.ndarray], augment: bool) -> dict[str, np.ndarray]:
+    def embed(
+        self, batch: dict[str, np.ndarray], augment: bool, epoch: int | None = None, seed: int | None = None
+    ) -> dict[str, np.ndarray]:
+        """The batch's teacher embeddings (see the class); with ``epoch`` and ``seed`` (a deterministic
+        pipeline run's workers ask so), each row's view is keyed by (seed, epoch, index), as online's."""
         images = torch.from_numpy(np.array(batch["image"], dtype=np.uint8)).to(self.device)  # a writable copy
         index = batch["index"]
+        keyed = None
+        if epoch is not None:
+            self.views.set_epoch(seed, epoch)
+            keyed = torch.from_numpy(np.asarray(index, dtype=np.int64))
         embs = []
         for v in range(self.num_views):
             # the views of a cache are reproducible: seeded by (seed, view, first index of the batch)
             if not self.attach:
                 self.views.reseed(self.seed * 1_000_003 + v * 7_919 + int(index[0]))
-            x = self.views.teacher(images, train=augment)
+            x = self.views.teacher(images, train=augment, index=keyed)
             embs.append(self.teacher(x).to(torch.float16).cpu().numpy())
         stacked = np.stack(embs, axis=1)  # (rows, views, D)
         self.rows += len(index)
+        if keyed is not None:  # a worker's request: it has the rest of the batch
+            return {TEACHER_EMB: stacked}
         if self.attach:
             batch[TEACHER_EMB] = stacked
             return batch

@@ -27,6 +27,24 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def deterministic_kernels(device: torch.device) -> list[str]:
+    """PyTorch's deterministic algorithms on a GPU, where they exist (warn-only: an operation without one
+    warns and runs its usual kernel); cuDNN's autotuner off (it may pick other kernels per run). cuBLAS needs
+    a fixed workspace, set before its first use. Nothing to do on a CPU: its kernels are deterministic at a
+    fixed thread count (``torch_threads``).
+
+    Returns:
+        What was set, for the record.
+    """
+    if device.type != "cuda":
+        return []
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.deterministic = True
+    return ["torch.use_deterministic_algorithms(warn_only)", "cudnn.deterministic", "CUBLAS_WORKSPACE_CONFIG"]
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """The RNG seed of one rank's epoch: resuming at an epoch replays the same randomness."""
     return (seed * 1_000_003 + epoch * 1_009 + rank) % 2**63

@@ -16,7 +16,7 @@ Where the teacher's features come from is the teacher mode's business (``ega_ray
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -28,6 +28,7 @@ from torch import nn
 
 from ega_ray.config import Config, DistillConfig
 from ega_ray.data.augment import ViewMaker
+from ega_ray.data.epoch_rows import EpochRows
 from ega_ray.losses import build_distiller
 from ega_ray.losses.kd import KDLoss
 from ega_ray.models import build_student, build_teacher
@@ -40,6 +41,7 @@ from ega_ray.train.common import (
     Progress,
     StepTimer,
     all_reduce_sum,
+    deterministic_kernels,
     epoch_seed,
     load_state,
     maybe_compile,
@@ -54,6 +56,7 @@ from ega_ray.train.divergence import NonFiniteWatch, stop_on_divergence
 from ega_ray.train.tracking import quiet_ray_logs
 
 EVAL_BATCH = 256
+READ_BATCH = 4096  # rows per batch of the deterministic path's pass over the training split
 
 
 @dataclass
@@ -67,6 +70,16 @@ class WorkerArgs:
     keep_eval: bool  # the evaluation splits are small: keep this worker's rows in memory after the first pass
     eval_splits: dict[str, Any]  # split → ObjectRef of it decoded (sent from the driver), or None: a Ray Data shard
     progress_bar: bool
+    teacher_servers: list = field(default_factory=list)  # a pipeline run's teacher actors
+
+
+def to_device(batch: dict[str, np.ndarray], device: torch.device) -> dict[str, torch.Tensor]:
+    """A numpy batch as tensors on ``device`` (pinned first on a GPU, for an asynchronous copy)."""
+    pin = device.type == "cuda"
+    return {
+        k: (torch.from_numpy(v).pin_memory() if pin else torch.from_numpy(v)).to(device, non_blocking=pin)
+        for k, v in batch.items()
+    }
 
 
 def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -94,6 +107,7 @@ class Parts:
     views: ViewMaker
     autocast: torch.autocast
     memory_format: torch.memory_format
+    teacher_servers: list = field(default_factory=list)  # a pipeline run's teacher actors (deterministic path)
 
     def checkpointed(self) -> Checkpointed:
         """Everything of the parts that a checkpoint holds (saved and restored from this one list)."""
@@ -174,7 +188,7 @@ def step_losses(p: Parts, d: DistillConfig, batch: dict[str, torch.Tensor], feat
     labels = batch["label"]
     with p.autocast:
         emb_s, logits_s = p.train_student(
-            p.views.student(batch["image"], train=True).contiguous(memory_format=p.memory_format)
+            p.views.student(batch["image"], train=True, index=batch["index"]).contiguous(memory_format=p.memory_format)
         )
         emb_t, logits_t = p.t_head(feat_t)
     loss_ce = masked_cross_entropy(logits_s, labels)
@@ -276,8 +290,11 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     device = ray.train.torch.get_device()
     torch_threads(cfg.scaling.cpus_per_worker)
     quiet_ray_logs(cfg.run.verbose)
+    if cfg.run.deterministic:
+        deterministic_kernels(device)
     seed_everything(seed)  # identical initial weights on every rank
     p = build_parts(cfg, device, args.num_classes, args.teacher_dim, args.num_indices, ray.train.torch.prepare_model)
+    p.teacher_servers = args.teacher_servers
     saved = p.checkpointed()
 
     # --- restore
@@ -295,23 +312,32 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     steps_per_epoch = min(args.num_train // o.batch_size, o.max_steps_per_epoch or args.num_train)
     progress = Progress(cfg.run.name, o.epochs, start_epoch, steps_per_epoch, args.progress_bar)
     watch = NonFiniteWatch(WATCHED, device)
+    # the deterministic path: the unsplit split, this rank's rows of each epoch gathered by index
+    read = lambda: train_shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy")  # noqa: E731
+    rows = EpochRows(read, args.num_train, rank, world, seed)
 
     for epoch in range(start_epoch, o.epochs):
         # --- train one epoch on this worker's shard
         p.views.reseed(epoch_seed(seed, epoch, rank))
+        p.views.set_epoch(seed, epoch)  # training views keyed by (seed, epoch, row index)
         p.student_net.train()
         p.t_head.train()
         sums = torch.zeros(len(StepLosses._fields), dtype=torch.float64, device=device)  # the epoch's, summed
         watch.reset()
         steps, timer = 0, StepTimer(device)
-        batches = train_shard.iter_torch_batches(
-            batch_size=per_worker,
-            drop_last=True,
-            local_shuffle_buffer_size=p.mode.shuffle_buffer(cfg, per_worker) or None,
-            device=device,
-            prefetch_batches=cfg.data.prefetch_batches,
-            pin_memory=device.type == "cuda",  # faster, asynchronous host-to-device copies
-        )
+        if cfg.run.deterministic:
+            mine = p.mode.feed(p, rows.batches(epoch, per_worker, steps_per_epoch), epoch, seed)
+            batches = (to_device(b, device) for b in mine)
+        else:
+            batches = train_shard.iter_torch_batches(
+                batch_size=per_worker,
+                drop_last=True,
+                local_shuffle_buffer_size=p.mode.shuffle_buffer(cfg, per_worker) or None,
+                local_shuffle_seed=epoch_seed(seed, epoch, rank),  # Ray Data's order still depends on timing
+                device=device,
+                prefetch_batches=cfg.data.prefetch_batches,
+                pin_memory=device.type == "cuda",  # faster, asynchronous host-to-device copies
+            )
         for step, batch in enumerate(batches):
             if step == o.max_steps_per_epoch:
                 break

@@ -132,10 +132,12 @@ def fit(
     epochs: int,
     callbacks: list | None = None,
     console: bool = True,
+    whole_train: bool = False,
 ) -> ray.train.Result:
     """One TorchTrainer over ``datasets`` (``train`` split between the workers), resuming from the run's
     latest checkpoint when it has one; keeps the best (by ``score``) and the latest checkpoints. Every epoch
-    is recorded in the run folder (``RunRecorder``) and, with ``console``, printed as one line. A run whose
+    is recorded in the run folder (``RunRecorder``) and, with ``console``, printed as one line. ``whole_train``:
+    every worker gets the whole ``train`` split (the deterministic path picks its rows by index). A run whose
     workers returned ``{"diverged": line}`` raises that DivergedError."""
     keep = {"checkpoint_score_attribute": score, "checkpoint_score_order": "max"} if score else {}
     out, config = cfg.output_dir, cfg.model_dump(mode="json")
@@ -158,7 +160,7 @@ def fit(
             logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
         ),
         datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=DataConfig(datasets_to_split=[] if whole_train else ["train"]),
     )
     if console:
         with epoch_lines(out, cfg.run.name, epochs):
@@ -206,10 +208,14 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
             progress_bar=cfg.run.progress_bar if cfg.run.progress_bar is not None else sys.stderr.isatty(),
         )
         with mode.actors(cfg) as actors:
+            args.teacher_servers = actors
             train, evals, materialized = decoded_splits(cfg, data, () if on_driver else EVAL_SPLITS)
             train, evals = mode.wire(cfg, data, train, evals, actors, materialized)
             datasets, epochs = {"train": train} | evals, cfg.optim.epochs
-            result = fit(cfg, train_func_per_worker, datasets, args, SELECTION_METRIC, epochs, callbacks, not trial)
+            result = fit(
+                cfg, train_func_per_worker, datasets, args, SELECTION_METRIC, epochs, callbacks, not trial,
+                whole_train=cfg.run.deterministic,
+            )  # fmt: skip
             mode_summary = mode.summary(actors)
         return write_distill_outputs(cfg, data, result, out, time.time() - t0, not trial, mode_summary)
 

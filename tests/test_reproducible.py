@@ -1,0 +1,195 @@
+"""Reproducible runs (``run.deterministic``): the per-row randomness and the row-to-rank assignment as pure
+functions, then real Ray runs: the same config and seed twice give the same metrics.csv (times and
+throughputs aside) and bit-identical student weights in every teacher mode with 1 and 2 workers, another
+seed gives another run, and a run interrupted after epoch 1 and resumed ends as the uninterrupted one."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from ray.train import TrainingFailedError
+
+from ega_ray.config import load_config
+from ega_ray.data.augment import ViewMaker, row_uniforms
+from ega_ray.data.epoch_rows import EpochRows, epoch_order, rank_rows
+from ega_ray.models import build_student
+from ega_ray.train.launch import run_distill
+from ega_ray.train.teacher_cache import build_cache
+
+REPO = Path(__file__).resolve().parents[1]
+SHORT = ["optim.epochs=2", "optim.max_steps_per_epoch=3", "run.progress_bar=false"]
+
+
+# --- pure: per-row augmentation ------------------------------------------------------------------------
+
+
+def views() -> ViewMaker:
+    return ViewMaker(
+        pad=4, flip=True, student_size=32, student_mean=(0.5,) * 3, student_std=(0.25,) * 3, device=torch.device("cpu")
+    )
+
+
+def test_a_rows_view_depends_on_seed_epoch_and_index_only():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (16, 32, 32, 3), dtype=torch.uint8, generator=gen)
+    index = torch.arange(100, 116)
+    v = views()
+    v.set_epoch(7, 2)
+    whole = v.student(images, True, index=index)
+    # another batch composition and order, another ViewMaker whose stream generator has moved on
+    w = views()
+    w.reseed(123)
+    w.student(images, True)  # draws from the stream generator, not from the keyed draws
+    w.set_epoch(7, 2)
+    order = torch.randperm(16, generator=gen)
+    part = w.student(images[order[:5]], True, index=index[order[:5]])
+    assert torch.equal(part, whole[order[:5]])
+    v.set_epoch(8, 2)
+    assert not torch.equal(v.student(images, True, index=index), whole), "another seed, other views"
+    v.set_epoch(7, 3)
+    assert not torch.equal(v.student(images, True, index=index), whole), "another epoch, other views"
+
+
+def test_row_uniforms_are_uniform_and_separate_streams():
+    index = torch.arange(50_000)
+    u = row_uniforms(index, 0, 0, 0, 3)
+    assert u.shape == (50_000, 3) and 0 <= float(u.min()) and float(u.max()) < 1
+    assert torch.allclose(u.mean(0), torch.full((3,), 0.5), atol=0.01)
+    assert torch.equal(u, row_uniforms(index, 0, 0, 0, 3))
+    other = row_uniforms(index, 0, 0, 1, 3)  # the teacher's view of the same row: an independent draw
+    assert abs(float(torch.corrcoef(torch.stack([u[:, 0], other[:, 0]]))[0, 1])) < 0.02
+
+
+# --- pure: rows per rank -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_rank_rows_are_disjoint_equal_complete_and_deterministic(world):
+    n, per_rank = 1437, 1437 // world
+    ranks = [rank_rows(n, 5, 1, r, world, per_rank) for r in range(world)]
+    assert all(len(r) == per_rank for r in ranks)
+    together = np.concatenate(ranks)
+    assert len(np.unique(together)) == len(together), "disjoint"
+    assert len(together) == n - n % world, "every row but the remainder"
+    assert all(np.array_equal(a, rank_rows(n, 5, 1, r, world, per_rank)) for r, a in enumerate(ranks))
+    assert not np.array_equal(ranks[0], rank_rows(n, 5, 2, 0, world, per_rank)), "another epoch, another order"
+    assert not np.array_equal(ranks[0], rank_rows(n, 6, 1, 0, world, per_rank)), "another seed, another order"
+    with pytest.raises(ValueError, match="cannot give"):
+        rank_rows(n, 5, 1, 0, world, -(-n // world) + 1)  # more than any rank has
+    assert sorted(epoch_order(n, 5, 1)) == list(range(n))
+
+
+@pytest.mark.parametrize("keep_bytes", [0, 1 << 30])
+def test_epoch_rows_do_not_depend_on_the_order_rows_arrive_in(keep_bytes):
+    n = 300
+    images = np.random.default_rng(0).integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
+    table = {"image": images, "label": np.arange(n) % 10, "index": np.arange(n)}
+
+    def stream(seed: int):
+        def read():
+            order = np.random.default_rng(seed).permutation(n)  # blocks and rows in another order per pass
+            for start in range(0, n, 37):
+                rows = order[start : start + 37]
+                yield {k: v[rows] for k, v in table.items()}
+
+        return read
+
+    a = EpochRows(stream(1), n, rank=1, world=2, seed=3, keep_bytes=keep_bytes)
+    b = EpochRows(stream(2), n, rank=1, world=2, seed=3, keep_bytes=keep_bytes)
+    for epoch in range(3):
+        got_a, got_b = list(a.batches(epoch, 16, 4)), list(b.batches(epoch, 16, 4))
+        assert len(got_a) == 4 and all(len(x["index"]) == 16 for x in got_a)
+        for x, y in zip(got_a, got_b, strict=True):
+            assert all(np.array_equal(x[k], y[k]) for k in table)
+            assert np.array_equal(x["image"], images[x["index"]]), "each row's columns travel together"
+        want = rank_rows(n, 3, epoch, 1, 2, 64)
+        assert np.array_equal(np.concatenate([x["index"] for x in got_a]), want)
+    assert a.passes == (1 if keep_bytes else 3), "a small split is read once and kept"
+
+
+# --- Ray: two runs, another seed, an interrupted run ---------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def teacher_cache(tmp_path_factory) -> tuple[Path, Path]:
+    """A teacher weights file and its 2-view cache (for the cached mode)."""
+    torch.manual_seed(1)
+    root = tmp_path_factory.mktemp("teacher")
+    weights = root / "resnet8.pt"
+    torch.save(build_student("resnet8").state_dict(), weights)
+    return weights, root / "cache"
+
+
+def config(out: Path, teacher: tuple[Path, Path], mode: str, workers: int, *more: str):
+    weights, cache = teacher
+    extra = [f"teacher.cache={cache}"] if mode == "cached" else []
+    return load_config(
+        REPO / "configs" / "smoke.yaml",
+        [f"run.output={out}", f"teacher.weights={weights}", f"teacher.mode={mode}", *extra,
+         f"scaling.num_workers={workers}", *SHORT, *more],
+    )  # fmt: skip
+
+
+def outcome(run_dir: Path) -> tuple[list[dict], dict[str, torch.Tensor]]:
+    """metrics.csv without its time and throughput columns, and the last student's weights."""
+    with open(run_dir / "metrics.csv") as f:
+        rows = [{k: v for k, v in r.items() if "time" not in k and "per_s" not in k} for r in csv.DictReader(f)]
+    state = torch.load(run_dir / "student_last.pt", weights_only=True)
+    return rows, state["state_dict"] if "state_dict" in state else state
+
+
+def assert_same(a: tuple, b: tuple, what: str) -> None:
+    (rows_a, weights_a), (rows_b, weights_b) = a, b
+    assert rows_a == rows_b, f"{what}: metrics differ"
+    tensors = {k for k, v in weights_a.items() if isinstance(v, torch.Tensor)}
+    assert tensors and tensors == {k for k, v in weights_b.items() if isinstance(v, torch.Tensor)}
+    different = [k for k in sorted(tensors) if not torch.equal(weights_a[k], weights_b[k])]
+    assert not different, f"{what}: weights differ in {different[:5]}"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, teacher_cache, local_ray):
+    """Each (mode, workers) run once; its first use runs it (the cached mode builds its cache first)."""
+    root, done = tmp_path_factory.mktemp("reproducible"), {}
+
+    def get(mode: str, workers: int) -> tuple:
+        if (mode, workers) not in done:
+            if mode == "cached" and not teacher_cache[1].exists():
+                build_cache(config(root / "cache-build", teacher_cache, "online", 1), 2, teacher_cache[1])
+            run_distill(config(root / f"{mode}-{workers}", teacher_cache, mode, workers), trial=True)
+            done[mode, workers] = outcome(root / f"{mode}-{workers}")
+        return done[mode, workers]
+
+    return get
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("workers", [2, 1])
+@pytest.mark.parametrize("mode", ["online", "cached", "pipeline"])
+def test_the_same_run_twice_gives_the_same_metrics_and_weights(tmp_path, teacher_cache, runs, mode, workers):
+    first = runs(mode, workers)
+    run_distill(config(tmp_path / "again", teacher_cache, mode, workers), trial=True)
+    assert_same(first, outcome(tmp_path / "again"), f"{mode} with {workers} worker(s)")
+
+
+@pytest.mark.slow
+def test_another_seed_gives_another_run_and_a_resumed_run_ends_as_the_uninterrupted_one(
+    tmp_path, teacher_cache, runs
+):
+    reference = runs("online", 2)
+    run_distill(config(tmp_path / "seed1", teacher_cache, "online", 2, "run.seed=1"), trial=True)
+    rows, weights = outcome(tmp_path / "seed1")
+    assert rows[0]["train_loss"] != reference[0][0]["train_loss"]
+    assert not all(torch.equal(weights[k], reference[1][k]) for k in weights if isinstance(weights[k], torch.Tensor))
+
+    cfg = config(tmp_path / "resumed", teacher_cache, "online", 2, "run.fail_after_epoch=1", "run.max_failures=0")
+    with pytest.raises(TrainingFailedError):
+        run_distill(cfg, trial=True)
+    run_distill(cfg, trial=True)  # the same folder: resumes from epoch 1's checkpoint
+    rows, weights = outcome(tmp_path / "resumed")
+    assert [r["restarts"] for r in rows] == ["0", "1"]
+    assert_same(reference, ([r | {"restarts": "0"} for r in rows], weights), "interrupted after epoch 1 and resumed")
