@@ -16,7 +16,7 @@ from ega_ray.tune.benchmark import best_trial, method_config, parse_methods, run
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
     # one worker, one epoch of 4 steps: the test is about what runs and what is written, not accuracy
     short = ["optim.epochs=1", "optim.milestones=[1]", "optim.max_steps_per_epoch=4", "scaling.num_workers=1"]

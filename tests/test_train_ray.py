@@ -21,7 +21,7 @@ from ega_ray.train.preflight import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 
 
 def smoke(tmp_path, *overrides: str):

@@ -22,7 +22,7 @@ from ega_ray.tune.search import run_search
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     out = tmp_path / "search"
     cmd = [
@@ -107,7 +107,7 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     assert (out / "search.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_a_diverged_trial_ends_alone_and_is_never_the_best(tmp_path, local_ray):
     """A grid over the lr, one of them absurd: that trial ends as DIVERGED in trials.csv and on search.png,
     the other finishes, and best.yaml is the finished one."""
