@@ -11,61 +11,72 @@ from pathlib import Path
 import pytest
 
 from ega_ray.config import ConfigError, load_config
-from ega_ray.tune.benchmark import best_trial, method_config, parse_methods, run_benchmark, tuned_choice
+from ega_ray.tune.benchmark import best_trial, method_config, method_space, parse_methods, run_benchmark, tuned_choice
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.ray
 def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
+    """One small end-to-end benchmark (CRD, one seed, a 2-trial search): the Tune phases, the run folders, the
+    files and a resume. What each method's run config and search space are, the tuned choice and the tables
+    are pure functions, tested below and in test_stats.py on synthetic rows."""
     # one worker, one epoch of 4 steps: the test is about what runs and what is written, not accuracy
     short = ["optim.epochs=1", "optim.milestones=[1]", "optim.max_steps_per_epoch=4", "scaling.num_workers=1"]
     cfg = load_config(REPO / "configs" / "smoke.yaml", short)
     out = tmp_path / "bench"
-    rows = run_benchmark(cfg, ["crd", "ce"], seeds=1, output=out, tune_trials=2)  # CRD and the CE-only student
-    assert sorted((r["method"], r["variant"]) for r in rows) == [
-        ("ce", "reference"), ("ce", "tuned"), ("crd", "reference"), ("crd", "tuned")
-    ]  # fmt: skip
+    rows = run_benchmark(cfg, ["crd"], seeds=1, output=out, tune_trials=2)
+    assert [(r["method"], r["variant"]) for r in rows] == [("crd", "reference"), ("crd", "tuned")]
     with open(out / "results.csv") as f:
         saved = list(csv.DictReader(f))
-    assert [(r["method"], r["variant"], r["seed"], r["epochs"]) for r in saved] == [
-        ("crd", "reference", "0", "1"), ("ce", "reference", "0", "1"),
-        ("crd", "tuned", "0", "1"), ("ce", "tuned", "0", "1"),
+    assert [(r["method"], r["variant"], r["seed"], r["epochs"], r["status"]) for r in saved] == [
+        ("crd", "reference", "0", "1", "finished"), ("crd", "tuned", "0", "1", "finished"),
     ]  # fmt: skip
     table = (out / "results.md").read_text()
-    for label in ("| crd |", "| CE only (no teacher) |", "| teacher head", "the same search budget, 2 trials"):
+    for label in ("| crd |", "| teacher head", "the same search budget, 2 trials", "Only 1 seed"):
         assert label in table, table
-    # every method searched its own knobs and the lr, 2 trials each; its tuned runs use the best trial's values
-    # if that trial beat the reference settings' seed-0 run, else the reference settings, which are not rerun
+    # the method searched its own knobs and the lr, 2 trials; its tuned runs use the best trial's values if that
+    # trial beat the reference settings' seed-0 run, else the reference settings, which are not rerun
     searched = [load_config(p) for p in sorted((out / "trials").glob("tune-crd-*/config.yaml"))]
     assert len(searched) == 2 and len({c.distill.crd_temperature for c in searched}) == 2
     assert all(0.03 <= c.distill.crd_temperature <= 0.3 and 0.0125 <= c.optim.lr <= 0.2 for c in searched)
     tuned_settings = json.loads((out / "tuned_settings.json").read_text())
     best, seed0 = tuned_settings["best"], tuned_settings["seed0_validation_top1"]
-    for method, knobs in (("crd", {"distill.crd_temperature", "distill.beta", "optim.lr"}), ("ce", {"optim.lr"})):
-        reference = [r for r in rows if (r["method"], r["variant"]) == (method, "reference")]
-        tuned = [r for r in rows if (r["method"], r["variant"]) == (method, "tuned")]
-        assert seed0[method]["reference"] == reference[0]["validation_top1_at_selected"]  # chosen on validation
-        assert {"test_top1_at_selected", "test_top1_last"} <= set(reference[0])
-        assert set(best[method]) == (knobs if seed0[method]["search"] > seed0[method]["reference"] else set())
-        folder = out / "trials" / f"{method}-tuned-seed0"
-        if best[method]:  # new settings: the seeds ran again with them
-            ran = load_config(folder / "config.yaml").model_dump()
-            assert {k: ran[k.split(".")[0]][k.split(".")[1]] for k in best[method]} == pytest.approx(best[method])
-        else:  # the reference settings: their runs are the tuned rows
-            assert not folder.exists() and tuned == [r | {"variant": "tuned"} for r in reference]
+    reference, tuned = rows[:1], rows[1:]
+    assert seed0["crd"]["reference"] == reference[0]["validation_top1_at_selected"]  # chosen on validation
+    assert {"test_top1_at_selected", "test_top1_last"} <= set(reference[0])
+    knobs = {"distill.crd_temperature", "distill.beta", "optim.lr"}
+    assert set(best["crd"]) == (knobs if seed0["crd"]["search"] > seed0["crd"]["reference"] else set())
+    folder = out / "trials" / "crd-tuned-seed0"
+    if best["crd"]:  # new settings: the seeds ran again with them
+        ran = load_config(folder / "config.yaml").model_dump()
+        assert {k: ran[k.split(".")[0]][k.split(".")[1]] for k in best["crd"]} == pytest.approx(best["crd"])
+    else:  # the reference settings: their runs are the tuned rows
+        assert not folder.exists() and tuned == [r | {"variant": "tuned"} for r in reference]
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-    # each run used its method and its reference weights
-    for method, gamma, beta in (("crd", 1.0, 0.8), ("ce", 1.0, 0.0)):
-        run = load_config(out / "trials" / f"{method}-seed0" / "config.yaml")
-        assert (run.distill.gamma, run.distill.beta) == (gamma, beta), method
-        assert run.distill.method == ("ega" if method == "ce" else method)
-    with_config_weights = method_config({"distill": {"gamma": 1.0, "beta": 2.0}, "run": {"storage": None}},
-                                        "pkt", 0, out, reference_weights=False)  # fmt: skip
-    assert (with_config_weights["distill"]["gamma"], with_config_weights["distill"]["beta"]) == (1.0, 2.0)
+    run = load_config(out / "trials" / "crd-seed0" / "config.yaml")  # its method, with its reference weights
+    assert (run.distill.method, run.distill.gamma, run.distill.beta) == ("crd", 1.0, 0.8)
     # resuming a finished benchmark trains nothing again and reports the same runs
     again = run_benchmark(None, [], seeds=0, output=out, resume=True)
     assert again == rows and json.loads((out / "tuned_settings.json").read_text())["best"] == best
+
+
+def test_each_method_runs_with_its_reference_weights_and_searches_its_own_knobs(tmp_path) -> None:
+    weights = {"method": "ega", "gamma": 1.0, "beta": 2.0, "alpha": 0.5}
+    base = {"distill": weights, "optim": {"lr": 0.05}, "run": {"storage": None}}
+    ce = method_config(base, "ce", 3, tmp_path)  # the CE-only student: the loop without its distiller
+    assert (ce["distill"]["beta"], ce["distill"]["method"], ce["run"]["seed"]) == (0.0, "ega", 3)
+    assert ce["run"]["name"] == "ce-seed3"
+    crd = method_config(base, "crd", 0, tmp_path)
+    assert (crd["distill"]["gamma"], crd["distill"]["beta"], crd["distill"]["alpha"]) == (1.0, 0.8, 0.0)
+    ega = method_config(base, "ega", 0, tmp_path)  # EGA keeps the config's own weights
+    assert (ega["distill"]["beta"], ega["distill"]["alpha"]) == (2.0, 0.5)
+    mine = method_config(base, "pkt", 0, tmp_path, reference_weights=False)
+    assert (mine["distill"]["gamma"], mine["distill"]["beta"]) == (1.0, 2.0)
+    tuned = method_config(base, "crd", 1, tmp_path, params={"optim.lr": 0.1}, name="crd-tuned-seed1")
+    assert (tuned["optim"]["lr"], tuned["run"]["name"]) == (0.1, "crd-tuned-seed1")
+    assert set(method_space("ce")) == {"optim.lr"}
+    assert set(method_space("crd")) == {"distill.crd_temperature", "distill.beta", "optim.lr"}
 
 
 def test_tuned_settings_are_the_reference_unless_a_trial_beat_it() -> None:
