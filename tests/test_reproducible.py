@@ -85,9 +85,12 @@ def test_rank_rows_are_disjoint_equal_complete_and_deterministic(world):
 
 @pytest.mark.parametrize("keep_bytes", [0, 1 << 30])
 def test_epoch_rows_do_not_depend_on_the_order_rows_arrive_in(keep_bytes):
-    n = 300
+    """The rows trained on are the training split less a carved validation split: their ``index`` values are
+    not 0..n-1; a rank's rows are the epoch's permutation of their positions, whatever order they arrive in."""
+    n, total = 300, 360
+    indices = np.sort(np.random.default_rng(1).permutation(total)[:n])  # 60 rows carved out
     images = np.random.default_rng(0).integers(0, 256, (n, 4, 4, 3), dtype=np.uint8)
-    table = {"image": images, "label": np.arange(n) % 10, "index": np.arange(n)}
+    table = {"image": images, "label": np.arange(n) % 10, "index": indices}
 
     def stream(seed: int):
         def read():
@@ -98,17 +101,21 @@ def test_epoch_rows_do_not_depend_on_the_order_rows_arrive_in(keep_bytes):
 
         return read
 
-    a = EpochRows(stream(1), n, rank=1, world=2, seed=3, keep_bytes=keep_bytes)
-    b = EpochRows(stream(2), n, rank=1, world=2, seed=3, keep_bytes=keep_bytes)
+    a = EpochRows(stream(1), indices, rank=1, world=2, seed=3, keep_bytes=keep_bytes)
+    b = EpochRows(stream(2), indices[::-1], rank=1, world=2, seed=3, keep_bytes=keep_bytes)
     for epoch in range(3):
         got_a, got_b = list(a.batches(epoch, 16, 4)), list(b.batches(epoch, 16, 4))
         assert len(got_a) == 4 and all(len(x["index"]) == 16 for x in got_a)
         for x, y in zip(got_a, got_b, strict=True):
             assert all(np.array_equal(x[k], y[k]) for k in table)
-            assert np.array_equal(x["image"], images[x["index"]]), "each row's columns travel together"
-        want = rank_rows(n, 3, epoch, 1, 2, 64)
+            position = np.searchsorted(indices, x["index"])
+            assert np.array_equal(x["image"], images[position]), "each row's columns travel together"
+        want = indices[rank_rows(n, 3, epoch, 1, 2, 64)]
         assert np.array_equal(np.concatenate([x["index"] for x in got_a]), want)
     assert a.passes == (1 if keep_bytes else 3), "a small split is read once and kept"
+    stray = EpochRows(stream(1), indices[1:], rank=0, world=1, seed=3, keep_bytes=keep_bytes)
+    with pytest.raises(ValueError, match="not among the rows trained on"):
+        list(stray.batches(0, 16, 1))
 
 
 # --- Ray: two runs, another seed, an interrupted run ---------------------------------------------------
@@ -167,7 +174,7 @@ def runs(tmp_path_factory, teacher_cache, local_ray):
     return get
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("workers", [2, 1])
 @pytest.mark.parametrize("mode", ["online", "cached", "pipeline"])
 def test_the_same_run_twice_gives_the_same_metrics_and_weights(tmp_path, teacher_cache, runs, mode, workers):
@@ -176,7 +183,7 @@ def test_the_same_run_twice_gives_the_same_metrics_and_weights(tmp_path, teacher
     assert_same(first, outcome(tmp_path / "again"), f"{mode} with {workers} worker(s)")
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_another_seed_gives_another_run_and_a_resumed_run_ends_as_the_uninterrupted_one(
     tmp_path, teacher_cache, runs
 ):

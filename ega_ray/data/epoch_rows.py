@@ -59,18 +59,30 @@ class EpochRows:
     """One worker's training rows of each epoch (:func:`rank_rows`), gathered by ``index`` from a pass over
     the whole training split (``read()``: numpy batches with an ``index`` column, in any order). A split of
     at most ``keep_bytes`` is read once and kept; a larger one is read again every epoch, keeping this rank's
-    rows only."""
+    rows only.
+
+    Args:
+        read: a new pass over the training split.
+        indices: the ``index`` values of the rows trained on (the split less a carved validation split:
+            not always 0..n-1); the epoch's permutation orders their positions in sorted order.
+        rank: this worker's rank.
+        world: the number of workers.
+        seed: the run's seed.
+        keep_bytes: the largest split (decoded) kept in memory after its first pass.
+    """
 
     def __init__(
         self,
         read: Callable[[], Iterable[dict[str, np.ndarray]]],
-        num_rows: int,
+        indices: np.ndarray,
         rank: int,
         world: int,
         seed: int,
         keep_bytes: int = KEEP_ALL_BYTES,
     ) -> None:
-        self.read, self.num_rows, self.rank, self.world, self.seed = read, num_rows, rank, world, seed
+        self.indices = np.sort(np.asarray(indices, dtype=np.int64))
+        self.num_rows = len(self.indices)
+        self.read, self.rank, self.world, self.seed = read, rank, world, seed
         self.keep_bytes = keep_bytes
         self.kept: dict[str, np.ndarray] | None = None  # the whole split by index, once read (small splits)
         self.passes = 0  # passes over the split (one per run for a kept split)
@@ -93,8 +105,10 @@ class EpochRows:
         self.passes += 1
         for batch in self.read():
             index = np.asarray(batch["index"], dtype=np.int64)
-            if len(index) and (index.min() < 0 or index.max() >= self.num_rows):
-                raise ValueError(f"training row index outside 0..{self.num_rows - 1}")
+            position = np.searchsorted(self.indices, index)  # the row's place among the rows trained on
+            if (position >= self.num_rows).any() or not np.array_equal(self.indices[position], index):
+                raise ValueError("the training split's pass gave a row index that is not among the rows trained on")
+            index = position
             cols = {k: np.asarray(v) for k, v in batch.items()}
             if not out:
                 out = {k: np.empty((len(wanted), *v.shape[1:]), v.dtype) for k, v in cols.items()}

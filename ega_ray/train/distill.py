@@ -66,6 +66,7 @@ class WorkerArgs:
     num_classes: int
     teacher_dim: int  # width of the teacher's features
     num_train: int  # training rows
+    train_indices: np.ndarray  # their ``index`` values (the training split less a carved validation split)
     num_indices: int  # the size of a per-row memory (CRD): the largest index + 1
     keep_eval: bool  # the evaluation splits are small: keep this worker's rows in memory after the first pass
     eval_splits: dict[str, Any]  # split → ObjectRef of it decoded (sent from the driver), or None: a Ray Data shard
@@ -314,7 +315,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     watch = NonFiniteWatch(WATCHED, device)
     # the deterministic path: the unsplit split, this rank's rows of each epoch gathered by index
     read = lambda: train_shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy")  # noqa: E731
-    rows = EpochRows(read, args.num_train, rank, world, seed)
+    rows = EpochRows(read, args.train_indices, rank, world, seed)
 
     for epoch in range(start_epoch, o.epochs):
         # --- train one epoch on this worker's shard

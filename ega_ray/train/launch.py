@@ -202,6 +202,7 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
             num_classes=data.num_classes,
             teacher_dim=teacher_dim,
             num_train=data.num_train,
+            train_indices=data.indices if data.trained is None else data.indices[data.trained[data.indices]],
             num_indices=int(data.indices.max()) + 1,
             keep_eval=keep_eval,
             eval_splits=eval_splits,
