@@ -35,6 +35,7 @@ def someones_folder(path: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in path.rglob("*") if p.is_file()}
 
 
+@pytest.mark.heavy
 def test_no_command_touches_a_folder_it_did_not_write(tmp_path):
     """Every verb, in one fresh process (so that no other test's Ray counts): exit 2 and one line for each,
     the folder unchanged, Ray never started."""
@@ -86,6 +87,7 @@ def test_an_output_that_is_a_file_or_in_use_is_one_line(tmp_path, capsys):
         assert f"in use by another ega-ray command (pid {os.getpid()} on" in one_line(capsys)
 
 
+@pytest.mark.heavy
 def test_an_unwritable_output_is_one_line():
     with shared_folder() as shared:
         (shared / "locked").mkdir(mode=0o755)  # owned by this user; the unprivileged one may not write it

@@ -80,7 +80,8 @@ def assert_close(actual, expected, tol: float = 1e-4) -> None:
     assert (actual - expected).abs().max() <= tol * scale, (actual - expected).abs().max()
 
 
-@pytest.mark.parametrize("name", FAMILIES)
+# the smallest family in the fast tier; the full-size ones cost tens of CPU-seconds each to export
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[] if n == "resnet8" else pytest.mark.heavy) for n in FAMILIES])
 def test_every_format_gives_the_models_logits_at_any_batch_size(name, tmp_path):
     model, meta = trained_like(name)
     formats = FORMATS if HAS_ONNX else RUN_FORMATS
@@ -177,6 +178,7 @@ def one_line(capsys) -> str:
     return err.strip()
 
 
+@pytest.mark.heavy
 def test_a_pt2_is_written_when_the_working_directory_was_deleted(tmp_path):
     """A job's working directory can be deleted under its driver (Ray releasing the runtime_env package);
     torch.export's first use reads the working directory. A fresh interpreter, since the first use counts."""

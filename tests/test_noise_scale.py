@@ -90,6 +90,7 @@ def test_estimator_needs_two_increasing_batch_sizes() -> None:
         estimate_noise_scale(1.0, 256, 1.0, 64)
 
 
+@pytest.mark.heavy
 def test_bench_noise_scale_on_the_smoke_config(tmp_path: Path) -> None:
     out = tmp_path / "noise"
     cmd = [sys.executable, str(REPO / "bench" / "noise_scale.py"), "--config", str(REPO / "configs" / "smoke.yaml")]

@@ -87,6 +87,7 @@ def test_loader_is_the_papers() -> None:
     assert seed_loop.teacher_dtype(CPU) == torch.float32
 
 
+@pytest.mark.heavy
 def test_step_is_the_recipe_and_both_optimizers_step() -> None:
     torch.manual_seed(0)
     p = seed_loop.build_seed_parts(CPU, num_classes=10)
@@ -126,6 +127,7 @@ def test_step_is_the_recipe_and_both_optimizers_step() -> None:
     assert all(not torch.equal(a, b) for a, b in zip(head_before, p.t_head.parameters(), strict=True))
 
 
+@pytest.mark.heavy
 def test_teacher_head_learns_from_its_own_ce_only() -> None:
     """The distiller's gradient on the teacher head is dropped before its step (the paper's code)."""
     torch.manual_seed(0)
@@ -145,6 +147,7 @@ def test_teacher_head_learns_from_its_own_ce_only() -> None:
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.heavy
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_throughput_counts_images_after_the_warm_up() -> None:
     x, y = _images(16)

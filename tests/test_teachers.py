@@ -40,6 +40,7 @@ def clip_file(tmp_path_factory):
     return path, model.visual
 
 
+@pytest.mark.heavy
 def test_open_clip_teacher_from_a_local_file(clip_file):
     path, visual = clip_file
     teacher = build_teacher("open_clip:ViT-B-32", weights=str(path))
@@ -52,6 +53,7 @@ def test_open_clip_teacher_from_a_local_file(clip_file):
     assert out.shape == (1, 512) and out.dtype == torch.float32
 
 
+@pytest.mark.heavy
 def test_open_clip_teacher_checks_sha256(clip_file):
     path, _ = clip_file
     assert build_teacher("open_clip:ViT-B-32", weights=str(path), sha256=sha256_of(path)) is not None
@@ -160,6 +162,7 @@ def test_ssl_teacher_rejects_other_files(tmp_path):
         build_teacher("ssl", weights=str(tmp_path / "missing.pt"))
 
 
+@pytest.mark.heavy
 @pytest.mark.parametrize(("name", "width"), [("RN50", 1024), ("RN101", 512), ("ViT-B-32", 512), ("ViT-B-16", 512)])
 def test_the_papers_clip_teachers_build_and_embed(name, width, tmp_path):
     torch.manual_seed(0)
@@ -309,7 +312,9 @@ def test_repdistiller_and_mdistiller_checkpoints_load(layout, resnet8x4_theirs, 
 
 
 @pytest.mark.parametrize(
-    ("name", "feat_dim"), [("repdistiller:resnet20", 64), ("repdistiller:vgg13", 512), ("mdistiller:resnet50", 2048)]
+    ("name", "feat_dim"),
+    [("repdistiller:resnet20", 64), ("repdistiller:vgg13", 512),
+     pytest.param("mdistiller:resnet50", 2048, marks=pytest.mark.heavy)],  # fmt: skip
 )
 def test_each_shared_architecture_maps_back_exactly(name, feat_dim, tmp_path):
     family, theirs = name.split(":")

@@ -161,6 +161,7 @@ def bench_module():
         sys.path.pop(0)
 
 
+@pytest.mark.heavy
 @pytest.mark.filterwarnings("ignore:teacher zoo")
 @pytest.mark.parametrize("mode", ["online", "cached"])
 def test_bench_bare_step_and_profile(bench_module, mode: str) -> None:

@@ -148,6 +148,7 @@ def test_bad_search_spaces_name_the_entry(space, message):
         parse_config(_raw(**space))
 
 
+@pytest.mark.heavy
 def test_search_space_errors_stop_before_ray_starts(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(_raw(**{"distill.temperature": {"type": "uniform", "low": -0.5, "high": 1.0}})))
