@@ -25,7 +25,8 @@ from ega_ray.train.preflight import check_teacher, prepare_data, resolve
 
 
 def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
-    """Embed ``views`` random teacher views of every training image; write ``output`` atomically."""
+    """Embed ``views`` random teacher views of every image of ``data.train`` (its carved validation rows
+    too, so one cache serves any validation split); write ``output`` atomically."""
     if views < 1:
         raise ConfigError(f"--views must be >= 1, got {views}")
     cfg = resolve(cfg)
@@ -52,12 +53,14 @@ def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
         rows = pads.dataset(str(tmp / "embeddings"), format="parquet").count_rows()
         manifest |= {
             "rows": rows,
-            "images": data.num_train,
+            "images": len(data.indices),
             "files": file_digests(tmp / "embeddings"),
             "wall_time_s": round(time.time() - t0, 1),
         }
-        if rows != data.num_train * views:
-            raise RuntimeError(f"cache-teacher: wrote {rows} rows, expected {data.num_train} images × {views} views")
+        # every row of data.train, the validation rows carved from it included: the cache does not depend on
+        # the validation split (a cached run never looks those rows up: they are not in its training split)
+        if rows != len(data.indices) * views:
+            raise RuntimeError(f"cache-teacher: wrote {rows} rows, expected {len(data.indices)} images × {views} views")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
     return {
         "output": str(output),
