@@ -7,7 +7,7 @@ Each mode answers, for every layer that needs to know:
 - ``actors``: long-lived actors the run holds while it trains (a context manager),
 - ``wire``: how the teacher's embeddings reach the splits (Ray Data),
 - ``features``: the teacher features of one batch in the training worker (``bench/`` uses it too),
-- ``teacher_in_worker``, ``shuffle_buffer``, ``summary``: what the worker loop and the run folder need.
+- ``teacher_in_worker``, ``shuffle_buffer``, ``feed``, ``summary``: what the worker loop and the run folder need.
 
 ``online``: the teacher runs in every training worker on its own view of each batch. ``cached``: its
 embeddings of K views per image come from ``ega-ray cache-teacher``'s folder, looked up by ``index``.

@@ -319,6 +319,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
 
     for epoch in range(start_epoch, o.epochs):
         # --- train one epoch on this worker's shard
+        seed_everything(epoch_seed(seed, epoch, rank))  # any global-RNG draw (dropout) replays on a resume
         p.views.reseed(epoch_seed(seed, epoch, rank))
         p.views.set_epoch(seed, epoch)  # training views keyed by (seed, epoch, row index)
         p.student_net.train()
