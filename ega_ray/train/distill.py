@@ -315,7 +315,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     watch = NonFiniteWatch(WATCHED, device)
     # the deterministic path: the unsplit split, this rank's rows of each epoch gathered by index
     read = lambda: train_shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy")  # noqa: E731
-    rows = EpochRows(read, args.train_indices, rank, world, seed)
+    epoch_rows = EpochRows(read, args.train_indices, rank, world, seed)
 
     for epoch in range(start_epoch, o.epochs):
         # --- train one epoch on this worker's shard
@@ -328,7 +328,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         watch.reset()
         steps, timer = 0, StepTimer(device)
         if cfg.run.deterministic:
-            mine = p.mode.feed(p, rows.batches(epoch, per_worker, steps_per_epoch), epoch, seed)
+            mine = p.mode.feed(p, epoch_rows.batches(epoch, per_worker, steps_per_epoch), epoch, seed)
             batches = (to_device(b, device) for b in mine)
         else:
             batches = train_shard.iter_torch_batches(
