@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test gpu-dry-run lint clean install-rsync lock
+.PHONY: demo test test-fast gpu-dry-run lint clean install-rsync lock
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -29,9 +29,17 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 install-rsync:
 	$(SUDO) apt-get install -y -q rsync >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q rsync; }
 
-test: $(STAMP) $(TOOLS)  ## the whole test suite (slow multi-process tests included)
+PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
+# the tests that need only Python and torch: tests/conftest.py's FAST_TIER, pyproject.toml's markers
+FAST_TIER := not ray and not cluster and not multihost and not heavy and not gpu
+
+test: $(STAMP) $(TOOLS)  ## the whole test suite: every tier (local Ray, clusters, heavy, fast)
 	$(VENV)/bin/ruff check ega_ray tests jobs bench
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal --durations=10 tests
+	$(PYTEST) --durations=10 tests
+
+test-fast: $(STAMP)  ## after each edit: ruff + the tests without Ray or heavy models
+	$(VENV)/bin/ruff check ega_ray tests jobs bench
+	$(PYTEST) -m "$(FAST_TIER)" tests
 
 gpu-dry-run: $(STAMP)  ## bench/gpu_check.sh's steps on CPU at tiny sizes, so that the GPU check cannot rot (CI)
 	PYTHON=$(VENV)/bin/python bash bench/gpu_check.sh --dry-run

@@ -127,7 +127,7 @@ def measure(args: argparse.Namespace) -> int:
     def batch_losses(b: int) -> dict[str, torch.Tensor]:
         rows = torch.randperm(n, device=device)[:b]
         batch = {k: v[rows] for k, v in data.items()}
-        loss, ce, distill, _ = step_losses(p, cfg.distill, batch, features(batch))
+        loss, ce, distill = step_losses(p, cfg.distill, batch, features(batch))[:3]
         return {"loss": loss, "distill": distill, "ce": ce}
 
     rows: list[dict[str, Any]] = []

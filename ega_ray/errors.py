@@ -33,6 +33,13 @@ class DataError(UsageError):
     label = "data error"
 
 
+class DivergedError(UsageError):
+    """Training diverged: a loss term is not finite. The message names the epoch, the step, the term and the
+    learning rate; nothing of the diverged epoch is checkpointed or exported."""
+
+    label = "diverged"
+
+
 def find_usage_error(err: BaseException) -> UsageError | None:
     """The UsageError behind ``err``: itself, or one raised inside a Ray task, a Ray Data stage or a Ray Train
     worker and re-raised on the driver wrapped in Ray's own exceptions (through ``cause``, ``__cause__``,

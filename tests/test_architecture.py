@@ -4,6 +4,7 @@ whose every entry exists, and teacher modes that each answer for every layer."""
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -125,3 +126,14 @@ def test_only_the_teacher_modes_know_the_modes():
         if branch.search(line.split("#")[0])
     ]
     assert not offenders, "\n".join(offenders)
+
+
+def test_the_test_tiers_agree_everywhere():
+    """make test-fast selects conftest's fast tier, and every marker a tier names is declared in pyproject.toml
+    (pytest runs with --strict-markers, so a misspelt marker fails collection)."""
+    from conftest import FAST_TIER, NEEDS
+
+    make_tier = re.search(r"^FAST_TIER := (.+)$", (REPO / "Makefile").read_text(), re.M)
+    assert make_tier and make_tier.group(1).strip() == FAST_TIER
+    markers = (REPO / "pyproject.toml").read_text().split("markers = [", 1)[1].split("]", 1)[0]
+    assert sorted(re.findall(r'^\s+"(\w+): ', markers, re.M)) == sorted(NEEDS)

@@ -11,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from ega_ray.config import ConfigError, load_config
-from ega_ray.tune.benchmark import method_config, parse_methods, run_benchmark, tuned_choice
+from ega_ray.tune.benchmark import best_trial, method_config, parse_methods, run_benchmark, tuned_choice
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
     # one worker, one epoch of 4 steps: the test is about what runs and what is written, not accuracy
     short = ["optim.epochs=1", "optim.milestones=[1]", "optim.max_steps_per_epoch=4", "scaling.num_workers=1"]
@@ -72,6 +72,16 @@ def test_tuned_settings_are_the_reference_unless_a_trial_beat_it() -> None:
     assert tuned_choice(91.0, found, 90.0) == found
     assert tuned_choice(90.0, found, 90.0) == {}  # a tie keeps the reference: the smaller change
     assert tuned_choice(39.4, found, 90.0) == {}
+    assert tuned_choice(None, {}, 90.0) == {}  # every trial diverged: the reference
+    assert tuned_choice(39.4, found, None) == found  # the reference's seed-0 run diverged
+
+
+def test_a_diverged_search_trial_is_never_the_best() -> None:
+    fast, slow = {"optim.lr": 1e3}, {"optim.lr": 0.05}
+    # the diverged trial's earlier epochs scored higher: it is still not chosen
+    assert best_trial([(None, "a", fast), (61.0, "b", slow)]) == (61.0, slow)
+    assert best_trial([(None, "a", fast), (None, "b", slow)]) == (None, {})
+    assert best_trial([(61.0, "c", fast), (61.0, "b", slow)]) == (61.0, slow)  # a tie: the first trial by id
 
 
 @pytest.mark.parametrize(
@@ -86,3 +96,24 @@ def test_bad_method_lists_are_refused(text: str, message: str) -> None:
 def test_benchmark_resume_needs_a_benchmark(tmp_path):
     with pytest.raises(ConfigError, match="holds no `ega-ray benchmark` to resume"):
         run_benchmark(None, [], seeds=0, output=tmp_path, resume=True)
+
+
+def test_results_files_keep_one_row_per_run_and_leave_diverged_runs_out(tmp_path) -> None:
+    """write_results on synthetic rows (no Ray): a diverged run is a row with its status and no scores, named
+    in results.md, out of its method's mean; the plot is drawn from the finished runs."""
+    from test_stats import ROWS
+
+    from ega_ray.config import parse_config
+    from ega_ray.tune.benchmark import summary_rows, write_results
+
+    cfg = parse_config({"data": {"train": "t", "val": "v"}})
+    write_results(ROWS, cfg, ["ega", "kd", "ce"], tmp_path, wall_s=3.0)
+    with open(tmp_path / "results.csv") as f:
+        saved = list(csv.DictReader(f))
+    assert len(saved) == len(ROWS) and [r["status"] for r in saved].count("diverged") == 1
+    kd1 = next(r for r in saved if (r["method"], r["seed"]) == ("kd", "1"))
+    assert (kd1["status"], kd1["best_top1"], kd1["last_top1"]) == ("diverged", "", "")
+    table = (tmp_path / "results.md").read_text()
+    assert "| kd | 2 of 3 (1 diverged) | 92.50 ± 0.71 |" in table and "- kd, seed 1: diverged (" in table
+    assert dict((m, best) for m, best, _ in summary_rows(ROWS, ["kd"]))["kd"] == [93.0, 92.0]
+    assert (tmp_path / "results.png").read_bytes()[:4] == b"\x89PNG"

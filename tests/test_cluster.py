@@ -27,7 +27,7 @@ def read_metrics(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_ray_job_submit_to_an_autoscaling_cluster_with_token_auth(tmp_path):
     """The docs' `ray job submit` command against a head that trains nothing (0 CPUs) on Ray's fake
     multi-node autoscaler (worker type: 1 CPU, min 0, max 2), token auth on: the 2-worker smoke run makes
@@ -210,7 +210,7 @@ def registered_epoch(run_dir: Path) -> int:
     return max((r["metrics"]["epoch"] for r in snapshot["checkpoint_results"]), default=0)
 
 
-@pytest.mark.slow
+@pytest.mark.cluster
 def test_losing_a_worker_node_resumes_from_the_last_checkpoint(tmp_path):
     """Head with 0 CPUs, two 1-CPU worker nodes; the node of the Train workers is removed without grace
     after the first checkpoint and a replacement added: the run restarts from its checkpoint and finishes

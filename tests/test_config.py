@@ -417,7 +417,7 @@ def test_cli_config_error(tmp_path: Path, raw: dict[str, Any], field: str) -> No
     assert lines[0].startswith(f"ega-ray: config error: {field}:")
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_cli_missing_data_path(tmp_path: Path) -> None:
     """Fails in the preflight (resolve) inside run_distill: before Ray starts."""
     proc = _cli(_write(tmp_path / "bad.yaml", _raw(data={"train": "no_such_folder"})), tmp_path)

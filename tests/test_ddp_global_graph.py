@@ -131,7 +131,7 @@ def _close(a: list[torch.Tensor], b: list[torch.Tensor], tol: float = 1e-6) -> b
     return all(torch.allclose(u, v, rtol=0, atol=tol) for u, v in zip(a, b, strict=True))
 
 
-@pytest.mark.slow
+@pytest.mark.heavy
 def test_global_batch_losses_match_single_process(tmp_path: Path) -> None:
     ranks = _run_ranks(tmp_path)
     x, x2, teacher = _data()

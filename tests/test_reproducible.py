@@ -167,7 +167,7 @@ def runs(tmp_path_factory, teacher_cache, local_ray):
     return get
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 @pytest.mark.parametrize("workers", [2, 1])
 @pytest.mark.parametrize("mode", ["online", "cached", "pipeline"])
 def test_the_same_run_twice_gives_the_same_metrics_and_weights(tmp_path, teacher_cache, runs, mode, workers):
@@ -176,7 +176,7 @@ def test_the_same_run_twice_gives_the_same_metrics_and_weights(tmp_path, teacher
     assert_same(first, outcome(tmp_path / "again"), f"{mode} with {workers} worker(s)")
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_another_seed_gives_another_run_and_a_resumed_run_ends_as_the_uninterrupted_one(
     tmp_path, teacher_cache, runs
 ):

@@ -23,7 +23,6 @@ from ega_ray.train.preflight import resolve
 from ega_ray.train.teacher_cache import build_cache
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from ega_ray.train.preflight import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.ray
 
 
 def smoke(tmp_path, *overrides: str):
@@ -90,6 +91,25 @@ def test_an_undecodable_image_stops_the_run_naming_its_row(tmp_path, local_ray):
     found = find_usage_error(caught.value)
     assert isinstance(found, DataError), caught.value
     assert str(found).startswith(f"data.train: the image of the row with index {broken} cannot be decoded")
+
+
+def test_a_non_finite_loss_stops_the_run_with_one_line_and_nothing_saved(tmp_path, local_ray, capsys):
+    """An absurd lr through the CLI (in this process, on the test's Ray): exit status 2 and one line naming the
+    epoch, step, term and lr; no checkpoint and no student file of the diverged epoch. The workers end the
+    run together (no worker failure for Ray Train to restart with run.max_failures, nor to log)."""
+    from ega_ray.cli import main
+
+    run_dir = tmp_path / "run"
+    argv = ["distill", "--config", str(REPO / "configs" / "smoke.yaml"), "--output", str(run_dir)]
+    sets = ["optim.lr=1e8", "optim.max_steps_per_epoch=6", "optim.epochs=2", "optim.milestones=[2]"]
+    assert main(argv + [arg for s in [*sets, "run.max_failures=1"] for arg in ("--set", s)]) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("ega-ray: ")]
+    # no worker failure: Ray Train neither logs the workers' traceback nor restarts them to diverge again
+    assert len(lines) == 1 and "Error in training function" not in err and "DivergedError" not in err, err
+    assert re.fullmatch(r"ega-ray: diverged: the .+ is not finite at epoch 1, step [1-6] \(lr 1e\+08\); .+", lines[0])
+    assert not list(run_dir.glob("checkpoint_*")) and not list(run_dir.glob("student_*")), sorted(run_dir.iterdir())
+    assert not (run_dir / "metrics.csv").exists() or read_metrics(run_dir) == []
 
 
 def test_embedded_default_end_to_end_in_miniature(tmp_path, local_ray, capsys):

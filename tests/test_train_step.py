@@ -60,12 +60,32 @@ def test_step_loss_is_ce_plus_ega_and_the_step_updates_both_sides() -> None:
     before_s = [t.detach().clone() for t in p.student_net.parameters()]
     before_t = [t.detach().clone() for t in p.t_head.parameters()]
     losses = train_step(p, cfg.distill, batch, feat_t)
-    assert len(losses) == 4 and not any(x.requires_grad for x in losses)
+    assert len(losses) == 5 and not any(x.requires_grad for x in losses)
     torch.testing.assert_close(losses[0], expected.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[2], ega.detach(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(losses[3], F.cross_entropy(logits_t, batch["label"]).detach(), rtol=1e-5, atol=1e-6)
     assert any(not torch.equal(a, b) for a, b in zip(before_s, p.student_net.parameters(), strict=True))
     assert any(not torch.equal(a, b) for a, b in zip(before_t, p.t_head.parameters(), strict=True))
+
+
+@pytest.mark.filterwarnings("ignore:teacher zoo")
+def test_the_kd_term_is_its_own_step_loss_so_a_divergence_can_name_it() -> None:
+    from ega_ray.losses.kd import KDLoss
+    from ega_ray.train.distill import step_losses
+
+    cfg = _cfg()
+    cfg.distill.alpha, cfg.distill.beta = 0.7, 0.0
+    p = build_parts(cfg, torch.device("cpu"), CLASSES, teacher_dim=64, num_indices=B)
+    feat_t = torch.randn(B, 64, generator=torch.Generator().manual_seed(1))
+    state = p.views.generator.get_state()
+    losses = step_losses(p, cfg.distill, _batch(), feat_t)
+    p.views.generator.set_state(state)
+    _, logits_s = p.student_net(p.views.student(_batch()["image"], train=True))
+    _, logits_t = p.t_head(feat_t)
+    kd = KDLoss(cfg.distill.kd_temperature)(logits_t, logits_s)
+    torch.testing.assert_close(losses.kd, kd, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(losses.loss, losses.ce + 0.7 * kd, rtol=1e-5, atol=1e-6)
+    assert float(losses.distill) == 0.0
 
 
 @pytest.mark.filterwarnings("ignore:teacher zoo")

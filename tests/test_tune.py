@@ -22,7 +22,7 @@ from ega_ray.tune.search import run_search
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow
+@pytest.mark.ray
 def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     out = tmp_path / "search"
     cmd = [
@@ -99,6 +99,25 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
     assert winner["distill"]["node_weight"] == pytest.approx(best["node_weight"])
     assert winner["optim"]["lr"] == pytest.approx(best["lr"])
     assert load_config(out / "best.yaml").run.name == "best", "best.yaml is a ready-to-run config"
+    assert (out / "search.png").read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.ray
+def test_a_diverged_trial_ends_alone_and_is_never_the_best(tmp_path, local_ray):
+    """A grid over the lr, one of them absurd: that trial ends as DIVERGED in trials.csv and on search.png,
+    the other finishes, and best.yaml is the finished one."""
+    raw = yaml.safe_load((REPO / "configs" / "smoke.yaml").read_text())
+    raw["optim"] |= {"epochs": 1, "milestones": [1], "max_steps_per_epoch": 6}
+    raw["scaling"]["num_workers"] = 1
+    raw["tune"] = {"space": {"optim.lr": {"type": "grid", "values": [0.05, 1e8]}}, "num_samples": 1}
+    out = tmp_path / "search"
+    best = run_search(parse_config(raw), out)
+    with open(out / "trials.csv") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: float(r["lr"]))
+    assert [(float(r["lr"]), r["status"]) for r in rows] == [(0.05, "COMPLETED"), (1e8, "DIVERGED")], rows
+    assert rows[1]["best_top1"] == "nan" and float(rows[0]["best_top1"]) == best["best_top1"]
+    assert best["lr"] == 0.05 and load_config(out / "best.yaml").optim.lr == 0.05
+    assert not list((out / "trials" / rows[1]["trial_id"]).glob("student_*"))  # nothing of it exported
     assert (out / "search.png").read_bytes()[:4] == b"\x89PNG"
 
 

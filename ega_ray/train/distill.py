@@ -52,6 +52,7 @@ from ega_ray.train.common import (
     torch_threads,
     unwrap,
 )
+from ega_ray.train.divergence import NonFiniteWatch, stop_on_divergence
 from ega_ray.train.tracking import quiet_ray_logs
 
 EVAL_BATCH = 256
@@ -175,6 +176,10 @@ class StepLosses(NamedTuple):
     ce: torch.Tensor  # its cross-entropy
     distill: torch.Tensor  # its distiller term (0 when β = 0)
     teacher_ce: torch.Tensor  # the teacher head's cross-entropy (its own optimizer)
+    kd: torch.Tensor  # its KD term, unweighted (0 when α = 0); last: older code reads the first four by position
+
+
+WATCHED = ("ce", "distill", "kd", "teacher_ce", "loss")  # the divergence check's order: parts before their sum
 
 
 def step_losses(p: Parts, d: DistillConfig, batch: dict[str, torch.Tensor], feat_t: torch.Tensor) -> StepLosses:
@@ -199,9 +204,11 @@ def step_losses(p: Parts, d: DistillConfig, batch: dict[str, torch.Tensor], feat
     else:
         loss_distill = torch.zeros((), device=labels.device)
     loss = d.gamma * loss_ce + d.beta * loss_distill
+    loss_kd = torch.zeros((), device=labels.device)
     if d.alpha > 0:
-        loss = loss + d.alpha * p.kd(logits_t.detach(), logits_s)
-    return StepLosses(loss, loss_ce, loss_distill, masked_cross_entropy(logits_t, labels))
+        loss_kd = p.kd(logits_t.detach(), logits_s)
+        loss = loss + d.alpha * loss_kd
+    return StepLosses(loss, loss_ce, loss_distill, masked_cross_entropy(logits_t, labels), loss_kd)
 
 
 def train_step(p: Parts, d: DistillConfig, batch: dict[str, torch.Tensor], feat_t: torch.Tensor) -> StepLosses:
@@ -265,6 +272,13 @@ class ValidationRows:
                     self.kept.append(batch)
 
 
+def check_finite(p: Parts, watch: NonFiniteWatch, epoch: int) -> None:
+    """Raise the DivergedError of the first non-finite loss of ``epoch`` (from 0), naming the lr that drove it."""
+    teacher_lr = (p.opt_t.param_groups[0]["lr"], "optim.teacher_head_lr")
+    watch.raise_if_diverged(epoch + 1, p.opt_s.param_groups[0]["lr"], "optim.lr", {"teacher_ce": teacher_lr})
+
+
+@stop_on_divergence
 def train_func_per_worker(config: dict[str, Any]) -> None:
     cfg, args = Config.model_validate(config["cfg"]), config["args"]
     o, d, seed = cfg.optim, cfg.distill, cfg.run.seed
@@ -296,6 +310,7 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
     # the deterministic path: the unsplit split, this rank's rows of each epoch gathered by index
     read = lambda: train_shard.iter_batches(batch_size=READ_BATCH, batch_format="numpy")  # noqa: E731
     rows = EpochRows(read, args.num_train, rank, world, seed)
+    watch = NonFiniteWatch(WATCHED, device)
 
     for epoch in range(start_epoch, o.epochs):
         # --- train one epoch on this worker's shard
@@ -304,7 +319,8 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         p.views.set_epoch(seed, epoch)  # training views keyed by (seed, epoch, row index)
         p.student_net.train()
         p.t_head.train()
-        sums = torch.zeros(4, dtype=torch.float64, device=device)  # the epoch's StepLosses, summed
+        sums = torch.zeros(len(StepLosses._fields), dtype=torch.float64, device=device)  # the epoch's, summed
+        watch.reset()
         steps, timer = 0, StepTimer(device)
         if cfg.run.deterministic:
             mine = p.mode.feed(p, rows.batches(epoch, per_worker, steps_per_epoch), epoch, seed)
@@ -324,11 +340,17 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
                 break
             losses = train_step(p, d, batch, p.features(batch, epoch, seed, train=True))
             sums += torch.stack(losses).double()
+            watch.observe(torch.stack([getattr(losses, term) for term in WATCHED]))
             steps += 1
             timer.step()
             progress.step()
+            if watch.due(steps):
+                check_finite(p, watch, epoch)
         timer.stop()
         lr = p.opt_s.param_groups[0]["lr"]
+        # before anything of this epoch is evaluated, reported or checkpointed (every rank, together)
+        watch.observe_weights([*p.student_net.parameters(), *p.t_head.parameters()])
+        check_finite(p, watch, epoch)
         p.sched_s.step()
         p.sched_t.step()
         if steps == 0:

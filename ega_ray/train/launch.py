@@ -21,7 +21,7 @@ from ray.train.torch import TorchTrainer
 from ega_ray.config import Config
 from ega_ray.data.images import decode_images
 from ega_ray.data.parquet import mask_labels, read_decoded
-from ega_ray.errors import ConfigError
+from ega_ray.errors import ConfigError, DivergedError
 from ega_ray.teacher_modes import TEACHER_MODES
 from ega_ray.train.common import load_state
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
@@ -117,7 +117,8 @@ def fit(
     """One TorchTrainer over ``datasets`` (``train`` split between the workers), resuming from the run's
     latest checkpoint when it has one; keeps the best (by ``score``) and the latest checkpoints. Every epoch
     is recorded in the run folder (``RunRecorder``) and, with ``console``, printed as one line. ``whole_train``:
-    every worker gets the whole ``train`` split (the deterministic path picks its rows by index)."""
+    every worker gets the whole ``train`` split (the deterministic path picks its rows by index). A run whose
+    workers returned ``{"diverged": line}`` raises that DivergedError."""
     keep = {"checkpoint_score_attribute": score, "checkpoint_score_order": "max"} if score else {}
     out, config = cfg.output_dir, cfg.model_dump(mode="json")
     recorder = RunRecorder(str(out), cfg.run.name, epochs, cfg.run.loggers, config, cfg.run.verbose)
@@ -141,10 +142,15 @@ def fit(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[] if whole_train else ["train"]),
     )
-    if not console:
-        return trainer.fit()
-    with epoch_lines(out, cfg.run.name, epochs):
-        return trainer.fit()
+    if console:
+        with epoch_lines(out, cfg.run.name, epochs):
+            result = trainer.fit()
+    else:
+        result = trainer.fit()
+    diverged = result.return_value.get("diverged") if isinstance(result.return_value, dict) else None
+    if diverged:  # the workers stopped together at a non-finite loss (train.divergence): no output is written
+        raise DivergedError(diverged)
+    return result
 
 
 def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False) -> dict[str, Any]:

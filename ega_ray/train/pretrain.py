@@ -33,6 +33,7 @@ from ega_ray.train.common import (
     torch_threads,
     unwrap,
 )
+from ega_ray.train.divergence import NonFiniteWatch, stop_on_divergence
 from ega_ray.train.tracking import quiet_ray_logs
 
 
@@ -82,6 +83,7 @@ def knn_top1(backbone: nn.Module, train_data, val_data, cfg: Config, device: tor
     return 100.0 * float((knn.predict(x_va) == y_va).mean())
 
 
+@stop_on_divergence
 def pretrain_func_per_worker(config: dict[str, Any]) -> None:
     cfg = Config.model_validate(config["cfg"])
     p = cfg.pretrain
@@ -109,11 +111,13 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
     knn_train, knn_val = ray.train.get_dataset_shard("knn_train"), ray.train.get_dataset_shard("val")
     mean, std = cfg.augment.student_mean, cfg.augment.student_std
     size = teacher_input_size(cfg)
+    watch = NonFiniteWatch(["ntxent"], device)
 
     for epoch in range(start_epoch, p.epochs):
         gen.manual_seed(epoch_seed(cfg.run.seed, epoch, rank))
         net.train()
         total, steps = 0.0, 0
+        watch.reset()
         for batch in shard.iter_torch_batches(
             batch_size=p.batch_size // world,
             drop_last=True,
@@ -129,7 +133,12 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
             opt.step()
             total += loss.item()
             steps += 1
+            watch.observe(loss.detach()[None])
+            if watch.due(steps):
+                watch.raise_if_diverged(epoch + 1, opt.param_groups[0]["lr"], "pretrain.lr")
         lr = opt.param_groups[0]["lr"]
+        watch.observe_weights(net.parameters())  # before the epoch is reported or checkpointed
+        watch.raise_if_diverged(epoch + 1, lr, "pretrain.lr")
         sched.step()
         if steps == 0:
             raise RuntimeError(f"the training split is smaller than pretrain.batch_size {p.batch_size}")

@@ -18,8 +18,12 @@ better never ends below the reference. Then the seeds run again with each method
 (``<method>-tuned-seed<k>``); a method that kept its reference settings has its reference runs as tuned
 rows (nothing is run twice). Tuned rows sit beside the reference rows, with the budget stated.
 
-Writes ``results.csv`` (one row per run), ``results.md`` (mean ± std over seeds, best- and last-epoch
-top-1) and ``results.png`` (a bar chart).
+A run that diverges (a non-finite loss: ``DivergedError``) ends its trial and the benchmark goes on; it is
+a row with ``status`` ``diverged``, left out of every mean, and never a search's best trial.
+
+Writes ``results.csv`` (one row per run, its ``status``), ``results.md`` (per method: runs, mean ± std and
+the 95% t interval over seeds of best- and last-epoch top-1; EGA − each method paired over seeds, with
+its interval and verdict; the diverged runs, ``ega_ray/tune/tables.py``) and ``results.png`` (a bar chart).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import copy
 import csv
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
+from ega_ray.errors import DivergedError, find_usage_error
 from ega_ray.losses import DISTILLERS
 from ega_ray.train.common import latest_state
 from ega_ray.train.launch import connect_ray
@@ -54,8 +59,8 @@ from ega_ray.tune.experiment import (
     verify_state,
 )
 from ega_ray.tune.space import apply_params, effective_params, tune_space
+from ega_ray.tune.tables import CE_ONLY, DIVERGED, FINISHED, finished, results_lines
 
-CE_ONLY = "ce"  # the student without a teacher: distill.beta = 0
 EXPERIMENT = "benchmark"
 TUNED = "benchmark-tuned"
 LR_SPACE = {"optim.lr": {"type": "loguniform", "low": 0.0125, "high": 0.2}}  # searched for every method
@@ -183,24 +188,26 @@ def run_benchmark(
 
         trial_base = base | {"benchmark_reference_weights": reference_weights}
         seeds_grid = {"method": tune.grid_search(methods), "seed": tune.grid_search(list(range(seeds)))}
-        run_experiment(
+        results = run_experiment(
             run_benchmark_trial, trial_base, output, cfg.run.storage, EXPERIMENT, resume,
             grid_tuner(cfg, seeds_grid, EXPERIMENT),
         )  # fmt: skip
-        rows = collect(cfg, methods, seeds, output)
+        rows = collect(cfg, methods, seeds, output, diverged=diverged_runs(results))
         settings = {}
         if tune_trials:
             reference_seed0 = {r["method"]: r["best_top1"] for r in rows if r["seed"] == 0}
             searched = {m: search_method(cfg, trial_base, m, tune_trials, output, resume) for m in methods}
             settings = {m: tuned_choice(*searched[m], reference_seed0[m]) for m in methods}
             retuned = [m for m in methods if settings[m]]
+            diverged = {}
             if retuned:  # a method that keeps its reference settings has run them: its reference runs
                 grid = seeds_grid | {"method": tune.grid_search(retuned)}
-                run_experiment(
+                tuned_results = run_experiment(
                     run_benchmark_trial, trial_base | {"benchmark_tuned": settings}, output, cfg.run.storage, TUNED,
                     resume, grid_tuner(cfg, grid, TUNED),
                 )  # fmt: skip
-            rows += tuned_rows(rows, collect(cfg, retuned, seeds, output, "tuned"), methods)
+                diverged = diverged_runs(tuned_results, "tuned")
+            rows += tuned_rows(rows, collect(cfg, retuned, seeds, output, "tuned", diverged), methods)
             seed0 = {m: {"search": searched[m][0], "reference": reference_seed0[m]} for m in methods}
             write_json(
                 {"trials_per_method": tune_trials, "best": settings, "seed0_best_top1": seed0},
@@ -229,18 +236,46 @@ def grid_tuner(cfg: Config, param_space: dict[str, Any], name: str):
     return new_tuner
 
 
-def tuned_choice(search_top1: float, search_params: dict[str, Any], reference_top1: float) -> dict[str, Any]:
+def tuned_choice(
+    search_top1: float | None, search_params: dict[str, Any], reference_top1: float | None
+) -> dict[str, Any]:
     """The settings a method's tuned runs use: the best search trial's values if that trial beat the
     reference settings' seed-0 run (both by best validation top-1 on seed 0), else ``{}``: the reference
-    settings, which win ties (the smaller change)."""
-    return search_params if search_top1 > reference_top1 else {}
+    settings, which win ties (the smaller change). None: no trial that did not diverge (the reference is
+    kept), or a reference run that diverged (any trial that did not beats it)."""
+    if search_top1 is None:
+        return {}
+    return search_params if reference_top1 is None or search_top1 > reference_top1 else {}
+
+
+def diverged_runs(results: Iterable, variant: str = "reference") -> dict[str, str]:
+    """Run name → the one line of each trial of a grid that ended in a DivergedError."""
+    out = {}
+    for result in results:
+        found = find_usage_error(result.error) if result.error is not None else None
+        if isinstance(found, DivergedError):
+            out[run_name(result.config["method"], result.config["seed"], variant)] = str(found)
+    return out
+
+
+def best_trial(scored: list[tuple[float | None, str, dict[str, Any]]]) -> tuple[float | None, dict[str, Any]]:
+    """The best (top-1, values) of a method's search trials, each (best top-1, trial id, values) with top-1
+    None for a trial that diverged, which is never chosen; (None, {}) when every trial diverged. A tie goes
+    to the first trial by id, not to whichever Tune lists first: a resumed benchmark lists its trials in
+    another order and must name the settings its tuned runs were trained with."""
+    usable = sorted((s for s in scored if s[0] is not None), key=lambda s: s[1])
+    if not usable:
+        return None, {}
+    top1, _, params = max(usable, key=lambda s: s[0])
+    return top1, params
 
 
 def search_method(
     cfg: Config, trial_base: dict[str, Any], method: str, trials: int, output: Path, resume: bool
-) -> tuple[float, dict[str, Any]]:
+) -> tuple[float | None, dict[str, Any]]:
     """``method``'s K-trial search (ASHA over its own knobs and the learning rate, seed 0): the best trial's
-    best validation top-1 (read from its registered checkpoint) and its values."""
+    best validation top-1 (read from its registered checkpoint) and its values; a trial that diverged is
+    never the best ((None, {}) when every trial diverged)."""
     t, name = cfg.tune, f"tuning-{method}"
 
     def new_tuner(trainable, root: str, callbacks: list) -> tune.Tuner:
@@ -266,26 +301,38 @@ def search_method(
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[2]
         state = latest_state(storage, f"tune-{method}-{trial_id}")
-        if state is not None:
+        diverged = result.error is not None and isinstance(find_usage_error(result.error), DivergedError)
+        if state is not None or diverged:
             params = {k: v for k, v in result.config.items() if k in method_space(method) or "|" in k}
-            scored.append((max(h["val_top1"] for h in state["history"]), trial_id, effective_params(params)))
+            top1 = None if diverged else max(h["val_top1"] for h in state["history"])
+            scored.append((top1, trial_id, effective_params(params)))
     if not scored:
         raise RuntimeError(f"benchmark: the search of {method} produced no trial with an epoch")
-    # a tie goes to the first trial by id, not to whichever Tune lists first: a resumed benchmark lists its
-    # trials in another order and must name the settings its tuned runs were trained with
-    top1, _, params = max(sorted(scored, key=lambda s: s[1]), key=lambda s: s[0])
-    return top1, params
+    return best_trial(scored)
 
 
 def collect(
-    cfg: Config, methods: list[str], seeds: int, output: Path, variant: str = "reference"
+    cfg: Config,
+    methods: list[str],
+    seeds: int,
+    output: Path,
+    variant: str = "reference",
+    diverged: dict[str, str] | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per (method, seed) from the run's latest checkpoint; runs that did not finish are named."""
+    """One row per (method, seed) from the run's latest checkpoint; a run in ``diverged`` (run name → its
+    line) is a row with status ``diverged`` and no scores; runs that did not finish otherwise are named."""
     storage, rows, missing = trial_storage(cfg.run.storage, output), [], []
     for method in methods:
         for seed in range(seeds):
             name = run_name(method, seed, variant)
             state = latest_state(storage, name)
+            if name in (diverged or {}):
+                rows.append(
+                    {"method": method, "variant": variant, "seed": seed, "best_top1": None, "best_epoch": None,
+                     "last_top1": None, "teacher_head_top1": None, "epochs": state["epoch"] if state else 0,
+                     "status": DIVERGED, "note": diverged[name]}
+                )  # fmt: skip
+                continue
             if state is None or state["epoch"] < cfg.optim.epochs:
                 missing.append(name)
                 continue
@@ -300,6 +347,8 @@ def collect(
                     "last_top1": history[-1]["val_top1"],
                     "teacher_head_top1": history[-1]["val_teacher_top1"],
                     "epochs": state["epoch"],
+                    "status": FINISHED,
+                    "note": "",
                 }
             )
     if missing:
@@ -320,33 +369,17 @@ def tuned_rows(
     ]  # fmt: skip
 
 
-def _mean_std(values: list[float]) -> str:
-    if not values:
-        return "—"
-    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.2f}"
-
-
 def summary_rows(
     rows: list[dict[str, Any]], methods: list[str], variant: str = "reference"
 ) -> list[tuple[str, list[float], list[float]]]:
     """(label, best top-1 per seed, last top-1 per seed) per method of ``variant``, then the teacher head
-    (over every run)."""
-    mine = [r for r in rows if r["variant"] == variant]
+    (over every run of it); runs that diverged are left out."""
     out = [
-        (m, [r["best_top1"] for r in mine if r["method"] == m], [r["last_top1"] for r in mine if r["method"] == m])
+        (m, [r["best_top1"] for r in finished(rows, m, variant)], [r["last_top1"] for r in finished(rows, m, variant)])
         for m in methods
     ]
-    heads = [r["teacher_head_top1"] for r in rows]
+    heads = [r["teacher_head_top1"] for r in finished(rows, variant=variant)]
     return [*out, ("teacher head (linear, same labels)", heads, heads)]
-
-
-def _shown(settings: dict[str, Any]) -> str:
-    if not settings:
-        return "reference (no trial beat it on seed 0)"
-    return ", ".join(
-        f"{k.split('.', 1)[1]} {'hard' if v is None else f'{v:.3g}' if isinstance(v, float) else v}"
-        for k, v in sorted(settings.items())
-    )
 
 
 def write_results(
@@ -362,46 +395,15 @@ def write_results(
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    reference = summary_rows(rows, methods)
-    tuned = summary_rows(rows, methods, "tuned") if tune_trials else None
-    seeds = len({r["seed"] for r in rows})
-    lines = [
-        f"teacher `{cfg.teacher.name}` → student `{cfg.student.name}`, {cfg.optim.epochs} epochs, "
-        f"label fraction {cfg.data.label_fraction}, {seeds} seeds; validation top-1 (%), mean ± std over seeds",
-        "",
-    ]
-    if tuned is None:
-        lines += ["| method | best epoch | last epoch |", "| --- | --- | --- |"]
-        for label, best, last in reference:
-            lines.append(f"| {_label(label)} | {_mean_std(best)} | {_mean_std(last)} |")
-    else:
-        lines += [
-            "| method | reference weights: best | last | tuned: best | last | tuned settings |",
-            "| --- | --- | --- | --- | --- | --- |",
-        ]
-        for (label, best, last), (_, t_best, t_last) in zip(reference, tuned, strict=True):
-            shown = _shown((settings or {}).get(label, {})) if label in methods else ""
-            lines.append(
-                f"| {_label(label)} | {_mean_std(best)} | {_mean_std(last)} | {_mean_std(t_best)} | "
-                f"{_mean_std(t_last)} | {shown} |"
-            )
-        t = cfg.tune
-        lines += [
-            "",
-            f"Tuned: every method got the same search budget, {tune_trials} trials of random search with ASHA "
-            f"(grace period {min(t.grace_period, cfg.optim.epochs)} epochs, reduction factor {t.reduction_factor}, "
-            f"at most {cfg.optim.epochs} epochs) over its own knobs and the learning rate, on seed 0; then "
-            f"{seeds} seeds with the best trial's settings, or the reference settings where no trial beat their "
-            "seed-0 run (tuned_settings.json).",
-        ]
-    lines += ["", f"wall time {wall_s:.0f} s"]
+    lines = results_lines(rows, cfg, methods, wall_s, tune_trials, settings)
     (output / "results.md").write_text("\n".join(lines) + "\n")
     print("\n" + "\n".join(lines) + "\n")
-    plot_results(reference, tuned, output / "results.png", f"{cfg.teacher.name} → {cfg.student.name}, {seeds} seeds")
-
-
-def _label(label: str) -> str:
-    return "CE only (no teacher)" if label == CE_ONLY else label
+    reference = summary_rows(rows, methods)
+    tuned = summary_rows(rows, methods, "tuned") if tune_trials else None
+    seeds, diverged = len({r["seed"] for r in rows}), sum(r["status"] == DIVERGED for r in rows)
+    title = f"{cfg.teacher.name} → {cfg.student.name}, {seeds} seeds" + (f", {diverged} diverged runs left out"
+                                                                         if diverged else "")  # fmt: skip
+    plot_results(reference, tuned, output / "results.png", title)
 
 
 def plot_results(
@@ -431,7 +433,7 @@ def plot_results(
         lows += [m - s for m, s, (_, b, _) in zip(means, stds, table, strict=True) if b]
         highs += [m + s for m, s in zip(means, stds, strict=True)]
     ax.set_xticks(range(len(labels)), labels, rotation=30)
-    ax.set_ylim(max(0.0, min(lows) - 5), min(100.0, max(highs) + 2))
+    ax.set_ylim(max(0.0, min(lows, default=0.0) - 5), min(100.0, max(highs, default=100.0) + 2))
     ax.set_ylabel("best validation top-1 (%)")
     ax.set_title(title, fontsize=9)
     if tuned:

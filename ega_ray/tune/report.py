@@ -16,9 +16,12 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
+from ega_ray.errors import DivergedError, find_usage_error  # noqa: E402
 from ega_ray.train.common import latest_state  # noqa: E402
 from ega_ray.tune.experiment import trial_storage  # noqa: E402
 from ega_ray.tune.space import NONE_SUFFIX, apply_params, effective_params  # noqa: E402
+
+DIVERGED = "DIVERGED"  # trials.csv's status of a trial stopped by a non-finite loss
 
 
 def _column(key: str, keys: list[str]) -> str:
@@ -42,7 +45,10 @@ def trial_rows(results, cfg: Config, output: Path) -> list[dict[str, Any]]:
         trial_id = (r.metrics or {}).get("trial_id") or "_".join(Path(r.path).name.split("_")[2:4])
         history = trial_history(trial_storage(cfg.run.storage, output), trial_id, r.metrics_dataframe)
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
-        if r.error is not None:
+        diverged = find_usage_error(r.error) if r.error is not None else None
+        if isinstance(diverged, DivergedError):
+            status = DIVERGED  # a non-finite loss: its epochs before are shown, it is never the best
+        elif r.error is not None:
             status = "ERROR"
         elif epochs >= cfg.optim.epochs:
             status = "COMPLETED"
@@ -51,13 +57,20 @@ def trial_rows(results, cfg: Config, output: Path) -> list[dict[str, Any]]:
         row = {"trial_id": trial_id, "status": status}
         for key in keys:
             row[_column(key, keys)] = params.get(key)
+        scored = epochs and status != DIVERGED  # a diverged trial's earlier epochs are not its score
         row |= {
-            "best_top1": float(history["val_top1"].max()) if epochs else math.nan,
-            "last_top1": float(history["val_top1"].iloc[-1]) if epochs else math.nan,
+            "best_top1": float(history["val_top1"].max()) if scored else math.nan,
+            "last_top1": float(history["val_top1"].iloc[-1]) if scored else math.nan,
             "epochs": epochs,
         }
         rows.append((row, params, history))
     return rows
+
+
+def best_trial(rows: list[tuple[dict[str, Any], dict[str, Any], Any]]):
+    """The row with the highest best top-1 among trials with an epoch that did not diverge; None if none."""
+    usable = [r for r in rows if r[0]["epochs"] > 0 and r[0]["status"] != DIVERGED]
+    return max(usable, key=lambda r: r[0]["best_top1"]) if usable else None
 
 
 def write_report(results, cfg: Config, output: Path, wall_time_s: float) -> dict[str, Any]:
@@ -68,23 +81,27 @@ def write_report(results, cfg: Config, output: Path, wall_time_s: float) -> dict
         writer = csv.DictWriter(f, fieldnames=list(rows[0][0]))
         writer.writeheader()
         writer.writerows(r[0] for r in rows)
-    finished = [r for r in rows if r[0]["epochs"] > 0]
-    best_row, best_params, _ = max(finished, key=lambda r: r[0]["best_top1"])
+    plot_search(rows, cfg, output / "search.png")
+    found = best_trial(rows)
+    if found is None:
+        raise RuntimeError(f"the search's {len(rows)} trials all diverged or ended before an epoch: see trials.csv")
+    best_row, best_params, _ = found
     best = apply_params(cfg.model_dump(mode="json"), best_params)
     best["run"] |= {"name": "best", "output": None, "fail_after_epoch": None}
     (output / "best.yaml").write_text(
         f"# ega-ray tune: the best of {len(rows)} trials (val top-1 {best_row['best_top1']:.2f}); "
         f"run with: ega-ray distill --config best.yaml\n" + yaml.safe_dump(best, sort_keys=False)
     )
-    plot_search(rows, cfg, output / "search.png")
     print_best(best_row, len(rows), wall_time_s)
     return best_row | {"trials": len(rows), "wall_time_s": round(wall_time_s, 1)}
 
 
 def plot_search(rows, cfg: Config, path: Path) -> None:
     """Three panels: top-1 against temperature (hard graph apart), node vs edge weight coloured by top-1,
-    learning curves of the best trials."""
-    done = [r for r in rows if r[0]["epochs"] > 0]
+    learning curves of the best trials. Diverged trials are black crosses where their values lie (at the
+    bottom of the first panel: they have no score)."""
+    done = [r for r in rows if r[0]["epochs"] > 0 and r[0]["status"] != DIVERGED]
+    diverged = [r[1] for r in rows if r[0]["status"] == DIVERGED]
     fig, (ax_t, ax_w, ax_c) = plt.subplots(1, 3, figsize=(15, 4.2))
     soft = [
         (r[1].get("distill.temperature"), r[0]["best_top1"])
@@ -100,7 +117,11 @@ def plot_search(rows, cfg: Config, path: Path) -> None:
         x = min((t for t, _ in soft), default=1.0) / 2
         ax_t.scatter([x] * len(hard), hard, marker="s", color="C3", label="hard graph (paper)")
     ax_t.set(xlabel="graph temperature τ", ylabel="best val top-1 (%)", title="top-1 against temperature")
-    if soft or hard:
+    lost = [params["distill.temperature"] for params in diverged if params.get("distill.temperature") is not None]
+    if lost:
+        y = min((top1 for _, top1 in soft), default=0.0) if soft else 0.0
+        ax_t.scatter(lost, [y] * len(lost), marker="x", color="black", label=f"diverged ({len(diverged)})")
+    if soft or hard or lost:
         ax_t.legend()
     pts = [
         (r[1]["distill.node_weight"], r[1]["distill.edge_weight"], r[0]["best_top1"])
@@ -111,12 +132,20 @@ def plot_search(rows, cfg: Config, path: Path) -> None:
         xs, ys, cs = zip(*pts, strict=True)
         sc = ax_w.scatter(xs, ys, c=cs, cmap="viridis", s=60)
         fig.colorbar(sc, ax=ax_w, label="best val top-1 (%)")
+    lost_w = [(q["distill.node_weight"], q["distill.edge_weight"]) for q in diverged
+              if "distill.node_weight" in q and "distill.edge_weight" in q]  # fmt: skip
+    if lost_w:
+        ax_w.scatter(*zip(*lost_w, strict=True), marker="x", color="black", s=60, label="diverged")
+        ax_w.legend()
     ax_w.set(xlabel="node weight", ylabel="edge weight", title="loss weights")
     for row, _, history in sorted(done, key=lambda r: -r[0]["best_top1"])[:5]:
         ax_c.plot(history["epoch"], history["val_top1"], label=f"{row['trial_id']} ({row['best_top1']:.1f})")
     ax_c.set(xlabel="epoch", ylabel="val top-1 (%)", title="best trials")
     if done:
         ax_c.legend(fontsize=8)
+    if diverged:  # whatever the space: the count is on the figure
+        names = ", ".join(r[0]["trial_id"] for r in rows if r[0]["status"] == DIVERGED)
+        fig.suptitle(f"{len(diverged)} of {len(rows)} trials diverged (a non-finite loss): {names}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
