@@ -1,11 +1,13 @@
 """Reproducible runs (``run.deterministic``): the per-row randomness and the row-to-rank assignment as pure
 functions, then real Ray runs: the same config and seed twice give the same metrics.csv (times and
 throughputs aside) and bit-identical student weights in every teacher mode with 1 and 2 workers, another
-seed gives another run, and a run interrupted after epoch 1 and resumed ends as the uninterrupted one."""
+seed gives another run, and a run interrupted after epoch 1 and resumed ends as the uninterrupted one (its
+folder then refuses other settings and trains on when given more epochs)."""
 
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +20,7 @@ from ega_ray.data.augment import ViewMaker, row_uniforms
 from ega_ray.data.epoch_rows import EpochRows, epoch_order, rank_rows
 from ega_ray.models import build_student
 from ega_ray.train.launch import run_distill
+from ega_ray.train.preflight import resolve
 from ega_ray.train.teacher_cache import build_cache
 
 REPO = Path(__file__).resolve().parents[1]
@@ -193,10 +196,90 @@ def test_another_seed_gives_another_run_and_a_resumed_run_ends_as_the_uninterrup
     assert rows[0]["train_loss"] != reference[0][0]["train_loss"]
     assert not all(torch.equal(weights[k], reference[1][k]) for k in weights if isinstance(weights[k], torch.Tensor))
 
-    cfg = config(tmp_path / "resumed", teacher_cache, "online", 2, "run.fail_after_epoch=1", "run.max_failures=0")
+    run_dir = tmp_path / "resumed"
+    cfg = config(run_dir, teacher_cache, "online", 2, "run.fail_after_epoch=1", "run.max_failures=0")
     with pytest.raises(TrainingFailedError):
         run_distill(cfg, trial=True)
-    run_distill(cfg, trial=True)  # the same folder: resumes from epoch 1's checkpoint
-    rows, weights = outcome(tmp_path / "resumed")
-    assert [r["restarts"] for r in rows] == ["0", "1"]
+    # recorded as the run went, not when it ended: the failed run left its first epoch and its checkpoint
+    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [1]
+    first = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
+    assert len(first) == 1, "the failed run keeps the checkpoint of epoch 1"
+    state = torch.load(first[0] / "state.pt", weights_only=True)
+    assert state["epoch"] == 1
+
+    summary = run_distill(cfg, trial=True)  # the same folder: resumes (the injected failure fires only once)
+    rows, weights = outcome(run_dir)
+    assert [(r["epoch"], r["restarts"]) for r in rows] == [("1", "0"), ("2", "1")], "no epoch lost or counted twice"
+    assert float(rows[0]["train_loss"]) == pytest.approx(state["history"][0]["train_loss"])
     assert_same(reference, ([r | {"restarts": "0"} for r in rows], weights), "interrupted after epoch 1 and resumed")
+    check_interrupted_run_folder(cfg, teacher_cache, run_dir, state, summary)
+
+
+def check_interrupted_run_folder(cfg, teacher: tuple[Path, Path], run_dir: Path, state: dict, summary: dict) -> None:
+    """What an interrupted and resumed run folder holds and accepts: other settings refused before anything is
+    written (another validation split too), more epochs resumed, every epoch once in TensorBoard, the protocol's
+    splits and scores, and the latest checkpoint as Ray Train registered it."""
+    from test_tracking import read_scalars
+
+    from ega_ray.errors import OutputFolderError
+    from ega_ray.train.common import latest_state
+
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    other = {"distill.method=kd": r"distill.method: \"ega\" → \"kd\"",
+             "data.validation_seed=1": "data.validation_seed: 0 → 1"}  # another validation split  # fmt: skip
+    for setting, change in other.items():
+        with pytest.raises(OutputFolderError, match=rf"holds a run with other settings \({change}\)"):
+            run_distill(config(run_dir, teacher, "online", 2, setting), trial=True)
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+    assert summary["epochs"] == 2
+    summary = run_distill(config(run_dir, teacher, "online", 2, "optim.epochs=3"), trial=True)
+    assert summary["epochs"] == 3
+    assert [(int(r["epoch"]), int(r["restarts"])) for r in read_metrics(run_dir)] == [(1, 0), (2, 1), (3, 2)]
+    assert [step for step, _ in read_scalars(run_dir / "tensorboard")["validation/top1"]] == [1, 2, 3]
+    check_selection_and_splits(cfg, run_dir, summary)
+    # the latest checkpoint is the one Ray Train registered, not the newest-looking folder on disk
+    stray = run_dir / "checkpoint_2099-12-31_23-59-59.999999"
+    stray.mkdir()
+    torch.save({**state, "epoch": 999}, stray / "state.pt")
+    assert latest_state(str(run_dir.parent), run_dir.name)["epoch"] == 3
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def check_selection_and_splits(cfg, run_dir: Path, summary: dict) -> None:
+    """The protocol (docs/method.md): the recorded validation rows are apart from the test split and from the
+    rows the workers train on, and summary.json reports the test split at the epoch validation selected."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from ega_ray.train.launch import decoded_splits
+    from ega_ray.train.preflight import prepare_data
+
+    resolved = resolve(cfg)
+    recorded = json.loads((run_dir / "validation_rows.json").read_text())
+    carved = set(recorded["index"])
+    assert recorded["split"] == "carved from data.train" and recorded["path"] == resolved.data.train
+    assert len(carved) == recorded["rows"] == summary["validation_rows"] > 0
+    assert len(recorded["rows_per_class"]) == 10, "every class is in the validation split"
+    train = pq.read_table(resolved.data.train).to_pydict()
+    test_images = set(pq.read_table(resolved.data.test).to_pydict()["image"])
+    validation_images = {im for im, i in zip(train["image"], train["index"], strict=True) if i in carved}
+    assert len(validation_images) == len(carved) and not validation_images & test_images
+    # the training split the workers get (the same function run_distill hands to Ray Train) lacks them
+    trained, evals, _ = decoded_splits(resolved, prepare_data(resolved))
+    trained_index = set(np.concatenate([b["index"] for b in trained.iter_batches(batch_format="numpy")]).tolist())
+    assert not trained_index & carved and len(trained_index) + len(carved) == len(train["index"])
+    assert set(np.concatenate([b["index"] for b in evals["validation"].iter_batches()]).tolist()) == carved
+
+    rows = read_metrics(run_dir)
+    validation = [float(r["validation_top1"]) for r in rows]
+    selected = int(np.argmax(validation)) + 1  # the first best validation epoch
+    assert summary["selected_epoch"] == selected and summary["selected_by"] == "validation_top1"
+    assert summary["validation_top1_at_selected"] == pytest.approx(validation[selected - 1])
+    assert summary["test_top1_at_selected"] == pytest.approx(float(rows[selected - 1]["test_top1"]))
+    assert summary["test_top1_last"] == pytest.approx(float(rows[-1]["test_top1"]))
+    assert json.loads((run_dir / "summary.json").read_text()) == summary
+    assert not any(k.startswith(("best_", "val_")) for k in summary), "every score names its split"

@@ -1,5 +1,6 @@
-"""Real 2-worker Ray Train runs on CPU: an interruption and resume, the embedded default (SimCLR teacher included).
-What a run writes and retries after a lost node are tested through real clusters in test_cluster.py."""
+"""Real 2-worker Ray Train runs on CPU: an undecodable image, a diverged run, the embedded default (SimCLR
+teacher included). An interruption and resume is in test_reproducible.py (it ends as the uninterrupted run);
+what a run writes and retries after a lost node are tested through real clusters in test_cluster.py."""
 
 from __future__ import annotations
 
@@ -9,13 +10,8 @@ import re
 from pathlib import Path
 
 import pytest
-import torch
-from ray.train import TrainingFailedError
-from test_tracking import read_scalars
 
 from ega_ray.config import load_config
-from ega_ray.errors import OutputFolderError
-from ega_ray.train.common import latest_state
 from ega_ray.train.launch import run_distill
 from ega_ray.train.preflight import resolve
 
@@ -31,83 +27,6 @@ def smoke(tmp_path, *overrides: str):
 def read_metrics(run_dir) -> list[dict]:
     with open(run_dir / "metrics.csv") as f:
         return list(csv.DictReader(f))
-
-
-def test_interrupted_run_resumes_from_its_checkpoint(tmp_path, local_ray):
-    short = "optim.max_steps_per_epoch=6"  # what is checked is the epochs' bookkeeping, not their length
-    cfg = smoke(tmp_path, "optim.epochs=3", "run.fail_after_epoch=1", "run.max_failures=0", short)
-    with pytest.raises(TrainingFailedError):
-        run_distill(cfg)
-    run_dir = tmp_path / "run"
-    # recorded as the run went, not when it ended: the failed run left its first epoch
-    assert [int(r["epoch"]) for r in read_metrics(run_dir)] == [1]
-    first = sorted(p for p in run_dir.glob("checkpoint_*") if p.is_dir())
-    assert len(first) == 1, "the failed run keeps the checkpoint of epoch 1"
-    state = torch.load(first[0] / "state.pt", weights_only=True)
-    assert state["epoch"] == 1
-
-    summary = run_distill(cfg)  # same name and folder: resumes (the injected failure fires only once)
-    rows = read_metrics(run_dir)
-    assert [int(r["epoch"]) for r in rows] == [1, 2, 3], "no epoch lost or counted twice"
-    assert [int(r["restarts"]) for r in rows] == [0, 1, 1], "epochs 2-3 ran after a restore, epoch 1 before"
-    assert float(rows[0]["train_loss"]) == pytest.approx(state["history"][0]["train_loss"])
-    assert summary["epochs"] == 3
-
-    # the same folder with other settings is refused before anything is written; more epochs resume
-    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
-    with pytest.raises(
-        OutputFolderError, match=r"holds a run with other settings \(distill.method: \"ega\" → \"kd\"\)"
-    ):
-        run_distill(smoke(tmp_path, "optim.epochs=3", "distill.method=kd", short))
-    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
-    with pytest.raises(OutputFolderError, match=r"other settings \(data.validation_seed: 0 → 1\)"):
-        run_distill(smoke(tmp_path, "optim.epochs=3", "data.validation_seed=1", short))  # another validation split
-    summary = run_distill(smoke(tmp_path, "optim.epochs=4", "run.max_failures=0", short))
-    assert summary["epochs"] == 4
-    assert [(int(r["epoch"]), int(r["restarts"])) for r in read_metrics(run_dir)] == [(1, 0), (2, 1), (3, 1), (4, 2)]
-    assert [step for step, _ in read_scalars(run_dir / "tensorboard")["validation/top1"]] == [1, 2, 3, 4]
-    check_selection_and_splits(cfg, run_dir, summary)
-    # the latest checkpoint is the one Ray Train registered, not the newest-looking folder on disk
-    stray = run_dir / "checkpoint_2099-12-31_23-59-59.999999"
-    stray.mkdir()
-    torch.save({**state, "epoch": 999}, stray / "state.pt")
-    assert latest_state(str(tmp_path), run_dir.name)["epoch"] == 4
-
-
-def check_selection_and_splits(cfg, run_dir: Path, summary: dict) -> None:
-    """The protocol (docs/method.md): the recorded validation rows are apart from the test split and from the
-    rows the workers train on, and summary.json reports the test split at the epoch validation selected."""
-    import numpy as np
-    import pyarrow.parquet as pq
-
-    from ega_ray.train.launch import decoded_splits
-    from ega_ray.train.preflight import prepare_data
-
-    resolved = resolve(cfg)
-    recorded = json.loads((run_dir / "validation_rows.json").read_text())
-    carved = set(recorded["index"])
-    assert recorded["split"] == "carved from data.train" and recorded["path"] == resolved.data.train
-    assert len(carved) == recorded["rows"] == summary["validation_rows"] > 0
-    assert len(recorded["rows_per_class"]) == 10, "every class is in the validation split"
-    train = pq.read_table(resolved.data.train).to_pydict()
-    test_images = set(pq.read_table(resolved.data.test).to_pydict()["image"])
-    validation_images = {im for im, i in zip(train["image"], train["index"], strict=True) if i in carved}
-    assert len(validation_images) == len(carved) and not validation_images & test_images
-    # the training split the workers get (the same function run_distill hands to Ray Train) lacks them
-    trained, evals, _ = decoded_splits(resolved, prepare_data(resolved))
-    trained_index = set(np.concatenate([b["index"] for b in trained.iter_batches(batch_format="numpy")]).tolist())
-    assert not trained_index & carved and len(trained_index) + len(carved) == len(train["index"])
-    assert set(np.concatenate([b["index"] for b in evals["validation"].iter_batches()]).tolist()) == carved
-
-    rows = read_metrics(run_dir)
-    validation = [float(r["validation_top1"]) for r in rows]
-    selected = int(np.argmax(validation)) + 1  # the first best validation epoch
-    assert summary["selected_epoch"] == selected and summary["selected_by"] == "validation_top1"
-    assert summary["validation_top1_at_selected"] == pytest.approx(validation[selected - 1])
-    assert summary["test_top1_at_selected"] == pytest.approx(float(rows[selected - 1]["test_top1"]))
-    assert summary["test_top1_last"] == pytest.approx(float(rows[-1]["test_top1"]))
-    assert json.loads((run_dir / "summary.json").read_text()) == summary
-    assert not any(k.startswith(("best_", "val_")) for k in summary), "every score names its split"
 
 
 def test_an_undecodable_image_stops_the_run_naming_its_row(tmp_path, local_ray):
