@@ -18,44 +18,50 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.mark.ray
 def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
-    """One small end-to-end benchmark (CRD, one seed, a 2-trial search): the Tune phases, the run folders, the
-    files and a resume. What each method's run config and search space are, the tuned choice and the tables
-    are pure functions, tested below and in test_stats.py on synthetic rows."""
+    """One small end-to-end benchmark (CRD and the CE-only student it always adds, one seed, a 2-trial search
+    each): the Tune phases, the run folders, the files and a resume. Each method's run config and search space,
+    the tuned choice and the tables are pure functions, tested below and in test_stats.py on synthetic rows."""
     # one worker, one epoch of 4 steps: the test is about what runs and what is written, not accuracy
     short = ["optim.epochs=1", "optim.milestones=[1]", "optim.max_steps_per_epoch=4", "scaling.num_workers=1"]
     cfg = load_config(REPO / "configs" / "smoke.yaml", short)
     out = tmp_path / "bench"
     rows = run_benchmark(cfg, ["crd"], seeds=1, output=out, tune_trials=2)
-    assert [(r["method"], r["variant"]) for r in rows] == [("crd", "reference"), ("crd", "tuned")]
+    assert [(r["method"], r["variant"]) for r in rows] == [
+        ("crd", "reference"), ("ce", "reference"), ("crd", "tuned"), ("ce", "tuned")
+    ]  # fmt: skip
     with open(out / "results.csv") as f:
         saved = list(csv.DictReader(f))
     assert [(r["method"], r["variant"], r["seed"], r["epochs"], r["status"]) for r in saved] == [
-        ("crd", "reference", "0", "1", "finished"), ("crd", "tuned", "0", "1", "finished"),
-    ]  # fmt: skip
+        (m, v, "0", "1", "finished") for v in ("reference", "tuned") for m in ("crd", "ce")
+    ]
     table = (out / "results.md").read_text()
-    for label in ("| crd |", "| teacher head", "the same search budget, 2 trials", "Only 1 seed"):
+    for label in ("| crd |", "| CE only (no teacher) |", "| teacher head", "the same search budget, 2 trials"):
         assert label in table, table
-    # the method searched its own knobs and the lr, 2 trials; its tuned runs use the best trial's values if that
-    # trial beat the reference settings' seed-0 run, else the reference settings, which are not rerun
+    # every method searched its own knobs and the lr, 2 trials each; its tuned runs use the best trial's values
+    # if that trial beat the reference settings' seed-0 run, else the reference settings, which are not rerun
     searched = [load_config(p) for p in sorted((out / "trials").glob("tune-crd-*/config.yaml"))]
     assert len(searched) == 2 and len({c.distill.crd_temperature for c in searched}) == 2
     assert all(0.03 <= c.distill.crd_temperature <= 0.3 and 0.0125 <= c.optim.lr <= 0.2 for c in searched)
     tuned_settings = json.loads((out / "tuned_settings.json").read_text())
     best, seed0 = tuned_settings["best"], tuned_settings["seed0_validation_top1"]
-    reference, tuned = rows[:1], rows[1:]
-    assert seed0["crd"]["reference"] == reference[0]["validation_top1_at_selected"]  # chosen on validation
-    assert {"test_top1_at_selected", "test_top1_last"} <= set(reference[0])
-    knobs = {"distill.crd_temperature", "distill.beta", "optim.lr"}
-    assert set(best["crd"]) == (knobs if seed0["crd"]["search"] > seed0["crd"]["reference"] else set())
-    folder = out / "trials" / "crd-tuned-seed0"
-    if best["crd"]:  # new settings: the seeds ran again with them
-        ran = load_config(folder / "config.yaml").model_dump()
-        assert {k: ran[k.split(".")[0]][k.split(".")[1]] for k in best["crd"]} == pytest.approx(best["crd"])
-    else:  # the reference settings: their runs are the tuned rows
-        assert not folder.exists() and tuned == [r | {"variant": "tuned"} for r in reference]
+    for method in ("crd", "ce"):
+        reference = [r for r in rows if (r["method"], r["variant"]) == (method, "reference")]
+        tuned = [r for r in rows if (r["method"], r["variant"]) == (method, "tuned")]
+        assert seed0[method]["reference"] == reference[0]["validation_top1_at_selected"]  # chosen on validation
+        assert {"test_top1_at_selected", "test_top1_last"} <= set(reference[0])
+        searched_knobs = set(method_space(method))
+        assert set(best[method]) == (searched_knobs if seed0[method]["search"] > seed0[method]["reference"] else set())
+        folder = out / "trials" / f"{method}-tuned-seed0"
+        if best[method]:  # new settings: the seeds ran again with them
+            ran = load_config(folder / "config.yaml").model_dump()
+            assert {k: ran[k.split(".")[0]][k.split(".")[1]] for k in best[method]} == pytest.approx(best[method])
+        else:  # the reference settings: their runs are the tuned rows
+            assert not folder.exists() and tuned == [r | {"variant": "tuned"} for r in reference]
+        run = load_config(out / "trials" / f"{method}-seed0" / "config.yaml")  # its method and reference weights
+        assert (run.distill.method, run.distill.gamma, run.distill.beta) == (
+            ("crd", 1.0, 0.8) if method == "crd" else ("ega", 1.0, 0.0)
+        )
     assert (out / "results.png").read_bytes()[:4] == b"\x89PNG"
-    run = load_config(out / "trials" / "crd-seed0" / "config.yaml")  # its method, with its reference weights
-    assert (run.distill.method, run.distill.gamma, run.distill.beta) == ("crd", 1.0, 0.8)
     # resuming a finished benchmark trains nothing again and reports the same runs
     again = run_benchmark(None, [], seeds=0, output=out, resume=True)
     assert again == rows and json.loads((out / "tuned_settings.json").read_text())["best"] == best
