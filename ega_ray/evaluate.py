@@ -11,8 +11,9 @@ kNN probe; the bank's too). The kNN probe is pretraining's: cosine distance, the
 rows of the bank vote weighted by 1/distance (scikit-learn's ``weights="distance"``); without
 ``--knn-train`` every row of the split is classified by the others (leave-one-out).
 
-Every check (the student file, both splits' columns and labels, the output folder) runs before the first
-image is decoded; each failure is one line. The output folder is new, empty or an earlier ``eval``
+Every check (the student file, both splits' columns and labels, their classes against the student's:
+``ega_ray.data.classes.match_classes``, the output folder) runs before the first image is decoded; each
+failure is one line. The output folder is new, empty or an earlier ``eval``
 output, rebuilt whole (``run_folder.rebuild``): an interrupted evaluation leaves the previous one as it was.
 """
 
