@@ -249,6 +249,9 @@ class ScalingSection(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0, description="fractional values leave CPUs to Ray Data")
     gpus_per_worker: float = Field(1.0, gt=0)
+    socket_ifname: str | None = Field(
+        None, description="network interface DDP binds to (GLOO_/NCCL_SOCKET_IFNAME); set by the node checks"
+    )
 
 
 class PretrainConfig(_Section):
@@ -352,7 +355,10 @@ class RunSection(_Section):
     wandb_mode: Literal["offline", "online"] = Field("offline", description="offline: no network (`wandb sync` later)")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: file:<run folder>/mlruns")
     mlflow_experiment: str = Field("ega-ray", description="MLflow experiment name")
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
+    max_failures: int | None = Field(
+        None, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever; default: 3 "
+        "with s3:// / gs:// storage or several nodes, else 0 (docs/cluster.md)"
+    )
     fail_after_epoch: int | None = Field(
         None, ge=1, description="testing: raise once after this epoch's checkpoint, to exercise recovery"
     )
