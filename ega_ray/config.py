@@ -22,11 +22,10 @@ from ega_ray.losses import DISTILLERS
 from ega_ray.models.students import STUDENTS
 from ega_ray.models.teachers import TEACHERS
 from ega_ray.teacher_modes import TEACHER_MODES
+from ega_ray.uris import is_uri
 from ega_ray.yaml_strict import load_yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides"]
-
-_URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "http://", "https://")
+__all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides", "is_uri"]
 
 # Settings that say where or how fast a run executes, not what it computes: a run may be resumed with other
 # values (e.g. on fewer workers after losing a node). A key ending in "." stands for its whole section.
@@ -58,10 +57,6 @@ RESULT_SECTIONS = {
 }
 # The one setting a finished or interrupted run may be resumed with a larger value of.
 EPOCHS_FIELD = {"distill": "optim.epochs", "pretrain-teacher": "pretrain.epochs"}
-
-
-def is_uri(path: str) -> bool:
-    return path.startswith(_URI_SCHEMES)
 
 
 class _Section(BaseModel):

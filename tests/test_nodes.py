@@ -8,6 +8,7 @@ import socket
 
 import pytest
 
+from ega_ray import uris
 from ega_ray.config import parse_config
 from ega_ray.train.nodes import CLUSTER_MAX_FAILURES, NodeReport, max_failures, plan, probe_node, read_inputs
 
@@ -99,3 +100,24 @@ def test_the_inputs_checked_are_the_splits_and_the_teacher_files_not_a_hub_tag(t
     }
     cfg.teacher.weights = str(tmp_path / "teacher.pt")
     assert read_inputs(cfg)["teacher.weights"] == str(tmp_path / "teacher.pt")
+
+
+@pytest.mark.parametrize(
+    ("base", "parts", "joined", "name"),
+    [
+        ("/runs/ckpt/", ("exp", "trials"), "/runs/ckpt/exp/trials", "trials"),
+        ("s3://b/ega-ray", ("exp",), "s3://b/ega-ray/exp", "exp"),
+        (
+            "s3://b/ega-ray/?endpoint_override=198.18.74.2:9000&scheme=http",
+            ("exp", "search"),
+            "s3://b/ega-ray/exp/search?endpoint_override=198.18.74.2:9000&scheme=http",
+            "search",
+        ),
+    ],
+)
+def test_locations_under_a_storage_uri_keep_its_query_for_an_s3_compatible_server(base, parts, joined, name):
+    """An S3-compatible server is named in the URI's query (pyarrow's from_uri): every location derived from
+    run.storage must carry it, after the path."""
+    assert uris.join(base, *parts) == joined
+    assert uris.basename(joined) == name
+    assert uris.is_uri(base) == base.startswith("s3://")

@@ -17,6 +17,8 @@ import ray.train
 import torch
 import torch.distributed as dist
 
+from ega_ray import uris
+
 STATE_FILE = "state.pt"
 logger = logging.getLogger(__name__)
 
@@ -84,7 +86,7 @@ def latest_state(storage: str, name: str) -> dict | None:
     checkpoint folder that Ray never registered (a copy, an upload cut short) is not taken. None when the run
     has no registered checkpoint."""
     try:
-        result = ray.train.Result.from_path(f"{storage.rstrip('/')}/{name}")
+        result = ray.train.Result.from_path(uris.join(storage, name))
     except RuntimeError:  # no such run folder, or no snapshot in it yet
         return None
     return load_state(result.checkpoint)

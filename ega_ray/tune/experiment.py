@@ -25,6 +25,7 @@ import yaml
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 
+from ega_ray import uris
 from ega_ray.config import Config, parse_config
 from ega_ray.errors import ConfigError, OutputFolderError
 from ega_ray.run_folder import claim, read_marker, write_marker
@@ -40,7 +41,7 @@ STATE_VERSIONS_KEPT = 50  # per file: storage can lag the staging folder by a fe
 
 def trial_storage(storage: str | None, output: Path) -> str:
     """Where the trials' Ray Train checkpoints go: ``<output>/trials``, or under ``run.storage`` when set."""
-    return f"{storage.rstrip('/')}/{output.name}/trials" if storage else str(output / "trials")
+    return uris.join(storage, output.name, "trials") if storage else str(output / "trials")
 
 
 def trial_config(raw: dict[str, Any], output: Path, name: str) -> dict[str, Any]:
@@ -164,7 +165,7 @@ class StateRecorder(tune.Callback):
         digests: dict[str, str] = {}
         if trials:  # the driver's staging folder: what Tune uploads to storage next (named as the experiment)
             staging = state_digests(trials[0].storage.experiment_driver_staging_path)
-            name = self.location.rstrip("/").rsplit("/", 1)[-1]
+            name = uris.basename(self.location)
             digests |= {f"{name}/{k.split('/', 1)[1]}": v for k, v in staging.items()}
         if "://" not in self.location:
             digests |= state_digests(self.location)
@@ -224,8 +225,7 @@ def save_experiment_config(output: Path, name: str, data: dict[str, Any]) -> Non
 
 def experiment_location(output: Path, storage: str | None, name: str) -> str:
     """Where Tune keeps experiment ``name`` of ``output``: in it, or under ``run.storage`` when set."""
-    root = f"{storage.rstrip('/')}/{output.name}" if storage else str(output)
-    return f"{root}/{name}"
+    return uris.join(storage, output.name, name) if storage else str(output / name)
 
 
 def run_experiment(
