@@ -288,7 +288,9 @@ def test_corrupt_image_stops_or_is_skipped(tmp_path):
     report = prepare("imagefolder", src, out, skip_bad=True, log=None)
     assert [s["file"] for s in report["skipped"]] == ["a/1.png", "b/t.png"]
     meta = json.loads((out / "prepare.json").read_text())
+    digest = meta["splits"]["train"].pop("digest")
     assert meta["splits"]["train"] == {"rows": 2, "files": 1, "skipped": 2} and len(meta["skipped"]) == 2
+    assert digest.startswith("sha256:") and len(digest) == 7 + 64
     table = read(out / "train")
     assert table["index"] == [0, 1] and table["label"] == [0, 0]
     assert table["image"] == [(src / "a" / "0.png").read_bytes(), (src / "a" / "2.png").read_bytes()]
