@@ -23,8 +23,9 @@ from ega_ray.data.split_files import (
     locate_unreadable,
     split_files,
     split_identity,
+    unreadable_named,
 )
-from ega_ray.errors import ConfigError, DataError, OutputFolderError
+from ega_ray.errors import ConfigError, DataError, OutputFolderError, find_usage_error
 from ega_ray.run_folder import MARKER, read_marker
 from ega_ray.train.preflight import check_batch_rows, input_differences, resolve, run_folder
 
@@ -211,8 +212,9 @@ def corrupt_split(folder: Path) -> tuple[Path, int]:
     damaged = folder / "part-1.parquet"
     chunk = pq.read_metadata(damaged).row_group(2).column(0)
     data = bytearray(damaged.read_bytes())
-    middle = chunk.data_page_offset + chunk.total_compressed_size // 2
-    data[middle : middle + 16] = b"\xff" * 16
+    end = chunk.data_page_offset + chunk.total_compressed_size
+    middle = end - chunk.total_compressed_size // 2
+    data[middle:end] = b"\xff" * (end - middle)  # snappy tags copying from before the output's start
     damaged.write_bytes(bytes(data))
     return damaged, 2
 
@@ -235,6 +237,18 @@ def test_a_damaged_data_page_is_named_by_file_and_row_group(tmp_path):
     assert explain_read_failure(RuntimeError("worker died: out of memory"), {"data.train": split}) is None
     good = write_rows(tmp_path / "good", 10)
     assert explain_read_failure(raised.value, {"data.train": good}) is None, "nothing damaged: not ours to name"
+
+
+@pytest.mark.ray
+def test_a_damaged_page_read_by_ray_data_is_named_by_file_and_row_group(tmp_path, local_ray):
+    """Ray Data's read task fails with Arrow's message inside its traceback; the run's wrapper names the page."""
+    damaged, group = corrupt_split(tmp_path / "train")
+    split = str(tmp_path / "train")
+    with pytest.raises(DataError) as named:
+        with unreadable_named({"data.train": split}):
+            local_ray.data.read_parquet(split).materialize()
+    assert str(named.value).startswith(f"data.train: file {damaged} row group {group}: Corrupt snappy")
+    assert find_usage_error(named.value) is named.value, "the CLI prints it as one line"
 
 
 def test_preflight_names_a_truncated_file_and_a_file_with_other_columns(tmp_path):
