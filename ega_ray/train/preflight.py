@@ -273,7 +273,8 @@ def run_folder(cfg: Config, command: str) -> Iterator[Path]:
                 f"with the same settings ({growing} may be raised): choose another folder, or delete it to start over"
             )
         # a folder written before its inputs were recorded has nothing to compare: it is taken as it is
-        changed = input_differences(marker["inputs"], inputs) if "inputs" in marker else []
+        recorded = marker.get("inputs")
+        changed = input_differences(recorded, inputs) if isinstance(recorded, dict) else []
         if changed:
             raise OutputFolderError(
                 f"--output {out}: holds a run trained on other inputs under the same paths ({'; '.join(changed)}); "
