@@ -247,7 +247,7 @@ def test_a_damaged_page_read_by_ray_data_is_named_by_file_and_row_group(tmp_path
     with pytest.raises(DataError) as named:
         with unreadable_named({"data.train": split}):
             local_ray.data.read_parquet(split).materialize()
-    assert str(named.value).startswith(f"data.train: file {damaged} row group {group}: Corrupt snappy")
+    assert str(named.value).startswith(f"data.train: file {damaged} row group {group}: ")  # Arrow's words follow
     assert find_usage_error(named.value) is named.value, "the CLI prints it as one line"
 
 
