@@ -186,6 +186,9 @@ def test_the_cli_refuses_a_batch_too_large_and_a_resume_on_other_data_before_ray
     assert line.startswith("ega-ray: config error: optim.batch_size: 128 (64 rows per worker) is larger than")
     assert "70 rows trained on (less the validation split) over scaling.num_workers 2 is 35 rows per worker" in line
     assert not out.exists()
+    assert main(["pretrain-teacher", "--config", str(SMOKE), *data, "--set", "pretrain.batch_size=128"]) == 2
+    assert one_line(capsys).startswith("ega-ray: config error: pretrain.batch_size: 128 (64 rows per worker) is")
+    assert not out.exists()
     with run_folder(smoke(out, f"data.train={train}", f"data.test={test}"), "distill"):
         pass  # what a first run leaves: the marker with its inputs
     write_rows(train, 120)

@@ -125,7 +125,8 @@ def _check_row_groups(info: SplitFile, field: str) -> None:
             )
         for c in range(group.num_columns):
             chunk = group.column(c)
-            start = min(o for o in (chunk.dictionary_page_offset, chunk.data_page_offset) if o is not None and o > 0)
+            offsets = (chunk.dictionary_page_offset, chunk.data_page_offset)
+            start = min((o for o in offsets if o is not None and o > 0), default=0)
             if start + chunk.total_compressed_size > info.size:
                 raise ValueError(
                     f"{field}: file {info.path}: row group {g} column {chunk.path_in_schema!r} lies past the end "
