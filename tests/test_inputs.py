@@ -15,6 +15,7 @@ from PIL import Image
 
 from ega_ray.cli import main
 from ega_ray.config import load_config
+from ega_ray.data.images import encode_png
 from ega_ray.data.parquet import check_split, write_split
 from ega_ray.data.prepare import prepare
 from ega_ray.data.split_files import (
@@ -23,7 +24,6 @@ from ega_ray.data.split_files import (
     locate_unreadable,
     split_files,
     split_identity,
-    unreadable_named,
 )
 from ega_ray.errors import ConfigError, DataError, OutputFolderError, find_usage_error
 from ega_ray.run_folder import MARKER, read_marker
@@ -196,14 +196,17 @@ def test_the_cli_refuses_a_batch_too_large_and_a_resume_on_other_data_before_ray
     assert f"data.train {train}: 80 rows → 120 rows" in one_line(capsys)
 
 
-def corrupt_split(folder: Path) -> tuple[Path, int]:
+def corrupt_split(folder: Path, png: bool = False, damage: bool = True) -> tuple[Path, int]:
     """A split of two snappy files whose second file's third row group has a damaged data page (the footer
-    intact): the file and the row group."""
+    intact, unless not ``damage``): the file and the row group. ``png``: decodable images (8×8, one grey
+    level per label), else raw bytes."""
     folder.mkdir()
     n = 200
     table = pa.table(
         {
-            "image": pa.array([bytes([i % 7]) * 500 for i in range(n)]),  # compressible: snappy copies
+            # compressible, so that snappy writes copies: damaged, they point outside the page
+            "image": pa.array([encode_png(np.full((8, 8, 3), 30 * (i % 3), np.uint8)) if png else bytes([i % 7]) * 500
+                               for i in range(n)]),  # fmt: skip
             "label": pa.array(np.arange(n) % 3, pa.int64()),
             "index": pa.array(np.arange(n), pa.int64()),
         }
@@ -213,6 +216,8 @@ def corrupt_split(folder: Path) -> tuple[Path, int]:
         # snappy, no dictionary: the damaged bytes land in a compressed data page
         pq.write_table(rows, folder / f"part-{part}.parquet", row_group_size=25, use_dictionary=False)
     damaged = folder / "part-1.parquet"
+    if not damage:
+        return damaged, -1
     chunk = pq.read_metadata(damaged).row_group(2).column(0)
     data = bytearray(damaged.read_bytes())
     end = chunk.data_page_offset + chunk.total_compressed_size
@@ -243,13 +248,16 @@ def test_a_damaged_data_page_is_named_by_file_and_row_group(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_damaged_page_read_by_ray_data_is_named_by_file_and_row_group(tmp_path, local_ray):
-    """Ray Data's read task fails with Arrow's message inside its traceback; the run's wrapper names the page."""
-    damaged, group = corrupt_split(tmp_path / "train")
-    split = str(tmp_path / "train")
-    with pytest.raises(DataError) as named:
-        with unreadable_named({"data.train": split}):
-            local_ray.data.read_parquet(split).materialize()
+def test_a_damaged_page_met_by_ray_data_in_a_run_is_one_line_naming_file_and_row_group(tmp_path, local_ray):
+    """A run whose training split has a damaged page (footers intact, so preflight passes): Ray Data's read
+    task fails with Arrow's message inside its traceback, and the run ends with the one line naming it."""
+    from ega_ray.train.launch import run_distill
+
+    damaged, group = corrupt_split(tmp_path / "train", png=True)
+    corrupt_split(tmp_path / "validation", png=True, damage=False)
+    splits = [f"data.train={tmp_path / 'train'}", f"data.validation={tmp_path / 'validation'}"]
+    with pytest.raises(DataError) as named:  # the explicit validation split: no driver-side read of data.train
+        run_distill(load_config(SMOKE, [f"run.output={tmp_path / 'run'}", *splits, "optim.epochs=1"]), trial=True)
     assert str(named.value).startswith(f"data.train: file {damaged} row group {group}: ")  # Arrow's words follow
     assert find_usage_error(named.value) is named.value, "the CLI prints it as one line"
 
