@@ -131,6 +131,14 @@ def test_a_resume_on_other_data_or_another_teacher_file_is_refused_naming_what_c
     assert (out / MARKER).read_text() == marker_before, "a refused run writes nothing"
 
 
+def test_either_digest_tells_other_data():
+    """Files replaced by hand leave prepare's record as it was; a re-prepare may leave every footer as it was."""
+    split = {"path": "/d/train", "rows": 80, "files": "sha256:a", "content": "sha256:c"}
+    assert identity_change(split, split | {"files": "sha256:b"}) == "files changed: names, sizes or footers"
+    assert identity_change(split, split | {"content": "sha256:d"}) == "content digest changed"
+    assert identity_change(split, split | {"content": None}) is None, "a record no longer trusted: the files decide"
+
+
 def test_input_differences_name_an_input_given_or_dropped():
     train = {"path": "/d/train", "rows": 80, "files": "sha256:a", "content": None}
     val = {"path": "/d/val", "rows": 9, "files": "sha256:b", "content": None}

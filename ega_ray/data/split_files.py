@@ -147,7 +147,7 @@ def split_identity(path: str, field: str) -> dict[str, Any]:
     """What a run folder records of a split, to tell whether a later run reads the same data: its path, row
     count, a digest of its files (names, sizes and footers: footers hold every row group's sizes and column
     statistics), and, for a split that ``ega-ray prepare`` wrote, the content digest it recorded (every
-    row's label and image bytes, in order) while the files still match that record.
+    row's label and image bytes, in order) while the files still match that record's counts.
 
     Args:
         path: the split (resolved: an absolute local path or a URI).
@@ -183,17 +183,18 @@ def _prepared_digest(path: str, rows: int, files: int) -> str | None:
 
 def identity_change(before: dict[str, Any], now: dict[str, Any]) -> str | None:
     """How a split's identity changed (``80 rows → 120 rows (content digest changed)``); None: the same.
-    Where both have a content digest it decides; otherwise the files' digest does."""
-    if before.get("content") and now.get("content"):
-        same_content = before["content"] == now["content"]
+    Other files, or (where both have one) another content digest: a re-prepare can change an image's bytes
+    without changing any footer, and files replaced by hand leave prepare's record as it was."""
+    if before.get("content") and now.get("content") and before["content"] != now["content"]:
         what = "content digest changed"
-    else:
-        same_content = before.get("files") == now.get("files")
+    elif before.get("files") != now.get("files"):
         what = "files changed: names, sizes or footers"
-    if same_content and before.get("rows") == now.get("rows"):
+    elif before.get("rows") == now.get("rows"):
         return None
+    else:
+        what = ""
     rows = f"{before.get('rows')} rows → {now.get('rows')} rows" if before.get("rows") != now.get("rows") else ""
-    return f"{rows} ({what})" if rows else what
+    return f"{rows} ({what})" if rows and what else rows or what
 
 
 def locate_unreadable(path: str, field: str) -> str | None:
