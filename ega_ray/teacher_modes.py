@@ -7,7 +7,8 @@ Each mode answers, for every layer that needs to know:
 - ``actors``: long-lived actors the run holds while it trains (a context manager),
 - ``wire``: how the teacher's embeddings reach the splits (Ray Data),
 - ``features``: the teacher features of one batch in the training worker (``bench/`` uses it too),
-- ``teacher_in_worker``, ``shuffle_buffer``, ``feed``, ``summary``: what the worker loop and the run folder need.
+- ``teacher_in_worker``, ``shuffle_buffer``, ``feed``, ``summary``, ``inputs``: what the worker loop and the run
+  folder need.
 
 ``online``: the teacher runs in every training worker on its own view of each batch. ``cached``: its
 embeddings of K views per image come from ``ega-ray cache-teacher``'s folder, looked up by ``index``.
@@ -81,6 +82,11 @@ class TeacherMode:
         """What this mode adds to the run's summary.json."""
         return {}
 
+    def inputs(self, cfg: Config) -> dict[str, dict[str, Any]]:
+        """The files this mode reads besides the data and the teacher's weights, by field, with their identity
+        (what the run folder records: a resume on other files is refused)."""
+        return {}
+
 
 class Online(TeacherMode):
     name = "online"
@@ -101,6 +107,15 @@ class Cached(TeacherMode):
         from ega_ray.data.cache_format import check_manifest
 
         check_manifest(cfg, spec)
+
+    def inputs(self, cfg: Config) -> dict[str, dict[str, Any]]:
+        from pathlib import Path
+
+        from ega_ray.models.weights import sha256_of
+
+        # the manifest holds the SHA-256 of every embeddings file, checked against them by ``preflight``
+        manifest = Path(str(cfg.teacher.cache)) / "manifest.json"
+        return {"teacher.cache": {"path": str(cfg.teacher.cache), "manifest_sha256": sha256_of(manifest)}}
 
     def wire(self, cfg, data, train, evals, actors, materialized):
         from ega_ray.data.cache_format import load_cached_embeddings

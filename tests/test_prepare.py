@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import json
 import os
@@ -38,6 +39,23 @@ def rand_images(n: int, h: int, w: int | None = None) -> np.ndarray:
 
 def read(split: Path) -> dict[str, list]:
     return pq.read_table(split).to_pydict()
+
+
+def content_digest(split: Path) -> str:
+    """The content digest prepare.json records, recomputed from the rows written: each row's label, image
+    length and image bytes, in index order."""
+    table = read(split)
+    h = hashlib.sha256()
+    for _, label, image in sorted(zip(table["index"], table["label"], table["image"], strict=True)):
+        h.update(label.to_bytes(8, "little", signed=True) + len(image).to_bytes(8, "little") + image)
+    return f"sha256:{h.hexdigest()}"
+
+
+def without_digests(splits: dict[str, dict], out: Path) -> dict[str, dict]:
+    """``splits`` (prepare's report) less each split's digest, after checking it against the rows written."""
+    for name, info in splits.items():
+        assert info.pop("digest") == content_digest(out / name), name
+    return splits
 
 
 def pixels(data: bytes) -> np.ndarray:
@@ -124,7 +142,7 @@ def test_cifar100_is_pixel_exact_and_sharded(tmp_path):
     source = write_cifar100(tmp_path / "cifar-100-python")
     out = tmp_path / "out"
     report = prepare("cifar100", tmp_path / "cifar-100-python", out, rows_per_file=2, log=None)
-    assert report["splits"] == {
+    assert without_digests(report["splits"], out) == {
         "train": {"rows": 5, "files": 3, "skipped": 0},
         "test": {"rows": 3, "files": 2, "skipped": 0},
     }
@@ -289,7 +307,9 @@ def test_corrupt_image_stops_or_is_skipped(tmp_path):
     report = prepare("imagefolder", src, out, skip_bad=True, log=None)
     assert [s["file"] for s in report["skipped"]] == ["a/1.png", "b/t.png"]
     meta = json.loads((out / "prepare.json").read_text())
+    digest = meta["splits"]["train"].pop("digest")
     assert meta["splits"]["train"] == {"rows": 3, "files": 1, "skipped": 2} and len(meta["skipped"]) == 2
+    assert digest.startswith("sha256:") and len(digest) == 7 + 64
     table = read(out / "train")
     assert table["index"] == [0, 1, 2] and table["label"] == [0, 0, 1]
     assert table["image"] == [(src / name).read_bytes() for name in ("a/0.png", "a/2.png", "b/u.png")]
@@ -367,7 +387,7 @@ def test_the_cli_offers_exactly_the_registered_formats_one_file_each():
 def test_prepare_digits_writes_the_rows_of_builtin_digits(tmp_path):
     report = prepare("digits", None, tmp_path / "out", log=None)
     assert report["classes"] == [str(i) for i in range(10)] and report["source"] == "sklearn.datasets.load_digits"
-    assert report["splits"] == {
+    assert without_digests(report["splits"], tmp_path / "out") == {
         "train": {"rows": 1437, "files": 1, "skipped": 0},
         "test": {"rows": 360, "files": 1, "skipped": 0},
     }

@@ -4,6 +4,7 @@ See docs/data.md; ``ega_ray.data.prepare`` converts the official dataset formats
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
 from ega_ray.data.images import decode_images, encode_png
+from ega_ray.data.split_files import split_files
 from ega_ray.run_folder import replacing
 
 REQUIRED_COLUMNS = ("image", "label", "index")
@@ -24,7 +26,8 @@ class ShardWriter:
     Rows get ``index`` 0, 1, 2, … in the order they are added. A file holds at most ``rows_per_file`` rows;
     rows are buffered and written as a row group when the file is full or the buffer holds
     ``row_group_bytes`` of images, so memory stays bounded however long the split is. The same rows always
-    give the same files, byte for byte."""
+    give the same files, byte for byte. ``digest()``: the SHA-256 of the rows added (each row's label, image
+    length and image bytes, in order), the content digest ``ega-ray prepare`` records for a split."""
 
     def __init__(self, folder: str | Path, rows_per_file: int = 10_000, row_group_bytes: int = 64 << 20):
         if rows_per_file < 1:
@@ -40,10 +43,13 @@ class ShardWriter:
         self._written = 0  # rows already in files
         self._in_file = 0  # rows (written or buffered) in the current file
         self._writer: pq.ParquetWriter | None = None
+        self._content = hashlib.sha256()
 
     def add(self, image: bytes, label: int) -> None:
         self._images.append(bytes(image))
         self._labels.append(int(label))
+        self._content.update(int(label).to_bytes(8, "little", signed=True) + len(image).to_bytes(8, "little"))
+        self._content.update(image)
         self._bytes += len(image)
         self.rows += 1
         self._in_file += 1
@@ -83,6 +89,10 @@ class ShardWriter:
         self._flush()
         self._close_file()
         return self.rows
+
+    def digest(self) -> str:
+        """``sha256:<hex>`` of the rows added so far (see the class)."""
+        return f"sha256:{self._content.hexdigest()}"
 
     def __enter__(self) -> ShardWriter:
         return self
@@ -142,6 +152,7 @@ def check_split(path: str, field: str) -> int:
         raise ValueError(f"{field}: {path!r} lacks column(s) {missing}; a split needs {list(REQUIRED_COLUMNS)}")
     if rows == 0:
         raise ValueError(f"{field}: {path!r} has no rows")
+    split_files(path, field)  # every file opens and agrees with the others and with its own footer
     return rows
 
 

@@ -63,9 +63,9 @@ class _Progress:
 
 def _write_split(
     dataset: str, base: Path | None, split: Split, folder: Path, skip_bad: bool, rows_per_file: int, log: TextIO | None
-) -> tuple[int, int, list[dict[str, str]]]:
-    """Stream one split into ``folder``; return (rows, files, skipped). Row names are relative to ``base``
-    (None: the source has no folder)."""
+) -> tuple[int, int, str, list[dict[str, str]]]:
+    """Stream one split into ``folder``; return (rows, files, content digest, skipped). Row names are relative
+    to ``base`` (None: the source has no folder)."""
     folder.mkdir()
     skipped: list[dict[str, str]] = []
     progress = _Progress(f"{dataset}/{split.name}", split.expected, log)
@@ -87,7 +87,7 @@ def _write_split(
     progress.done(rows, len(skipped))
     if rows == 0:
         raise PrepareError(f"{dataset} split {split.name!r}: no image could be converted ({len(skipped)} skipped)")
-    return rows, len(writer.files), skipped
+    return rows, len(writer.files), writer.digest(), skipped
 
 
 def _check_out(out: Path, source: Path | None) -> None:
@@ -199,10 +199,11 @@ def prepare(
     }
     with rebuild(out, "prepare", flag="--out") as tmp:
         for split in source.splits:
-            rows, files, skipped = _write_split(
+            rows, files, digest, skipped = _write_split(
                 name, source.path, split, tmp / split.name, skip_bad, rows_per_file, stream
             )
-            report["splits"][split.name] = {"rows": rows, "files": files, "skipped": len(skipped)}
+            # the digest identifies the split's content: a run folder records it (ega_ray.data.split_files)
+            report["splits"][split.name] = {"rows": rows, "files": files, "digest": digest, "skipped": len(skipped)}
             report["skipped"] += skipped
         _check_classes(name, source, tmp)
         report["ignored"] = source.ignored

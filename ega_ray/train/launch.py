@@ -22,12 +22,22 @@ from ray.train.torch import TorchTrainer
 from ega_ray.config import Config
 from ega_ray.data.images import decode_images
 from ega_ray.data.parquet import mask_labels, read_decoded, select_rows
+from ega_ray.data.split_files import unreadable_named
 from ega_ray.errors import ConfigError, DivergedError
 from ega_ray.teacher_modes import TEACHER_MODES
 from ega_ray.train.common import load_state
 from ega_ray.train.nodes import check_cluster, max_failures
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
-from ega_ray.train.preflight import PreparedData, check_distill, check_student, prepare_data, resolve, run_folder
+from ega_ray.train.preflight import (
+    PreparedData,
+    check_batch_rows,
+    check_distill,
+    check_student,
+    data_splits,
+    prepare_data,
+    resolve,
+    run_folder,
+)
 from ega_ray.train.tracking import RunRecorder, epoch_lines, quiet_ray_logs
 
 MATERIALIZE_AUTO_BYTES = 2 << 30
@@ -191,7 +201,8 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
     mode = TEACHER_MODES[cfg.teacher.mode]
     if os.environ.get("RAY_ADDRESS"):
         connect_ray(cfg)  # a cluster's nodes are checked before the run folder is claimed
-    with run_folder(cfg, "distill") as out:
+    # a damaged Parquet page is found where rows are read (Ray Data tasks, the workers): named in one line
+    with run_folder(cfg, "distill") as out, unreadable_named(data_splits(cfg)):
         write_config(cfg, out)
         t0 = time.time()
         connect_ray(cfg)
@@ -320,7 +331,8 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         )
     check_student(cfg.pretrain.arch, "pretrain.arch")
     data = prepare_data(cfg)
-    with run_folder(cfg, "pretrain-teacher") as out:
+    check_batch_rows(data.num_train, cfg.pretrain.batch_size, cfg.scaling.num_workers, "pretrain.batch_size")
+    with run_folder(cfg, "pretrain-teacher") as out, unreadable_named(data_splits(cfg)):
         write_config(cfg, out)
         t0 = time.time()
         write_json(data.validation, out / VALIDATION_ROWS)  # held out of pretraining too

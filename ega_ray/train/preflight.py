@@ -19,9 +19,10 @@ import numpy as np
 from ega_ray.config import EPOCHS_FIELD, Config, is_uri
 from ega_ray.data.classes import fewer_than_two
 from ega_ray.data.parquet import check_labels, check_split, stratified_label_mask
+from ega_ray.data.split_files import identity_change, split_identity, unreadable_named
 from ega_ray.data.splits import carve_validation, index_mask, validation_record
 from ega_ray.errors import ConfigError, OutputFolderError
-from ega_ray.models.weights import is_weights_file
+from ega_ray.models.weights import is_weights_file, sha256_of
 from ega_ray.run_folder import claim, remove_own, settings_differences
 from ega_ray.teacher_modes import TEACHER_MODES
 
@@ -95,6 +96,16 @@ class PreparedData:
 def prepare_data(cfg: Config) -> PreparedData:
     """Check the splits and their labels on the driver; carve the validation split from the training split
     (unless ``data.validation`` names one) and choose the labeled subset of the rows left to train on."""
+    with unreadable_named(data_splits(cfg)):  # a damaged page of a label or index column, named
+        return _prepare_data(cfg)
+
+
+def data_splits(cfg: Config) -> dict[str, str | None]:
+    """The run's data splits by field (None: not given), for messages naming a damaged file."""
+    return {f"data.{split}": getattr(cfg.data, split) for split in ("train", "test", "validation")}
+
+
+def _prepare_data(cfg: Config) -> PreparedData:
     d = cfg.data
     try:
         n_train = check_split(d.train, "data.train")
@@ -165,28 +176,98 @@ def check_teacher(cfg: Config) -> Teacher:
         ) from None
 
 
+def check_batch_rows(num_train: int, batch_size: int, num_workers: int, field: str) -> None:
+    """Every worker gets at least one full batch per epoch: Ray Train splits the training rows equally over
+    ``num_workers`` workers (``floor(rows / workers)`` each, the rest dropped), and each worker trains on
+    batches of ``batch_size / num_workers`` rows, dropping a partial last batch. A ConfigError naming
+    ``field``, the rows per worker and what is allowed otherwise.
+
+    Args:
+        num_train: the rows trained on (the training split less its carved validation rows).
+        batch_size: the global batch (a multiple of ``num_workers``, checked by the config).
+        num_workers: scaling.num_workers.
+        field: the batch's config field (``optim.batch_size``, ``pretrain.batch_size``).
+    """
+    per_worker_rows = num_train // num_workers
+    per_worker_batch = max(batch_size // num_workers, 1)
+    if per_worker_rows < per_worker_batch:
+        raise ConfigError(
+            f"{field}: {batch_size} ({per_worker_batch} rows per worker) is larger than a worker's share of "
+            f"data.train: {num_train} rows trained on (less the validation split) over scaling.num_workers "
+            f"{num_workers} is {per_worker_rows} rows per worker; allowed: {field} at most "
+            f"{per_worker_rows * num_workers}, or fewer workers"
+        )
+
+
 def check_distill(cfg: Config) -> tuple[PreparedData, int]:
     """Everything a distillation run checks before Ray starts; the data and the teacher's embedding width."""
     data = prepare_data(cfg)
-    if data.num_train < cfg.optim.batch_size:
-        raise ConfigError(
-            f"data.train: {data.num_train} rows are left to train on (less the validation split), fewer than "
-            f"optim.batch_size {cfg.optim.batch_size}"
-        )
+    check_batch_rows(data.num_train, cfg.optim.batch_size, cfg.scaling.num_workers, "optim.batch_size")
     check_student(cfg.student.name)
     spec = check_teacher(cfg).spec
     TEACHER_MODES[cfg.teacher.mode].preflight(cfg, spec)
     return data, spec.embed_dim
 
 
+def input_identities(cfg: Config, command: str) -> dict[str, dict[str, Any]]:
+    """What the run reads, by field, with each input's identity: every data split's
+    (``ega_ray.data.split_files.split_identity``), for a distillation the teacher's weights file's SHA-256
+    (whatever the teacher family checks: not all of them take ``teacher.sha256``) and a teacher cache's
+    manifest's SHA-256 (the manifest holds its files' digests, checked against them before Ray starts).
+
+    Args:
+        cfg: a resolved config (``resolve``: absolute local paths).
+        command: ``distill`` or ``pretrain-teacher``.
+
+    Returns:
+        ``{field: {"path": ..., ...}}``, JSON-serialisable, as the run folder's marker records it.
+    """
+    inputs: dict[str, dict[str, Any]] = {}
+    try:
+        for split in ("train", "test", "validation"):
+            path = getattr(cfg.data, split)
+            if path is not None:
+                inputs[f"data.{split}"] = split_identity(path, f"data.{split}")
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if command != "distill":
+        return inputs
+    weights = cfg.teacher.weights
+    if weights is not None and is_weights_file(weights):
+        inputs["teacher.weights"] = {"path": weights, "sha256": sha256_of(weights)}
+    return inputs | TEACHER_MODES[cfg.teacher.mode].inputs(cfg)
+
+
+def input_differences(before: dict[str, dict[str, Any]], now: dict[str, dict[str, Any]]) -> list[str]:
+    """``field path: what changed`` for every input whose identity differs between two runs' records
+    (``input_identities``)."""
+    diffs = []
+    for field in sorted(set(before) | set(now)):
+        old, new = before.get(field), now.get(field)
+        if old is None or new is None:
+            diffs.append(f"{field}: {(old or {}).get('path', '(none)')} → {(new or {}).get('path', '(none)')}")
+        elif field.startswith("data."):
+            change = identity_change(old, new)
+            if change:
+                diffs.append(f"{field} {new['path']}: {change}")
+        else:  # a file's digest: its first 12 hex digits are enough to tell the two apart
+            diffs += [
+                f"{field} {new['path']}: {key} {str(old.get(key))[:12]}… → {str(new.get(key))[:12]}…"
+                for key in sorted(set(old) | set(new))
+                if old.get(key) != new.get(key)
+            ]
+    return diffs
+
+
 @contextmanager
 def run_folder(cfg: Config, command: str) -> Iterator[Path]:
     """The run's output folder, claimed for ``command`` (see ``ega_ray.run_folder``) and locked while the run
     lasts. A folder that already holds a run resumes it only if every setting that defines the results is the
-    same, except that the number of epochs may be raised; otherwise it is refused, naming what differs,
-    before anything is written."""
+    same, except that the number of epochs may be raised, and its inputs are the same data and teacher
+    (``input_identities``); otherwise it is refused, naming what differs, before anything is written."""
     out = cfg.output_dir
     settings = json.loads(json.dumps(cfg.result_settings(command)))  # as the marker stores them
+    inputs = json.loads(json.dumps(input_identities(cfg, command)))
     growing = EPOCHS_FIELD[command]
 
     def same_run(marker: dict[str, Any]) -> None:
@@ -196,8 +277,17 @@ def run_folder(cfg: Config, command: str) -> Iterator[Path]:
                 f"--output {out}: holds a run with other settings ({'; '.join(diffs)}); a rerun resumes it only "
                 f"with the same settings ({growing} may be raised): choose another folder, or delete it to start over"
             )
+        # a folder written before its inputs were recorded has nothing to compare: it is taken as it is
+        recorded = marker.get("inputs")
+        changed = input_differences(recorded, inputs) if isinstance(recorded, dict) else []
+        if changed:
+            raise OutputFolderError(
+                f"--output {out}: holds a run trained on other inputs under the same paths ({'; '.join(changed)}); "
+                "a rerun resumes it only on the same data and teacher: choose another folder, or delete it to "
+                "start over"
+            )
 
-    with claim(out, command, record={"settings": settings}, check=same_run):
+    with claim(out, command, record={"settings": settings, "inputs": inputs}, check=same_run):
         yield out
 
 
