@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast gpu-dry-run lint clean install-rsync lock
+.PHONY: demo test test-fast gpu-dry-run lint clean install-tools lock
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -20,14 +20,18 @@ lock: $(STAMP)
 demo: $(STAMP)  ## the embedded default: digits, SimCLR teacher, EGA vs CE-only, on a local Ray
 	$(VENV)/bin/ega-ray distill
 
-# the tests copy a checkout with rsync as `ray up` does: installed here when missing (Debian/Ubuntu)
-ifeq ($(shell command -v rsync),)
-TOOLS := install-rsync
+# the tests copy a checkout with rsync as `ray up` does, and make separate hosts with `ip netns` and `unshare`
+# (tests/multihost.py): installed here when missing (Debian/Ubuntu)
+APT_TOOLS := $(if $(shell command -v rsync),,rsync) $(if $(shell command -v ip),,iproute2) \
+	$(if $(shell command -v unshare),,util-linux)
+ifneq ($(strip $(APT_TOOLS)),)
+TOOLS := install-tools
 endif
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
-install-rsync:
-	$(SUDO) apt-get install -y -q rsync >/dev/null || { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q rsync; }
+install-tools:
+	$(SUDO) apt-get install -y -q $(APT_TOOLS) >/dev/null || \
+	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_TOOLS); }
 
 PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
 # the tests that need only Python and torch: tests/conftest.py's FAST_TIER, pyproject.toml's markers
