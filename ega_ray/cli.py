@@ -121,6 +121,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--onnx", action="store_true", help="also <stem>.onnx (needs the extra: pip install 'ega-ray[onnx]')"
     )
+    e.add_argument(
+        "--force",
+        action="store_true",
+        help="replace files with the target names that ega-ray cannot prove it wrote (by default: refused)",
+    )
     return p
 
 
@@ -169,7 +174,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from ega_ray.export import run_export
 
-        written = run_export(args.student, args.onnx)
+        written = run_export(args.student, args.onnx, args.force)
         print("\n".join(f"{fmt}: {path}" for fmt, path in written.items()))
         return 0
     if args.verbose:

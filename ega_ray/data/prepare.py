@@ -21,6 +21,7 @@ from ega_ray.constants import MAX_PIXELS
 from ega_ray.data.formats import FORMATS, BadImage, Format, PrepareError, Source, Split
 from ega_ray.data.formats.base import is_real_dir
 from ega_ray.data.parquet import ShardWriter
+from ega_ray.disk import write_atomic
 from ega_ray.errors import UsageError
 from ega_ray.run_folder import check_target, new_marker, read_marker, rebuild, write_marker
 
@@ -190,7 +191,7 @@ def prepare(
         report["ignored"] = source.ignored
         report["links_not_followed"] = source.links
         report["notes"] = source.notes
-        (tmp / "prepare.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(tmp / "prepare.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     report["out"] = str(out)
     return report
 

@@ -233,6 +233,8 @@ def write_distill_outputs(
     """metrics.csv, learning_curves.png, the exported students and summary.json (with ``extra``: what the
     teacher mode adds), from the checkpoints; the best student also as a ``.pt2`` program when
     ``deployable`` (a search's trials skip it: seconds each)."""
+    # summary.json is written last: until then none describes an older epoch than the students beside it
+    (out / "summary.json").unlink(missing_ok=True)
     last = load_state(result.checkpoint)
     scored = result.best_checkpoints
     best_ckpt = max(scored, key=lambda cm: cm[1][SELECTION_METRIC])[0] if scored else None
@@ -319,6 +321,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         train, evals, _ = decoded_splits(cfg, data, ("test",))
         datasets = {"train": train, "knn_train": train, "test": evals["test"]}  # kNN reported on test
         result = fit(cfg, pretrain_func_per_worker, datasets, None, None, cfg.pretrain.epochs)
+        (out / "summary.json").unlink(missing_ok=True)  # written last, as for a distillation
         state = load_state(result.checkpoint)
         history = state["history"]
         write_metrics_csv(history, out / "metrics.csv")

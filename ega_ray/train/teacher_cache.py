@@ -18,6 +18,7 @@ from ega_ray.config import Config
 from ega_ray.data.cache_format import expected_manifest, file_digests
 from ega_ray.data.images import decode_images
 from ega_ray.data.teacher_stage import embed_with_actor_pool
+from ega_ray.disk import write_atomic
 from ega_ray.errors import ConfigError
 from ega_ray.run_folder import rebuild
 from ega_ray.train.launch import connect_ray
@@ -61,7 +62,7 @@ def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
         # the validation split (a cached run never looks those rows up: they are not in its training split)
         if rows != len(data.indices) * views:
             raise RuntimeError(f"cache-teacher: wrote {rows} rows, expected {len(data.indices)} images × {views} views")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+        write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
     return {
         "output": str(output),
         "views": views,
