@@ -60,6 +60,8 @@ def is_no_space(err: BaseException) -> bool:
     writer's RuntimeError (which drops the errno)."""
     if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
+    if isinstance(err, OSError) and "no space left on device" in str(err).lower():
+        return True  # pyarrow's file system errors carry the text, not the errno
     if isinstance(err, RuntimeError):
         text = str(err).lower()
         return any(words in text for words in _TORCH_WRITE_FAILED)

@@ -78,7 +78,7 @@ def build_classifier(meta: dict[str, Any]) -> StudentClassifier:
     return StudentClassifier(backbone, head).eval()
 
 
-SPACE_FACTOR = 2  # a format's file takes about the weights' bytes; twice that leaves room for its framing
+FRAMING_BYTES = 512 << 10  # a file holds the weights plus its framing: a .pt2's program, a .pt's pickle
 
 
 def _atomic(path: Path, write, needed: int) -> Path:
@@ -143,7 +143,7 @@ def write_student(
     model = model.eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     # checked before anything is written: torch.export's writer aborts the process on a full disk
-    needed = SPACE_FACTOR * sum(v.numel() * v.element_size() for v in state.values()) + (1 << 20)
+    needed = sum(v.numel() * v.element_size() for v in state.values()) + FRAMING_BYTES
     need_space(folder, needed * len(formats))
     written: dict[str, Path] = {}
     if "pt" in formats:

@@ -21,7 +21,7 @@ from ega_ray.constants import MAX_PIXELS
 from ega_ray.data.formats import FORMATS, BadImage, Format, PrepareError, Source, Split
 from ega_ray.data.formats.base import is_real_dir
 from ega_ray.data.parquet import ShardWriter
-from ega_ray.disk import write_atomic
+from ega_ray.disk import check_name_length, write_atomic
 from ega_ray.errors import UsageError
 from ega_ray.run_folder import check_target, new_marker, read_marker, rebuild, write_marker
 
@@ -95,6 +95,7 @@ def _check_out(out: Path, source: Path | None) -> None:
             raise PrepareError(f"--out {out} would replace the source folder {source}; choose another --out")
         if source in out.parents:
             raise PrepareError(f"--out {out} is inside the source folder {source}; choose a folder outside it")
+    check_name_length(out, "--out", PrepareError)
     if out.is_dir() and not out.is_symlink() and read_marker(out) is None and _legacy_output(out):
         write_marker(out, new_marker("prepare"))  # an output of an earlier ega-ray, which wrote no marker
     check_target(out, "prepare", "--out")

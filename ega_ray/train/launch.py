@@ -24,6 +24,7 @@ from ega_ray.data.images import decode_images
 from ega_ray.data.parquet import mask_labels, read_decoded, select_rows
 from ega_ray.errors import ConfigError, DivergedError
 from ega_ray.teacher_modes import TEACHER_MODES
+from ega_ray.train.checkpoints import check_resume, remove_unregistered, run_dir
 from ega_ray.train.common import load_state
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
 from ega_ray.train.preflight import PreparedData, check_distill, check_student, prepare_data, resolve, run_folder
@@ -162,11 +163,15 @@ def fit(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[] if whole_train else ["train"]),
     )
-    if console:
-        with epoch_lines(out, cfg.run.name, epochs):
+    check_resume(cfg.checkpoint_root, cfg.output_dir.name)  # a checkpoint that does not load: before Ray
+    try:
+        if console:
+            with epoch_lines(out, cfg.run.name, epochs):
+                result = trainer.fit()
+        else:
             result = trainer.fit()
-    else:
-        result = trainer.fit()
+    finally:  # an upload cut short (a full disk, an error) leaves no checkpoint folder behind
+        remove_unregistered(run_dir(cfg.checkpoint_root, cfg.output_dir.name))
     diverged = result.return_value.get("diverged") if isinstance(result.return_value, dict) else None
     if diverged:  # the workers stopped together at a non-finite loss (train.divergence): no output is written
         raise DivergedError(diverged)
