@@ -163,7 +163,6 @@ def fit(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[] if whole_train else ["train"]),
     )
-    check_resume(cfg.checkpoint_root, cfg.output_dir.name)  # a checkpoint that does not load: before Ray
     try:
         if console:
             with epoch_lines(out, cfg.run.name, epochs):
@@ -188,6 +187,7 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
     data, teacher_dim = check_distill(cfg)
     mode = TEACHER_MODES[cfg.teacher.mode]
     with run_folder(cfg, "distill") as out:
+        check_resume(cfg.checkpoint_root, out.name)  # a checkpoint that does not load: refused before Ray starts
         write_config(cfg, out)
         t0 = time.time()
         connect_ray(cfg)
@@ -319,6 +319,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     check_student(cfg.pretrain.arch, "pretrain.arch")
     data = prepare_data(cfg)
     with run_folder(cfg, "pretrain-teacher") as out:
+        check_resume(cfg.checkpoint_root, out.name)
         write_config(cfg, out)
         t0 = time.time()
         write_json(data.validation, out / VALIDATION_ROWS)  # held out of pretraining too
