@@ -75,6 +75,7 @@ def run_embedded(overrides: list[str] | None = None, output: str | None = None) 
         check_target(root / "teacher", "pretrain-teacher")
         for label in STAGES:
             check_target(root / label, "distill")
+        (root / "summary.json").unlink(missing_ok=True)  # written last: never one older than the stages' outputs
         summary = _run_stages(base) | {"wall_time_s": round(time.time() - t0, 1)}
         write_json(summary, base.output_dir / "summary.json")
     print_table(summary)
