@@ -294,3 +294,52 @@ def test_eval_never_writes_into_a_run_folder_another_command_holds(tmp_path, cap
     assert (run / "eval-student_best-val" / "eval.json").is_file()
     assert read_marker(run)["kind"] == "distill"
 
+
+
+def test_a_runs_final_outputs_never_leave_a_summary_older_than_its_students(tmp_path):
+    """A resumed run that dies while writing its final outputs (here: its best student does not rebuild)
+    leaves no summary.json describing the earlier, shorter run beside the newer student_last."""
+    import json
+
+    import numpy as np
+    import ray.train
+
+    from ega_ray.config import parse_config
+    from ega_ray.train.common import STATE_FILE
+    from ega_ray.train.launch import write_distill_outputs
+    from ega_ray.train.preflight import PreparedData
+
+    out = tmp_path / "run"
+    cfg = parse_config({
+        "data": {"train": "t", "test": "v", "image_size": META["image_size"]}, "teacher": {"name": "ssl"},
+        "student": {"name": "resnet8"}, "distill": {"embed_dim": META["embed_dim"]},
+        "run": {"name": "r", "output": str(out)},
+    })  # fmt: skip
+    data = PreparedData(3, np.ones(10, bool), np.arange(10), 10, 2, 3, None, {"split": "carved"})
+    row = {"train_loss": 1.0, "validation_top1": 50.0, "test_top1": 40.0, "test_top5": 90.0, "test_teacher_top1": 30.0}
+
+    def checkpoint(epoch: int, weights: dict) -> ray.train.Checkpoint:
+        folder = tmp_path / f"checkpoint-{epoch}-{len(weights)}"
+        folder.mkdir()
+        history = [{"epoch": e, **row} for e in range(1, epoch + 1)]
+        state = {"student": weights, "num_classes": 3, "epoch": epoch, "history": history, "best": {"epoch": epoch}}
+        torch.save(state, folder / STATE_FILE)
+        return ray.train.Checkpoint.from_directory(str(folder))
+
+    def result(last: ray.train.Checkpoint, best: ray.train.Checkpoint) -> ray.train.Result:
+        return ray.train.Result(metrics={}, checkpoint=last, error=None, path=str(out), best_checkpoints=[(best, row)])
+
+    weights = student().state_dict()
+    with claim(out, "distill"):
+        two = checkpoint(2, weights)
+        write_distill_outputs(cfg, data, result(two, two), out, 1.0, deployable=False)
+        assert json.loads((out / "summary.json").read_text())["epochs"] == 2
+        four, broken = checkpoint(4, weights), checkpoint(4, {"nonsense": torch.zeros(1)})
+        with pytest.raises(RuntimeError):
+            write_distill_outputs(cfg, data, result(four, broken), out, 1.0, deployable=False)
+        assert load_student(out / "student_last.pt")[1]["epoch"] == 4
+        assert not (out / "summary.json").exists(), "no summary describing epoch 2 beside an epoch-4 student"
+        write_distill_outputs(cfg, data, result(four, four), out, 1.0, deployable=False)
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 4
+    assert written_here(out / "student_best.pt") and written_here(out / "student_last.safetensors")
+    assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
