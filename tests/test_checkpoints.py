@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 
 import pytest
 import ray.train
@@ -140,3 +141,28 @@ def test_a_real_runs_truncated_checkpoint_is_refused_before_ray_starts_naming_it
         run_distill(smoke(2))
     assert not partial.exists(), "the unregistered folder is removed by the next run"
     assert json.loads((out / "summary.json").read_text())["epochs"] == 1, "the finished run's outputs are intact"
+
+
+@pytest.mark.ray
+def test_a_full_disk_while_checkpointing_is_one_line_and_leaves_no_checkpoint_folder(tmp_path):
+    """A real 1 MiB disk under the run folder (its own local Ray, in a subprocess): the first checkpoint
+    does not fit, and the run stops with one line naming the folder, leaving no partial checkpoint."""
+    import os
+    import shlex
+    import sys
+
+    from small_disk import on_a_small_disk
+
+    run = tmp_path / "disk" / "run"
+    distill = [sys.executable, "-m", "ega_ray.cli", "distill", "--config", "configs/smoke.yaml", "--output", str(run),
+               "--set", "optim.epochs=1", "--set", "optim.max_steps_per_epoch=2"]  # fmt: skip
+    # the folder is listed before the tmpfs goes away with the namespace
+    script = f"{shlex.join(distill)}; rc=$?; ls -A {shlex.quote(str(run))}; exit $rc"
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    done = on_a_small_disk(tmp_path / "disk", 1024, ["sh", "-c", script], timeout=400)
+    assert done.returncode == 2, done.stderr[-3000:]
+    ours = [line for line in done.stderr.splitlines() if line.startswith("ega-ray:")]  # Ray logs its own lines too
+    assert len(ours) == 1, done.stderr[-3000:]
+    assert re.fullmatch(rf"ega-ray: disk full: no space left on {run}: [\d.,]+ MB needed, [\d.,]+ MB free", ours[0])
+    left = done.stdout.split()
+    assert "config.yaml" in left and not [n for n in left if n.startswith("checkpoint_")], left

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from small_disk import python_on_a_small_disk
 
 from ega_ray.cli import main
 from ega_ray.disk import write_atomic, write_with
@@ -131,25 +131,8 @@ def test_a_name_too_long_for_the_file_system_is_one_line_naming_the_flag(tmp_pat
 # ------------------------------------------------------------------ a full disk, for real
 
 
-def run_on_a_small_disk(tmp_path: Path, size_kib: int, script: str) -> subprocess.CompletedProcess:
-    """``script`` (Python; ``DISK`` is the mount point) in a private mount namespace with a ``size_kib`` tmpfs at
-    ``tmp_path/disk``: a real full disk, unmounted when the process ends."""
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        pytest.skip("a real full disk needs root and unshare (a tmpfs in a private mount namespace)")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    code = f"DISK = {str(disk)!r}\n" + textwrap.dedent(script)
-    shell = f"mount -t tmpfs -o size={size_kib}k tmpfs {disk} && exec {sys.executable} -c \"$0\""
-    env = os.environ | {"PYTHONPATH": str(REPO)}
-    done = subprocess.run(["unshare", "-m", "sh", "-c", shell, code], capture_output=True, text=True, env=env,
-                          timeout=120)  # fmt: skip
-    if "mount" in done.stderr and done.returncode != 0 and "Traceback" not in done.stderr:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
-    return done
-
-
 def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path):
-    done = run_on_a_small_disk(tmp_path, 1024, """
+    done = python_on_a_small_disk(tmp_path / "disk", 1024, textwrap.dedent("""
         import os, sys, torch
         from pathlib import Path
         from ega_ray.cli import main
@@ -172,7 +155,7 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path):
         except DiskFullError as err:
             print("text:", err)
         print("left:", sorted(p.name for p in disk.iterdir()))
-    """)
+    """))
     out, err = done.stdout, done.stderr
     assert done.returncode == 0, err[-3000:]
     assert "rc 2" in out, out
