@@ -9,6 +9,7 @@ import sys
 
 from ega_ray.constants import MAX_PIXELS
 from ega_ray.data.formats import FORMATS
+from ega_ray.disk import disk_full
 from ega_ray.errors import find_usage_error
 from ega_ray.losses import DISTILLERS
 
@@ -146,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except Exception as err:  # noqa: BLE001 - a user's error raised inside Ray comes back wrapped
-        found = find_usage_error(err)
+        found = find_usage_error(err) or disk_full(err)  # a full disk wherever it happened: one line too
         if found is None:
             raise
         for problem in found.problems:  # one line each (every problem of a config file at once)

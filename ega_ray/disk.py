@@ -68,6 +68,28 @@ def is_no_space(err: BaseException) -> bool:
     return False
 
 
+def disk_full(err: BaseException) -> DiskFullError | None:
+    """The DiskFullError for a full disk anywhere behind ``err`` (itself, its causes and contexts, an error
+    raised inside a Ray task: ``cause``); None when there is none. The folder is the failed file's, when the
+    error names it."""
+    seen: set[int] = set()
+    todo = [err]
+    while todo:
+        e = todo.pop()
+        if id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, DiskFullError):
+            return e
+        if is_no_space(e):
+            name = getattr(e, "filename", None)
+            if name:
+                return no_space(Path(str(name)).parent)
+            return DiskFullError(f"no space left on the device ({' '.join(str(e).split())[:150]})")
+        todo += [n for n in (getattr(e, a, None) for a in ("cause", "__cause__", "__context__")) if n is not None]
+    return None
+
+
 def need_space(folder: str | Path, needed: int) -> None:
     """Raise DiskFullError before writing ``needed`` bytes under ``folder`` when the disk has less free
     (checked first, since some writers abort the process on a full disk instead of raising)."""

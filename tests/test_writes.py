@@ -155,12 +155,19 @@ def test_a_full_disk_is_one_line_and_leaves_no_partial_file(tmp_path):
         except DiskFullError as err:
             print("text:", err)
         print("left:", sorted(p.name for p in disk.iterdir()))
+        # a prepared dataset larger than the disk: Parquet shards written by pyarrow
+        print("prepare rc", main(["prepare", "digits", "--out", str(disk / "digits")]), flush=True)
+        print("after prepare:", sorted(p.name for p in disk.iterdir()))
     """))
     out, err = done.stdout, done.stderr
     assert done.returncode == 0, err[-3000:]
     assert "rc 2" in out, out
     lines = [x for x in err.splitlines() if x.startswith("ega-ray:")]
     assert len(lines) == 1 and "Traceback" not in err, err
+    assert "prepare rc 2" in out and "after prepare: ['s.pt']" in out, out  # its temporary folder removed
+    prepared = [x for x in err.splitlines() if x.startswith("ega-ray prepare:")]
+    assert len(prepared) == 1 and re.fullmatch(rf"ega-ray prepare: error: no space left on {tmp_path}/disk/digits: "
+                                               r"[\d.,]+ MB free", prepared[0]), err  # fmt: skip
     assert re.fullmatch(rf"ega-ray: disk full: no space left on {tmp_path}/disk: [\d.,]+ MB needed, [\d.,]+ MB free",
                         lines[0]), lines  # fmt: skip
     assert re.search(r"torch: no space left on .*/disk: [\d.,]+ MB free", out), out

@@ -21,7 +21,7 @@ from ega_ray.constants import MAX_PIXELS
 from ega_ray.data.formats import FORMATS, BadImage, Format, PrepareError, Source, Split
 from ega_ray.data.formats.base import is_real_dir
 from ega_ray.data.parquet import ShardWriter
-from ega_ray.disk import check_name_length, write_atomic
+from ega_ray.disk import check_name_length, disk_full, no_space, write_atomic
 from ega_ray.errors import UsageError
 from ega_ray.run_folder import check_target, new_marker, read_marker, rebuild, write_marker
 
@@ -229,7 +229,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             max_pixels=getattr(args, "max_pixels", MAX_PIXELS),
         )
     except (UsageError, OSError) as err:
-        message = " ".join(str(err).split())
+        full = disk_full(err) and no_space(Path(args.out).expanduser().absolute())  # the folder and the free space
+        message = " ".join(str(full or err).split())
         print(f"ega-ray prepare: error: {message}", file=sys.stderr)
         return 2
     print(format_report(report))
