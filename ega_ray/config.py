@@ -14,7 +14,6 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ega_ray.constants import CLIP_MEAN, CLIP_STD
@@ -23,6 +22,7 @@ from ega_ray.losses import DISTILLERS
 from ega_ray.models.students import STUDENTS
 from ega_ray.models.teachers import TEACHERS
 from ega_ray.teacher_modes import TEACHER_MODES
+from ega_ray.yaml_strict import load_yaml
 
 __all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides"]
 
@@ -249,6 +249,9 @@ class ScalingSection(_Section):
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0, description="fractional values leave CPUs to Ray Data")
     gpus_per_worker: float = Field(1.0, gt=0)
+    socket_ifname: str | None = Field(
+        None, description="network interface DDP binds to (GLOO_/NCCL_SOCKET_IFNAME); set by the node checks"
+    )
 
 
 class PretrainConfig(_Section):
@@ -352,7 +355,10 @@ class RunSection(_Section):
     wandb_mode: Literal["offline", "online"] = Field("offline", description="offline: no network (`wandb sync` later)")
     mlflow_tracking_uri: str | None = Field(None, description="MLflow tracking URI; default: file:<run folder>/mlruns")
     mlflow_experiment: str = Field("ega-ray", description="MLflow experiment name")
-    max_failures: int = Field(0, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever")
+    max_failures: int | None = Field(
+        None, ge=-1, description="worker-group restarts from the last checkpoint; -1: forever; default: 3 "
+        "with s3:// / gs:// storage or several nodes, else 0 (docs/cluster.md)"
+    )
     fail_after_epoch: int | None = Field(
         None, ge=1, description="testing: raise once after this epoch's checkpoint, to exercise recovery"
     )
@@ -477,10 +483,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"--set {key}: {part!r} is not a section")
-        try:
-            node[leaf] = yaml.safe_load(value)
-        except yaml.YAMLError as err:
-            raise ConfigError(f"--set {item!r}: value is not valid YAML: {str(err).splitlines()[0]}") from None
+        node[leaf] = load_yaml(value, f"--set {item!r}: the value")
     return raw
 
 
@@ -500,9 +503,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] | None = No
         if not p.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {str(err).splitlines()[0]}") from None
+            raw = load_yaml(p.read_text(), f"config file {str(path)!r}") or {}  # duplicate keys, alias bombs: refused
         except UnicodeDecodeError:
             raise ConfigError(f"config file {str(path)!r} is not UTF-8 text") from None
         if not isinstance(raw, dict):

@@ -11,8 +11,9 @@ kNN probe; the bank's too). The kNN probe is pretraining's: cosine distance, the
 rows of the bank vote weighted by 1/distance (scikit-learn's ``weights="distance"``); without
 ``--knn-train`` every row of the split is classified by the others (leave-one-out).
 
-Every check (the student file, both splits' columns and labels, the output folder) runs before the first
-image is decoded; each failure is one line. The output folder is new, empty or an earlier ``eval``
+Every check (the student file, both splits' columns and labels, their classes against the student's:
+``ega_ray.data.classes.match_classes``, the output folder) runs before the first image is decoded; each
+failure is one line. The output folder is new, empty or an earlier ``eval``
 output, rebuilt whole (``run_folder.rebuild``): an interrupted evaluation leaves the previous one as it was.
 An output inside another command's folder (the default: beside the student, in its run folder) is written
 only while that folder's lock is held, so never into a run that is still writing it, and eval.json's
@@ -42,6 +43,7 @@ from sklearn.neighbors import NearestNeighbors  # noqa: E402
 
 from ega_ray.config import is_uri  # noqa: E402
 from ega_ray.data.augment import ViewMaker  # noqa: E402
+from ega_ray.data.classes import match_classes  # noqa: E402
 from ega_ray.data.parquet import check_labels, check_split, decode_images  # noqa: E402
 from ega_ray.disk import write_atomic, write_with  # noqa: E402
 from ega_ray.errors import DataError, UsageError  # noqa: E402
@@ -62,6 +64,8 @@ class Split:
     flag: str
     rows: int
     labels: np.ndarray
+    names: list[str] | None = None  # the class names (the student's, else the split's prepare.json's)
+    class_check: str = ""  # how its classes were matched with the student's (ega_ray.data.classes)
 
 
 @dataclass
@@ -90,37 +94,26 @@ def resolve_split(value: str, flag: str, builtin_split_name: str) -> str:
     return str(path)
 
 
-def check_eval_split(value: str, flag: str, num_classes: int, unlabeled_ok: bool, builtin_split_name: str) -> Split:
-    """The split's columns, labels and index, checked as training checks them; labels within the student's."""
+def check_eval_split(
+    value: str,
+    flag: str,
+    num_classes: int,
+    unlabeled_ok: bool,
+    builtin_split_name: str,
+    student_names: list[str] | None = None,
+) -> Split:
+    """The split's columns, labels and index, checked as training checks them; its classes the student's
+    (``ega_ray.data.classes.match_classes``: the count and the names where recorded, every label in range)."""
     path = resolve_split(value, flag, builtin_split_name)
     try:
         rows = check_split(path, flag)
         labels, _ = check_labels(path, flag, rows, unlabeled_ok=unlabeled_ok)
     except ValueError as err:
         raise DataError(str(err)) from None
-    if labels.max() >= num_classes:
-        bad = int(labels.max())
-        raise DataError(
-            f"{flag}: {path!r} has label {bad}, beyond the student's {num_classes} classes (0..{num_classes - 1}); "
-            "evaluate it on the dataset it was trained for"
-        )
+    names, class_check = match_classes(flag, path, labels, num_classes, student_names)
     if (labels >= 0).sum() == 0:
         raise DataError(f"{flag}: {path!r} has no labeled row (every label is -1)")
-    return Split(path, flag, rows, labels)
-
-
-def class_names(split_path: str, num_classes: int) -> list[str] | None:
-    """The class names in ``prepare.json`` beside the split (what `ega-ray prepare` wrote), when they fit."""
-    if is_uri(split_path):
-        return None
-    report = Path(split_path).parent / "prepare.json"
-    try:
-        classes = json.loads(report.read_text()).get("classes")
-    except (OSError, ValueError, AttributeError):
-        return None
-    if isinstance(classes, list) and len(classes) == num_classes and all(isinstance(c, str) for c in classes):
-        return classes
-    return None
+    return Split(path, flag, rows, labels, names, class_check)
 
 
 def split_of_run(student: Path, split_path: str) -> str | None:
@@ -270,10 +263,11 @@ def run_eval(
         loaded_sha256 = None  # load_student says why in one line
     model, meta = load_student(student_path)
     classes = meta["num_classes"]
-    split = check_eval_split(data, "--data", classes, unlabeled_ok=False, builtin_split_name="test")
+    student_names = meta.get("class_names")
+    split = check_eval_split(data, "--data", classes, False, "test", student_names)
     bank = None
     if knn_train is not None:
-        bank = check_eval_split(knn_train, "--knn-train", classes, unlabeled_ok=True, builtin_split_name="train")
+        bank = check_eval_split(knn_train, "--knn-train", classes, True, "train", student_names)
     elif split.rows < 2:
         raise DataError(f"--data: {split.path!r} has 1 row; the leave-one-out kNN probe needs 2 (or pass --knn-train)")
     out = Path(output).expanduser() if output else default_output(student_path, split.path)
@@ -318,7 +312,7 @@ def _evaluate(
     y = evaluated.labels
     confusion = np.bincount(y * classes + evaluated.topk[:, 0], minlength=classes * classes).reshape(classes, classes)
     rows_per_class = confusion.sum(axis=1)
-    names = class_names(split.path, classes)
+    names = split.names
     per_class = [
         {
             "class": i,
@@ -345,6 +339,7 @@ def _evaluate(
         "split_of_run": split_of_run(student_path, split.path),  # test | validation | train | None (unknown)
         "rows": int(len(y)),
         "num_classes": classes,
+        "class_check": split.class_check,  # names | count | labels: how the split's classes matched the student's
         "top1": round(100.0 * float((evaluated.topk[:, 0] == y).mean()), 4),
         "top5": round(100.0 * float((evaluated.topk == y[:, None]).any(axis=1).mean()), 4),
         "top5_k": int(evaluated.topk.shape[1]),
@@ -369,6 +364,11 @@ def _evaluate(
     return result
 
 
+CLASS_CHECKS = {
+    "names": ", the student's by name",
+    "count": ", as many as the student's (it records no names)",
+    "labels": ", taken to be the student's (the split records no class names)",
+}
 SPLIT_ROLES = {
     "test": ", the training run's data.test (reported on)",
     "validation": ", the training run's data.validation (selected on: not a held-out score)",
@@ -384,7 +384,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     bank = "leave-one-out" if knn["bank"] == "leave-one-out" else f"bank {knn['bank_rows']} rows"
     return [
         f"student: {result['student_name']} (epoch {result['epoch']}), {result['student']}",
-        f"data: {result['data']} ({result['rows']} rows, {result['num_classes']} classes); split "
+        f"data: {result['data']} ({result['rows']} rows, {result['num_classes']} classes"
+        f"{CLASS_CHECKS.get(result.get('class_check'), '')}); split "
         f"{result['split']}{SPLIT_ROLES.get(result['split_of_run'], '')}",
         f"top-1: {result['top1']:.2f}  top-{result['top5_k']}: {result['top5']:.2f}",
         f"kNN top-1: {knn['top1']:.2f} (k={knn['k']}, {bank})",

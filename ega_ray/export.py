@@ -3,10 +3,11 @@
 Per exported student (``student_best``, ``student_last``) a run writes:
 
 - ``<stem>.pt``: ``torch.save`` of a dict: ``student`` (registry name), ``num_classes``, ``embed_dim``,
-  ``image_size``, ``mean``, ``std``, ``epoch`` and ``state_dict`` (the ``StudentClassifier``'s: backbone +
+  ``image_size``, ``mean``, ``std``, ``epoch``, ``class_names`` (when the training split recorded them;
+  absent from older files) and ``state_dict`` (the ``StudentClassifier``'s: backbone +
   head). Loads with ``torch.load(weights_only=True)``; ``load_student`` rebuilds the model from it.
 - ``<stem>.safetensors``: the same state dict; the other keys are in the file's metadata, as strings
-  (``mean`` and ``std`` as JSON lists).
+  (``mean``, ``std`` and ``class_names`` as JSON lists).
 - ``<stem>.pt2``: ``torch.export`` of ``DeployedStudent``: float32 images in [0, 1], NCHW, at the training
   size (B, 3, S, S), B dynamic → logits (B, C); the run's normalization is inside. ``torch.export.load(f)
   .module()`` runs it without ega-ray; the metadata is also in it (extra file ``ega_ray_student.json``).
@@ -42,6 +43,10 @@ from ega_ray.models import STUDENTS, build_student
 from ega_ray.models.heads import EmbeddingHead, StudentClassifier
 
 META_KEYS = ("student", "num_classes", "embed_dim", "image_size", "mean", "std", "epoch")
+# Recorded when known, absent from older files: the training split's class names, in label order (eval checks
+# a split's names against them)
+OPTIONAL_META_KEYS = ("class_names",)
+ALL_META_KEYS = META_KEYS + OPTIONAL_META_KEYS
 FORMATS = ("pt", "safetensors", "pt2", "onnx")
 RUN_FORMATS = ("pt", "safetensors", "pt2")  # what a distillation run writes (ONNX: `ega-ray export --onnx`)
 META_FILE = "ega_ray_student.json"  # the metadata's name inside a .pt2
@@ -87,7 +92,7 @@ def _atomic(path: Path, write, needed: int) -> Path:
 
 
 def _meta_strings(meta: dict[str, Any]) -> dict[str, str]:
-    return {k: meta[k] if isinstance(meta[k], str) else json.dumps(meta[k]) for k in META_KEYS}
+    return {k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()}
 
 
 def export_program(model: StudentClassifier, meta: dict[str, Any]) -> torch.export.ExportedProgram:
@@ -138,7 +143,7 @@ def write_student(
     unknown = sorted(set(formats) - set(FORMATS))
     if unknown:
         raise ValueError(f"unknown export format(s) {unknown}; known: {list(FORMATS)}")
-    meta = {k: meta[k] for k in META_KEYS}
+    meta = {k: meta[k] for k in META_KEYS} | {k: meta[k] for k in OPTIONAL_META_KEYS if meta.get(k) is not None}
     folder.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
@@ -190,6 +195,11 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
     )
     if not ok:
         raise _not_a_student(path, "its student, num_classes, embed_dim, image_size, mean or std are malformed")
+    names = meta.get("class_names")
+    if names is not None and not (
+        isinstance(names, list) and len(names) == meta["num_classes"] and all(isinstance(n, str) for n in names)
+    ):
+        raise _not_a_student(path, f"its class_names are not {meta['num_classes']} names")
     if meta["student"] not in STUDENTS:
         raise StudentFileError(f"--student {path}: student {meta['student']!r} is not one this ega-ray knows")
     return meta
@@ -204,7 +214,7 @@ def _read_pt(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise _not_a_student(path, f"not a weights-only torch file ({first})") from None
     if not isinstance(record, dict) or not isinstance(record.get("state_dict"), dict):
         raise _not_a_student(path, "not an ega-ray student export (no state_dict)")
-    return _check_meta(path, {k: record[k] for k in META_KEYS if k in record}), record["state_dict"]
+    return _check_meta(path, {k: record[k] for k in ALL_META_KEYS if k in record}), record["state_dict"]
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -218,7 +228,7 @@ def _read_safetensors(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
         raise _not_a_student(path, f"not a readable safetensors file ({str(err)[:120]})") from None
     meta: dict[str, Any] = {}
     try:
-        for k in META_KEYS:
+        for k in ALL_META_KEYS:
             if k in strings:
                 meta[k] = strings[k] if k == "student" else json.loads(strings[k])
     except ValueError:

@@ -62,6 +62,11 @@ def read_marker(path: Path) -> dict[str, Any] | None:
         ) from None
     if not isinstance(marker, dict) or marker.get("format") != FORMAT or not isinstance(marker.get("kind"), str):
         raise OutputFolderError(f"{path}: {MARKER} is not an ega-ray marker; remove the folder or choose another")
+    if not isinstance(marker.get("settings", {}), dict):  # what a rerun compares its settings with, key by key
+        raise OutputFolderError(
+            f"{path}: {path / MARKER} is damaged (its settings are a {type(marker['settings']).__name__}, not a "
+            "mapping); remove the folder or choose another"
+        )
     return marker
 
 

@@ -210,6 +210,24 @@ def test_validation_rows_need_labels_and_the_classes_must_cover_them(tmp_path):
     assert data.num_train == 1437 and data.validation["split"] == "data.validation"
 
 
+def test_a_split_of_one_class_is_refused_naming_the_field_and_path(tmp_path):
+    """A third-party Parquet split whose labeled rows are all one class would train (or score) a model that
+    cannot be wrong: refused before Ray starts, for the split trained on and for the splits scored on."""
+    from ega_ray.config import ConfigError, load_config
+    from ega_ray.train.preflight import prepare_data, resolve
+
+    def cfg(*overrides):
+        return resolve(load_config(None, ["data.train=builtin:digits", "data.test=builtin:digits", *overrides]), False)
+
+    one = write_raw_split(tmp_path / "one", [3, -1, 3, 3, -1, 3], list(range(6)))
+    with pytest.raises(ConfigError, match=rf"^data\.train: '{one}' has labeled rows of one class only \(label 3\)"):
+        prepare_data(cfg(f"data.train={one}"))
+    fives = write_raw_split(tmp_path / "fives", [5, 5], [0, 1])
+    with pytest.raises(ConfigError, match=rf"^data\.test: '{fives}' has labeled rows of one class only \(label 5\)"):
+        prepare_data(cfg(f"data.test={fives}"))
+    assert prepare_data(cfg()).num_classes == 10
+
+
 def test_an_undecodable_image_names_its_split_and_row():
     from ega_ray.errors import DataError
 

@@ -35,7 +35,7 @@ def world(tmp_path_factory):
         labels = rng.integers(low, 7, rows)
         write_split(root / "data" / name, images, labels, rows_per_file=10)
         splits[name] = (images, labels)
-    (root / "data" / "prepare.json").write_text(json.dumps({"dataset": "imagefolder", "classes": CLASSES}))
+    write_prepare_json(root / "data", CLASSES, splits)
     torch.manual_seed(0)
     meta = {
         "student": "resnet8",
@@ -53,6 +53,12 @@ def world(tmp_path_factory):
     run_data = {"train": str(root / "data" / "train"), "test": str(root / "data" / "val")}
     (root / "run" / "config.yaml").write_text(json.dumps({"data": run_data}))
     return root, model, meta, splits
+
+
+def write_prepare_json(folder, classes: list[str], splits: dict) -> None:
+    """What `ega-ray prepare` writes beside its splits: their names and the class names, in label order."""
+    report = {"dataset": "imagefolder", "classes": classes, "splits": {name: {"rows": 1} for name in splits}}
+    (folder / "prepare.json").write_text(json.dumps(report))
 
 
 def direct(model, meta, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -107,6 +113,7 @@ def test_eval_matches_a_direct_computation(world, capsys):
         "embedding": None,
     }
     assert (result["split"], result["split_of_run"]) == ("val", "test")
+    assert result["class_check"] == "count", "the student records no names: the split's 8 names are taken"
     assert "split val, the training run's data.test (reported on)" in printed
     assert result["student_sha256"] == hashlib.sha256(student.read_bytes()).hexdigest()
     assert (result["student"], result["data"], result["rows"], result["epoch"]) == (
@@ -167,3 +174,57 @@ def test_bad_input_is_one_line_before_anything_is_written(world, capsys, tmp_pat
     assert main(["eval", "--student", student, "--data", val, "--output", str(theirs)]) == 2
     assert "holds files ega-ray did not write (thesis.txt)" in capsys.readouterr().err
     assert [p.name for p in theirs.iterdir()] == ["thesis.txt"]
+
+
+def student_with_names(world, folder, names: list[str]) -> str:
+    """The world's student, written again with the class names it records (as a run now writes it)."""
+    _, model, meta, _ = world
+    write_student(model, meta | {"class_names": names}, folder, "named", ("pt",))
+    return str(folder / "named.pt")
+
+
+def test_a_split_of_other_classes_is_refused_by_count_or_by_name(world, capsys, tmp_path):
+    root, _, _, _ = world
+    rng = np.random.default_rng(1)
+    three = tmp_path / "three"
+    write_split(three / "test", rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8), np.array([0, 1, 2, 0, 1, 2]))
+    write_prepare_json(three, ["red", "green", "blue"], {"test": None})
+    shuffled = tmp_path / "shuffled"
+    write_split(shuffled / "val", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8), np.array([0, 1, 2, 3]))
+    write_prepare_json(shuffled, CLASSES[1:] + CLASSES[:1], {"val": None})
+    out = tmp_path / "out"
+    named = student_with_names(world, tmp_path, CLASSES)
+    unnamed = str(root / "run" / "student_best.pt")
+    cases = [
+        # the issue's case: a 3-class split is no longer evaluated as 8 classes with labels 0..2
+        (unnamed, three / "test", "is a 3-class dataset (red, green, blue, per its prepare.json) but the student "
+         "has 8 classes"),
+        (named, three / "test", "is a 3-class dataset"),
+        (named, shuffled / "val", "names its classes otherwise than the student (the same names in another "
+         "order): class 0 is 'bee' here, 'ant' to the student; class 1 is 'cat' here, 'bee' to the student; "
+         "class 2 is 'dog' here, 'cat' to the student and 5 more"),
+    ]  # fmt: skip
+    for student, data, why in cases:
+        assert main(["eval", "--student", student, "--data", str(data), "--output", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith(f"ega-ray: data error: --data: '{data}'") and why in err, err
+        assert not out.exists()
+    argv = ["eval", "--student", named, "--data", str(root / "data" / "val"), "--knn-train", str(shuffled / "val")]
+    assert main([*argv, "--output", str(out)]) == 2, "the kNN bank's classes are checked too"
+    assert "data error: --knn-train" in capsys.readouterr().err
+
+
+def test_matching_names_are_checked_by_name_and_reported(world, capsys, tmp_path):
+    root, _, _, _ = world
+    named = student_with_names(world, tmp_path, CLASSES)
+    val = str(root / "data" / "val")
+    assert main(["eval", "--student", named, "--data", val, "--output", str(tmp_path / "o")]) == 0
+    assert "8 classes, the student's by name" in capsys.readouterr().out
+    result = json.loads((tmp_path / "o" / "eval.json").read_text())
+    assert result["class_check"] == "names" and [c["name"] for c in result["per_class"]] == CLASSES
+    # a split with no prepare.json: only its labels can be checked, and eval says so
+    bare = tmp_path / "bare"
+    write_split(bare, np.zeros((3, 8, 8, 3), dtype=np.uint8), np.array([0, 1, 7]))
+    assert main(["eval", "--student", named, "--data", str(bare), "--output", str(tmp_path / "b")]) == 0
+    assert "taken to be the student's (the split records no class names)" in capsys.readouterr().out
+    assert json.loads((tmp_path / "b" / "eval.json").read_text())["class_check"] == "labels"

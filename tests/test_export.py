@@ -172,6 +172,37 @@ def test_a_run_exports_pt_safetensors_and_pt2_and_survives_an_exporter_failure(t
     ), caplog.text
 
 
+def test_a_run_records_its_training_splits_class_names_and_both_formats_keep_them(tmp_path):
+    from safetensors import safe_open
+
+    from ega_ray.config import parse_config
+    from ega_ray.train import outputs
+
+    names = [f"class {i}" for i in range(10)]
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    report = {"dataset": "imagefolder", "classes": names, "splits": {"train": {"rows": 20}}}
+    (tmp_path / "data" / "prepare.json").write_text(json.dumps(report))
+    cfg = parse_config(
+        {
+            "data": {"train": str(tmp_path / "data" / "train"), "test": "v", "image_size": SIZE},
+            "teacher": {"name": "ssl"},
+            "student": {"name": "resnet8"},
+            "distill": {"embed_dim": 16},
+        }
+    )
+    model, _ = trained_like("resnet8", num_classes=10)
+    state = {"student": model.state_dict(), "num_classes": 10, "epoch": 5}
+    outputs.export_student(cfg, state, tmp_path, "student_best", pt2=False)
+    for suffix in ("pt", "safetensors"):
+        assert load_student(tmp_path / f"student_best.{suffix}")[1]["class_names"] == names, suffix
+    with safe_open(str(tmp_path / "student_best.safetensors"), framework="pt") as f:
+        assert json.loads(f.metadata()["class_names"]) == names
+    # data.num_classes beyond the prepared names: no names are recorded rather than names for some classes
+    wider = {"student": trained_like("resnet8", num_classes=11)[0].state_dict(), "num_classes": 11, "epoch": 5}
+    outputs.export_student(cfg, wider, tmp_path / "wider", "s", pt2=False)
+    assert "class_names" not in torch.load(tmp_path / "wider" / "s.pt", weights_only=True)
+
+
 def one_line(capsys) -> str:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err, err
@@ -224,6 +255,7 @@ def bad_student_files(tmp_path):
     torch.save({"arch": "resnet8", "state_dict": model.state_dict()}, tmp_path / "teacher.pt")
     torch.save(dict(meta, student="vgg13", state_dict=model.state_dict()), tmp_path / "wrong.pt")
     torch.save(dict(meta, student="resnet9000", state_dict={}), tmp_path / "unknown.pt")
+    torch.save(dict(meta, class_names=["ant"], state_dict=model.state_dict()), tmp_path / "names.pt")
     (tmp_path / "noise.pt").write_bytes(b"not a torch file at all")
     (tmp_path / "notes.txt").write_text("x")
     return [
@@ -232,6 +264,7 @@ def bad_student_files(tmp_path):
         (tmp_path / "teacher.pt", "not an ega-ray student export (no student, num_classes"),
         (tmp_path / "wrong.pt", "its weights do not fit a vgg13 student"),
         (tmp_path / "unknown.pt", "student 'resnet9000' is not one this ega-ray knows"),
+        (tmp_path / "names.pt", "its class_names are not 7 names"),
         (tmp_path / "noise.pt", "not a weights-only torch file"),
         (tmp_path / "notes.txt", "a .txt file"),
     ]

@@ -281,6 +281,7 @@ def test_corrupt_image_stops_or_is_skipped(tmp_path):
     (src / "a" / "1.png").write_bytes(RNG.integers(0, 256, 200, dtype=np.uint8).tobytes())
     good = write_png(src / "b" / "t.png")
     (src / "b" / "t.png").write_bytes(good[: len(good) // 2])  # truncated
+    write_png(src / "b" / "u.png")
     out = tmp_path / "out"
     with pytest.raises(PrepareError, match=r"a/1\.png: not a readable image .*--skip-bad"):
         prepare("imagefolder", src, out, log=None)
@@ -288,15 +289,16 @@ def test_corrupt_image_stops_or_is_skipped(tmp_path):
     report = prepare("imagefolder", src, out, skip_bad=True, log=None)
     assert [s["file"] for s in report["skipped"]] == ["a/1.png", "b/t.png"]
     meta = json.loads((out / "prepare.json").read_text())
-    assert meta["splits"]["train"] == {"rows": 2, "files": 1, "skipped": 2} and len(meta["skipped"]) == 2
+    assert meta["splits"]["train"] == {"rows": 3, "files": 1, "skipped": 2} and len(meta["skipped"]) == 2
     table = read(out / "train")
-    assert table["index"] == [0, 1] and table["label"] == [0, 0]
-    assert table["image"] == [(src / "a" / "0.png").read_bytes(), (src / "a" / "2.png").read_bytes()]
+    assert table["index"] == [0, 1, 2] and table["label"] == [0, 0, 1]
+    assert table["image"] == [(src / name).read_bytes() for name in ("a/0.png", "a/2.png", "b/u.png")]
 
 
 def test_failure_in_a_later_split_leaves_no_out_and_keeps_an_older_one(tmp_path):
     src = tmp_path / "src"
     write_png(src / "train" / "a" / "0.png")
+    write_png(src / "train" / "b" / "0.png")
     write_png(src / "val" / "a" / "0.png")
     (src / "val" / "a" / "1.png").write_bytes(b"garbage")
     out = tmp_path / "out"
@@ -392,13 +394,14 @@ def test_cli_error_is_one_line_and_status_2(tmp_path, capsys):
 def test_cli_success_prints_the_report(tmp_path, capsys):
     src = tmp_path / "src"
     write_png(src / "a" / "0.png")
+    write_png(src / "b" / "0.png")
     (src / "a" / "1.png").write_bytes(b"bad")
     args = parse(["prepare", "imagefolder", "--src", str(src), "--out", str(tmp_path / "out"), "--skip-bad"])
     assert run_prepare(args) == 0
     captured = capsys.readouterr()
-    assert "train: 1 rows" in captured.out
+    assert "train: 2 rows" in captured.out
     assert "unreadable image files skipped: 1: train: a/1.png" in captured.out
-    assert "prepare imagefolder/train: 1 rows in" in captured.err  # progress and timing on stderr
+    assert "prepare imagefolder/train: 2 rows in" in captured.err  # progress and timing on stderr
 
 
 def test_download_failure_is_one_clear_line(tmp_path, monkeypatch, capsys):
@@ -498,6 +501,7 @@ def test_an_unreadable_class_folder_is_an_error_not_an_empty_class(shared_tmp):
 def test_images_over_the_pixel_limit_are_refused_or_skipped(tmp_path):
     src = tmp_path / "src"
     write_png(src / "a" / "0.png")
+    write_png(src / "b" / "0.png")
     big = src / "a" / "big.png"
     Image.new("RGB", (300, 200)).save(big)
     with pytest.raises(
@@ -505,8 +509,8 @@ def test_images_over_the_pixel_limit_are_refused_or_skipped(tmp_path):
     ):
         prepare("imagefolder", src, tmp_path / "out", max_pixels=50_000, log=None)
     report = prepare("imagefolder", src, tmp_path / "out", max_pixels=50_000, skip_bad=True, log=None)
-    assert report["splits"]["train"]["rows"] == 1 and report["skipped"][0]["file"] == "a/big.png"
-    assert prepare("imagefolder", src, tmp_path / "out", log=None)["splits"]["train"]["rows"] == 2  # default limit
+    assert report["splits"]["train"]["rows"] == 2 and report["skipped"][0]["file"] == "a/big.png"
+    assert prepare("imagefolder", src, tmp_path / "out", log=None)["splits"]["train"]["rows"] == 3  # default limit
     with pytest.raises(PrepareError, match=r"--max-pixels must be >= 1"):
         prepare("imagefolder", src, tmp_path / "out", max_pixels=0, log=None)
 
@@ -516,6 +520,7 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     deep = np.array([[0, 256, 32768, 65535]], dtype=np.uint16).repeat(4, axis=0)
     (src / "a").mkdir(parents=True)
     Image.fromarray(deep).save(src / "a" / "deep.png")
+    write_png(src / "b" / "0.png")
     prepare("imagefolder", src, tmp_path / "out", log=None)
     stored = read(tmp_path / "out" / "train")["image"][0]
     assert stored != (src / "a" / "deep.png").read_bytes(), "re-encoded as 8 bits, not kept as 16-bit bytes"
@@ -548,6 +553,7 @@ def test_sigterm_mid_prepare_cleans_up_like_ctrl_c(tmp_path):
     gradient = np.broadcast_to(np.arange(1200, dtype=np.uint8)[None, :, None], (1200, 1200, 3)).copy()
     for i in range(40):  # slow enough to be caught mid-way: ~40 ms each to check and store
         write_png(src / "a" / f"{i:02d}.png", gradient)
+    write_png(src / "b" / "0.png")
     # one row per file: the first part file appears after the first image, long before the last
     argv = ["prepare", "imagefolder", "--src", str(src), "--out", str(tmp_path / "out"), "--rows-per-file", "1"]
     proc = subprocess.Popen(
@@ -565,13 +571,38 @@ def test_sigterm_mid_prepare_cleans_up_like_ctrl_c(tmp_path):
 def test_an_output_of_an_earlier_version_without_a_marker_is_still_replaced(tmp_path):
     src = tmp_path / "src"
     write_png(src / "a" / "0.png")
+    write_png(src / "b" / "0.png")
     old = tmp_path / "out"
     (old / "train").mkdir(parents=True)
     (old / "train" / "part-00000.parquet").write_bytes(b"old rows")
     (old / "prepare.json").write_text(json.dumps({"dataset": "imagefolder", "splits": {"train": {"rows": 1}}}))
     prepare("imagefolder", src, old, log=None)
-    assert read(old / "train")["label"] == [0]
+    assert read(old / "train")["label"] == [0, 1]
     (old / "notes.txt").write_text("mine")  # no longer only what prepare wrote: refused from now on
     (old / ".ega-ray.json").unlink()
     with pytest.raises(OutputFolderError, match=r"holds files ega-ray did not write"):
         prepare("imagefolder", src, old, log=None)
+
+
+def test_a_dataset_of_one_class_is_refused_before_anything_is_written(tmp_path, capsys):
+    src = tmp_path / "src"
+    write_png(src / "cat" / "0.png")
+    write_png(src / "cat" / "1.png")
+    with pytest.raises(PrepareError, match=r"imagefolder from .*src has 1 class \(cat\); a classifier needs at least"):
+        prepare("imagefolder", src, tmp_path / "out", log=None)
+    assert_clean(tmp_path, "src")
+    args = parse(["prepare", "imagefolder", "--src", str(src), "--out", str(tmp_path / "out")])
+    assert run_prepare(args) == 2
+    assert capsys.readouterr().err.count("\n") == 1
+
+
+def test_a_dataset_left_with_one_class_after_skipping_is_refused(tmp_path):
+    """Two class folders, but every image of one is unreadable (or the folder empty): the labels written
+    hold one class, and the conversion is refused without leaving an output."""
+    src = tmp_path / "src"
+    write_png(src / "cat" / "0.png")
+    (src / "dog").mkdir()
+    (src / "dog" / "0.png").write_bytes(b"not a png")
+    with pytest.raises(PrepareError, match=r"\(as converted\) has labeled rows of one class only \(label 0\)"):
+        prepare("imagefolder", src, tmp_path / "out", skip_bad=True, log=None)
+    assert_clean(tmp_path, "src")

@@ -174,3 +174,19 @@ def test_a_run_folder_resumes_only_the_same_run(tmp_path):
             pass
     assert (out / "metrics.csv").read_text() == "epoch\n1\n2\n"
     assert json.loads((out / MARKER).read_text())["settings"]["optim.lr"] == 0.05
+
+
+@pytest.mark.parametrize("settings", [["optim.lr", 0.05], "optim.lr=0.05", 3])
+def test_a_marker_whose_settings_are_not_a_mapping_is_one_line_naming_the_file(tmp_path, settings):
+    out = tmp_path / "run"
+    with run_folder(smoke(out), "distill"):
+        pass
+    marker = json.loads((out / MARKER).read_text())
+    (out / MARKER).write_text(json.dumps(marker | {"settings": settings}))
+    before = snapshot(out)
+    with pytest.raises(OutputFolderError) as info:
+        with run_folder(smoke(out), "distill"):
+            pass
+    msg = str(info.value)
+    assert "\n" not in msg and str(out / MARKER) in msg and "not a mapping" in msg
+    assert snapshot(out) == before, "nothing is written into the damaged folder"

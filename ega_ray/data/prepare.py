@@ -17,10 +17,13 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
+import numpy as np
+
 from ega_ray.constants import MAX_PIXELS
+from ega_ray.data.classes import fewer_than_two, too_few_names
 from ega_ray.data.formats import FORMATS, BadImage, Format, PrepareError, Source, Split
 from ega_ray.data.formats.base import is_real_dir
-from ega_ray.data.parquet import ShardWriter
+from ega_ray.data.parquet import ShardWriter, read_columns
 from ega_ray.disk import check_name_length, disk_full, no_space, write_atomic
 from ega_ray.errors import UsageError
 from ega_ray.run_folder import check_target, new_marker, read_marker, rebuild, write_marker
@@ -113,6 +116,19 @@ def _legacy_output(out: Path) -> bool:
     return bool(splits) and all(is_real_dir(p) and p.name in splits for p in others)
 
 
+def _check_classes(name: str, source: Source, written: Path | None = None) -> None:
+    """A PrepareError unless the dataset has two classes or more: as its format lists them (before anything
+    is read), then (``written``: the folder of the converted splits) among the labels actually written, which
+    an empty class folder or skipped images can leave at one."""
+    where = f"{name} from {source.described}"
+    problem = too_few_names(source.classes, where)
+    if written is not None and problem is None:
+        labels = [read_columns(str(written / s.name), ["label"])["label"].to_numpy() for s in source.splits]
+        problem = fewer_than_two(np.concatenate(labels), f"{where} (as converted)")
+    if problem:
+        raise PrepareError(problem)
+
+
 def _download(fmt: Format, root: Path) -> Path:
     """Fetch format ``fmt``'s official files into ``root`` (created); return the official folder."""
     if fmt.download is None:
@@ -171,6 +187,7 @@ def prepare(
     out = Path(out).expanduser().resolve()
     source = _open(FORMATS[name], src, download, max_pixels)
     _check_out(out, source.path)
+    _check_classes(name, source)
     for note in source.notes:
         if stream is not None:
             print(f"prepare {name}: note: {note}", file=stream)
@@ -189,6 +206,7 @@ def prepare(
             )
             report["splits"][split.name] = {"rows": rows, "files": files, "skipped": len(skipped)}
             report["skipped"] += skipped
+        _check_classes(name, source, tmp)
         report["ignored"] = source.ignored
         report["links_not_followed"] = source.links
         report["notes"] = source.notes

@@ -26,6 +26,7 @@ from ega_ray.errors import ConfigError, DivergedError
 from ega_ray.teacher_modes import TEACHER_MODES
 from ega_ray.train.checkpoints import check_resume, remove_unregistered, run_dir
 from ega_ray.train.common import load_state
+from ega_ray.train.nodes import check_cluster, max_failures
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
 from ega_ray.train.preflight import PreparedData, check_distill, check_student, prepare_data, resolve, run_folder
 from ega_ray.train.tracking import RunRecorder, epoch_lines, quiet_ray_logs
@@ -66,6 +67,8 @@ def connect_ray(cfg: Config) -> None:
     level = logging.INFO if cfg.run.verbose else logging.WARNING  # Ray's own INFO lines only with --verbose
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=level)
+        for note in check_cluster(cfg):  # every node, before any training worker starts
+            print(f"[nodes] {note}", flush=True)
         return
     s, t = cfg.scaling, cfg.teacher
     teacher_actor_cpus = 0.0 if s.use_gpu else t.actors * t.actor_cpus
@@ -143,6 +146,9 @@ def fit(
     keep = {"checkpoint_score_attribute": score, "checkpoint_score_order": "max"} if score else {}
     out, config = cfg.output_dir, cfg.model_dump(mode="json")
     recorder = RunRecorder(str(out), cfg.run.name, epochs, cfg.run.loggers, config, cfg.run.verbose)
+    restarts = max_failures(cfg.run.max_failures, cfg.run.storage, sum(n["Alive"] for n in ray.nodes()))
+    ifname = cfg.scaling.socket_ifname
+    socket_env = {"GLOO_SOCKET_IFNAME": ifname, "NCCL_SOCKET_IFNAME": ifname} if ifname else {}
     trainer = TorchTrainer(
         train_fn,
         train_loop_config={"cfg": config, "args": args},
@@ -155,10 +161,11 @@ def fit(
         run_config=RunConfig(
             name=cfg.output_dir.name,
             storage_path=cfg.checkpoint_root,
-            failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+            failure_config=FailureConfig(max_failures=restarts),
             callbacks=[recorder, *(callbacks or [])],
             checkpoint_config=CheckpointConfig(num_to_keep=1, **keep),  # the latest is always kept too
             logging_config=ray.train.LoggingConfig(log_level="INFO" if cfg.run.verbose else "WARNING"),
+            worker_runtime_env={"env_vars": socket_env} if socket_env else None,
         ),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[] if whole_train else ["train"]),
@@ -186,6 +193,8 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
     cfg = resolve(cfg)
     data, teacher_dim = check_distill(cfg)
     mode = TEACHER_MODES[cfg.teacher.mode]
+    if os.environ.get("RAY_ADDRESS"):
+        connect_ray(cfg)  # a cluster's nodes are checked before the run folder is claimed
     with run_folder(cfg, "distill") as out:
         check_resume(cfg.checkpoint_root, out.name)  # a checkpoint that does not load: refused before Ray starts
         write_config(cfg, out)

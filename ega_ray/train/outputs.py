@@ -18,6 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
+from ega_ray.data.classes import trained_class_names  # noqa: E402
 from ega_ray.disk import write_atomic, write_with  # noqa: E402
 from ega_ray.errors import UsageError  # noqa: E402
 from ega_ray.export import build_classifier, write_student  # noqa: E402
@@ -83,6 +84,7 @@ def export_student(cfg: Config, state: dict, out: Path, stem: str, pt2: bool = T
         "mean": list(cfg.augment.student_mean),
         "std": list(cfg.augment.student_std),
         "epoch": state["epoch"],
+        "class_names": trained_class_names(cfg.data.train, state["num_classes"]),
     }
     model = build_classifier(meta)
     model.load_state_dict(state["student"])

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ega_ray.config import EPOCHS_FIELD, Config, is_uri
+from ega_ray.data.classes import fewer_than_two
 from ega_ray.data.parquet import check_labels, check_split, stratified_label_mask
 from ega_ray.data.splits import carve_validation, index_mask, validation_record
 from ega_ray.errors import ConfigError, OutputFolderError
@@ -110,6 +111,10 @@ def prepare_data(cfg: Config) -> PreparedData:
             n_val = len(carved)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    for field, y in (("train", labels), ("validation", val_labels), ("test", test_labels)):
+        problem = fewer_than_two(y, f"data.{field}: {getattr(d, field) or d.train!r}")  # 1 class: plausible nonsense
+        if problem:
+            raise ConfigError(problem)
     seen = int(max(labels.max(), val_labels.max(), test_labels.max())) + 1
     if seen < 1:
         raise ConfigError(f"data.train: {d.train!r} has no labeled row (every label is -1)")

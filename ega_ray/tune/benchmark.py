@@ -190,6 +190,7 @@ def run_benchmark(
             )
         t0 = time.time()
         connect_ray(cfg)
+        base["scaling"]["socket_ifname"] = cfg.scaling.socket_ifname  # what the node checks chose, for every run
 
         trial_base = base | {"benchmark_reference_weights": reference_weights}
         seeds_grid = {"method": tune.grid_search(methods), "seed": tune.grid_search(list(range(seeds)))}

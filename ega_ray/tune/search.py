@@ -77,6 +77,7 @@ def _search(cfg: Config, base: dict[str, Any], output: Path, resume: bool) -> di
 
     t0 = time.time()
     connect_ray(cfg)
+    base["scaling"]["socket_ifname"] = cfg.scaling.socket_ifname  # what the node checks chose, for every trial
     t = cfg.tune
 
     def new_tuner(trainable, root: str, callbacks: list) -> tune.Tuner:
