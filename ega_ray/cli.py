@@ -9,6 +9,7 @@ import sys
 
 from ega_ray.constants import MAX_PIXELS
 from ega_ray.data.formats import FORMATS
+from ega_ray.disk import disk_full
 from ega_ray.errors import find_usage_error
 from ega_ray.losses import DISTILLERS
 
@@ -121,6 +122,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--onnx", action="store_true", help="also <stem>.onnx (needs the extra: pip install 'ega-ray[onnx]')"
     )
+    e.add_argument(
+        "--force",
+        action="store_true",
+        help="replace files with the target names that ega-ray cannot prove it wrote (by default: refused)",
+    )
     return p
 
 
@@ -141,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _run(args)
     except Exception as err:  # noqa: BLE001 - a user's error raised inside Ray comes back wrapped
-        found = find_usage_error(err)
+        found = find_usage_error(err) or disk_full(err)  # a full disk wherever it happened: one line too
         if found is None:
             raise
         for problem in found.problems:  # one line each (every problem of a config file at once)
@@ -169,7 +175,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         from ega_ray.export import run_export
 
-        written = run_export(args.student, args.onnx)
+        written = run_export(args.student, args.onnx, args.force)
         print("\n".join(f"{fmt}: {path}" for fmt, path in written.items()))
         return 0
     if args.verbose:

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from ega_ray.config import Config, apply_overrides, parse_config
+from ega_ray.disk import write_with
 from ega_ray.run_folder import check_target, claim
 from ega_ray.train.launch import run_distill, run_pretrain
 from ega_ray.train.outputs import write_json
@@ -58,7 +59,7 @@ def ensure_teacher(base: Config, teacher_dir: Path) -> tuple[Path, float]:
     knn = run_pretrain(parse_config(raw))["knn_test_top1"]
     ckpt = torch.load(teacher_file, map_location="cpu", weights_only=True)
     ckpt["key"] = key
-    torch.save(ckpt, teacher_file)
+    write_with(teacher_file, lambda tmp: torch.save(ckpt, tmp))
     return teacher_file, knn
 
 
@@ -74,6 +75,7 @@ def run_embedded(overrides: list[str] | None = None, output: str | None = None) 
         check_target(root / "teacher", "pretrain-teacher")
         for label in STAGES:
             check_target(root / label, "distill")
+        (root / "summary.json").unlink(missing_ok=True)  # written last: never one older than the stages' outputs
         summary = _run_stages(base) | {"wall_time_s": round(time.time() - t0, 1)}
         write_json(summary, base.output_dir / "summary.json")
     print_table(summary)

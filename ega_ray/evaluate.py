@@ -15,12 +15,17 @@ Every check (the student file, both splits' columns and labels, their classes ag
 ``ega_ray.data.classes.match_classes``, the output folder) runs before the first image is decoded; each
 failure is one line. The output folder is new, empty or an earlier ``eval``
 output, rebuilt whole (``run_folder.rebuild``): an interrupted evaluation leaves the previous one as it was.
+An output inside another command's folder (the default: beside the student, in its run folder) is written
+only while that folder's lock is held, so never into a run that is still writing it, and eval.json's
+``student_sha256`` is the file that was evaluated (a student that changes meanwhile is refused).
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -40,11 +45,12 @@ from ega_ray.config import is_uri  # noqa: E402
 from ega_ray.data.augment import ViewMaker  # noqa: E402
 from ega_ray.data.classes import match_classes  # noqa: E402
 from ega_ray.data.parquet import check_labels, check_split, decode_images  # noqa: E402
+from ega_ray.disk import write_atomic, write_with  # noqa: E402
 from ega_ray.errors import DataError, UsageError  # noqa: E402
 from ega_ray.export import load_student  # noqa: E402
 from ega_ray.models.heads import StudentClassifier  # noqa: E402
 from ega_ray.models.weights import sha256_of  # noqa: E402
-from ega_ray.run_folder import check_target, rebuild  # noqa: E402
+from ega_ray.run_folder import check_target, locked, read_marker, rebuild  # noqa: E402
 
 KIND = "eval"
 TOP_K = 5
@@ -232,7 +238,7 @@ def plot_confusion(confusion: np.ndarray, names: list[str] | None, path: Path, t
                 )
     ax.set(xlabel="predicted class", ylabel="true class", title=title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 
@@ -251,6 +257,10 @@ def run_eval(
         if value < 1:
             raise UsageError(f"{flag} {value}: must be at least 1")
     student_path = Path(student).expanduser()
+    try:  # hashed before it is loaded: the lock below proves the evaluated file is the one eval.json names
+        loaded_sha256 = sha256_of(student_path)
+    except OSError:
+        loaded_sha256 = None  # load_student says why in one line
     model, meta = load_student(student_path)
     classes = meta["num_classes"]
     student_names = meta.get("class_names")
@@ -263,8 +273,39 @@ def run_eval(
     out = Path(output).expanduser() if output else default_output(student_path, split.path)
     check_target(out, KIND)
     dev = pick_device(device)
-    student_sha256 = sha256_of(student_path)
+    with holding_parent(out, "--output" if output else "--output (default: beside --student)"):
+        student_sha256 = sha256_of(student_path)
+        if student_sha256 != loaded_sha256:
+            raise UsageError(f"--student {student_path}: changed while it was read; run the evaluation again")
+        return _evaluate(model, meta, student_path, student_sha256, split, bank, knn_k, out, batch_size, dev, t0)
 
+
+@contextmanager
+def holding_parent(out: Path, flag: str) -> Iterator[None]:
+    """Hold the lock of ``out``'s parent while the block runs when the parent is an ega-ray command's folder
+    (a run folder: the default output is beside the student): refused at once while that command runs."""
+    parent = out.parent
+    if parent.is_dir() and read_marker(parent) is not None:
+        with locked(parent, flag):
+            yield
+    else:
+        yield
+
+
+def _evaluate(
+    model: StudentClassifier,
+    meta: dict[str, Any],
+    student_path: Path,
+    student_sha256: str,
+    split: Split,
+    bank: Split | None,
+    knn_k: int,
+    out: Path,
+    batch_size: int,
+    dev: torch.device,
+    t0: float,
+) -> dict[str, Any]:
+    classes = meta["num_classes"]
     model.to(dev)
     evaluated = run_pass(model, meta, split, batch_size, dev)
     banked = run_pass(model, meta, bank, batch_size, dev) if bank is not None else None
@@ -318,7 +359,7 @@ def run_eval(
         title = f"{meta['student']} (epoch {meta['epoch']}) on {Path(split.path).name}: top-1 {result['top1']:.2f}%"
         plot_confusion(confusion, names, tmp / "confusion.png", title)
         result["wall_time_s"] = round(time.time() - t0, 1)
-        (tmp / "eval.json").write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(tmp / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")
     result["output"] = str(out.resolve())
     return result
 

@@ -14,7 +14,13 @@ Per exported student (``student_best``, ``student_last``) a run writes:
 - ``<stem>.onnx`` (``ega-ray export --onnx``, needs the ``onnx`` extra): the same module as ONNX (opset 18),
   input ``images``, output ``logits``, batch dimension ``batch``; the metadata in its ``metadata_props``.
 
-Every file is written to a temporary sibling and renamed into place, so a reader never sees half a file.
+Every file is written to a temporary sibling and renamed into place (``ega_ray.disk``), so a reader never
+sees half a file, after a check that the disk has room for it (a full disk is one line, not torch's zip
+writer's "unexpected pos" or an abort).
+
+``ega-ray export`` replaces only files it can prove ega-ray wrote: ones its folder's marker lists with their
+current content (``run_folder.written_here``; a run records the students it writes). Any other file with a
+target's name is refused, naming it, unless ``--force``.
 """
 
 from __future__ import annotations
@@ -23,7 +29,6 @@ import json
 import os
 import pickle
 import tempfile
-import uuid
 import zipfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -32,7 +37,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ega_ray.errors import UsageError
+from ega_ray.disk import check_name_length, need_space, write_with
+from ega_ray.errors import OutputFolderError, UsageError
 from ega_ray.models import STUDENTS, build_student
 from ega_ray.models.heads import EmbeddingHead, StudentClassifier
 
@@ -77,15 +83,12 @@ def build_classifier(meta: dict[str, Any]) -> StudentClassifier:
     return StudentClassifier(backbone, head).eval()
 
 
-def _atomic(path: Path, write) -> Path:
-    """``write(tmp)`` into a temporary sibling (same suffix), then rename it to ``path``."""
-    tmp = path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:8]}{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+FRAMING_BYTES = 512 << 10  # a file holds the weights plus its framing: a .pt2's program, a .pt's pickle
+
+
+def _atomic(path: Path, write, needed: int) -> Path:
+    """``write(tmp)`` into a temporary sibling (same suffix) renamed to ``path`` (``disk.write_with``)."""
+    return write_with(path, write, needed)
 
 
 def _meta_strings(meta: dict[str, Any]) -> dict[str, str]:
@@ -144,25 +147,30 @@ def write_student(
     folder.mkdir(parents=True, exist_ok=True)
     model = model.eval()
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    # checked before anything is written: torch.export's writer aborts the process on a full disk
+    needed = sum(v.numel() * v.element_size() for v in state.values()) + FRAMING_BYTES
+    need_space(folder, needed * len(formats))
     written: dict[str, Path] = {}
     if "pt" in formats:
         record = meta | {"state_dict": state}
-        written["pt"] = _atomic(folder / f"{stem}.pt", lambda p: torch.save(record, p))
+        written["pt"] = _atomic(folder / f"{stem}.pt", lambda p: torch.save(record, p), needed)
     if "safetensors" in formats:
         tensors = {k: v.contiguous() for k, v in state.items()}
         written["safetensors"] = _atomic(
-            folder / f"{stem}.safetensors", lambda p: save_file(tensors, str(p), metadata=_meta_strings(meta))
+            folder / f"{stem}.safetensors", lambda p: save_file(tensors, str(p), metadata=_meta_strings(meta)), needed
         )
     if "pt2" in formats or "onnx" in formats:
         program = export_program(model, meta)
         if "pt2" in formats:
             extra = {META_FILE: json.dumps(meta)}
-            written["pt2"] = _atomic(folder / f"{stem}.pt2", lambda p: torch.export.save(program, p, extra_files=extra))
+            written["pt2"] = _atomic(
+                folder / f"{stem}.pt2", lambda p: torch.export.save(program, p, extra_files=extra), needed
+            )
         if "onnx" in formats:
             problem = onnx_missing()
             if problem:
                 raise UsageError(problem)
-            written["onnx"] = _atomic(folder / f"{stem}.onnx", lambda p: _write_onnx(program, meta, p))
+            written["onnx"] = _atomic(folder / f"{stem}.onnx", lambda p: _write_onnx(program, meta, p), needed)
     return written
 
 
@@ -200,7 +208,8 @@ def _check_meta(path: Path, meta: dict[str, Any]) -> dict[str, Any]:
 def _read_pt(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     try:
         record = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError) as err:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        # a truncated file: torch's reader raises OSError (Invalid argument) when it seeks past the end
         first = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
         raise _not_a_student(path, f"not a weights-only torch file ({first})") from None
     if not isinstance(record, dict) or not isinstance(record.get("state_dict"), dict):
@@ -231,6 +240,7 @@ def load_student(path: str | Path) -> tuple[StudentClassifier, dict[str, Any]]:
     """The student in ``path`` (``.pt`` or ``.safetensors``) rebuilt and in eval mode, with its metadata.
     A missing file or one that is not an ega-ray student export is a one-line StudentFileError."""
     path = Path(path)
+    check_name_length(path, "--student", StudentFileError)
     if not path.is_file():
         raise StudentFileError(f"--student {path}: {'is a folder' if path.is_dir() else 'no such file'}")
     if path.suffix == ".safetensors":
@@ -253,10 +263,28 @@ def load_student(path: str | Path) -> tuple[StudentClassifier, dict[str, Any]]:
 # ------------------------------------------------------------------ ega-ray export
 
 
-def run_export(student: str, onnx: bool) -> dict[str, Path]:
-    """Load ``student`` and write its other formats next to it (under the folder's lock, so not while a run
-    writes the same folder)."""
-    from ega_ray.run_folder import locked
+def unproven(targets: list[Path]) -> list[Path]:
+    """The files among ``targets`` that exist and that ega-ray cannot prove it wrote (see
+    ``run_folder.written_here``): replacing them could destroy a user's own file."""
+    from ega_ray.run_folder import written_here
+
+    return [t for t in targets if (t.exists() or t.is_symlink()) and not written_here(t)]
+
+
+def run_export(student: str, onnx: bool, force: bool = False) -> dict[str, Path]:
+    """Load ``student`` and write its other formats next to it, under the folder's lock (so not while a run
+    writes the same folder). A target that exists and is not provably ega-ray's is refused, naming it, unless
+    ``force``; what is written is recorded in the folder's marker when it has one.
+
+    Args:
+        student: the student file (``.pt`` or ``.safetensors``).
+        onnx: also write ``<stem>.onnx``.
+        force: replace existing targets whoever wrote them.
+
+    Returns:
+        Format → the file written.
+    """
+    from ega_ray.run_folder import locked, record_written
 
     path = Path(student)
     problem = onnx_missing() if onnx else None
@@ -265,4 +293,19 @@ def run_export(student: str, onnx: bool) -> dict[str, Path]:
     model, meta = load_student(path)
     formats = [f for f in FORMATS if f != path.suffix.lstrip(".") and (f != "onnx" or onnx)]
     with locked(path.parent, "--student"):
-        return write_student(model, meta, path.parent, path.stem, formats)
+        foreign = [] if force else unproven([path.with_name(f"{path.stem}.{f}") for f in formats])
+        if foreign:
+            names = ", ".join(p.name for p in foreign)
+            raise OutputFolderError(
+                f"--student {path}: {names} beside it {'is' if len(foreign) == 1 else 'are'} not a file ega-ray "
+                "wrote (or was changed since); export would replace it: move it away, or pass --force to replace it"
+            )
+        for leftover in path.parent.glob(f".{path.stem}.tmp-*"):
+            leftover.unlink(missing_ok=True)  # a killed writer's: every writer of these names holds this lock
+        written: dict[str, Path] = {}
+        programs = [f for f in formats if f in ("pt2", "onnx")]  # one torch.export serves both
+        for group in [[f] for f in formats if f not in programs] + ([programs] if programs else []):
+            done = write_student(model, meta, path.parent, path.stem, group)
+            record_written(path.parent, list(done.values()))  # each as it is written: a later failure keeps it
+            written |= done
+        return written

@@ -6,14 +6,18 @@ and what is in it, a folder that holds files it did not write, or an output of a
 runs it holds an exclusive lock on the folder (``flock`` on the folder itself; released by the kernel when
 the process ends, however it ends), so a second command on the same folder is refused at once instead of
 both writing it. Folders that a command rebuilds whole (a teacher cache, a prepared dataset) are built in a
-temporary sibling and swapped in by renames, so a failure leaves the old folder as it was.
+temporary sibling and swapped in by renames, so a failure leaves the old folder as it was; the sibling is
+locked (``flock``) while it is filled, so the next run of the command removes one that a killed process left
+and never one that a live process fills. The marker also lists the files a command wrote beside a user's
+(``written``: name → SHA-256), so that ``ega-ray export`` replaces only files it can prove are ega-ray's.
 
-Imports nothing of the package but its errors (no torch, no Ray).
+Imports nothing of the package but its errors and ``disk`` (no torch, no Ray).
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import shutil
@@ -25,6 +29,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ega_ray.disk import check_name_length, write_atomic
 from ega_ray.errors import OutputFolderError
 
 MARKER = ".ega-ray.json"
@@ -66,9 +71,35 @@ def read_marker(path: Path) -> dict[str, Any] | None:
 
 
 def write_marker(path: Path, marker: dict[str, Any]) -> None:
-    tmp = path / f"{MARKER}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.write_text(json.dumps(marker, indent=1, sort_keys=True) + "\n")
-    tmp.replace(path / MARKER)
+    write_atomic(path / MARKER, json.dumps(marker, indent=1, sort_keys=True) + "\n")
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def record_written(folder: Path, files: list[Path]) -> None:
+    """Add ``files`` (in ``folder``, just written by the caller, who holds the folder's lock) to its marker's
+    ``written`` list: the proof ``written_here`` asks for before a file is replaced. No-op without a marker
+    (a user's own folder gets no ega-ray file it did not ask for)."""
+    marker = read_marker(folder)
+    if marker is None:
+        return
+    written = dict(marker.get("written") or {})
+    written |= {f.name: file_sha256(f) for f in files}
+    write_marker(folder, marker | {"written": written})
+
+
+def written_here(path: Path) -> bool:
+    """Whether file ``path`` is one an ega-ray command wrote and nobody changed since: its folder's marker
+    lists it with this content's SHA-256."""
+    marker = read_marker(path.parent)
+    recorded = ((marker or {}).get("written") or {}).get(path.name)
+    return recorded is not None and path.is_file() and file_sha256(path) == recorded
 
 
 def new_marker(kind: str, **record: Any) -> dict[str, Any]:
@@ -78,6 +109,7 @@ def new_marker(kind: str, **record: Any) -> dict[str, Any]:
 def check_target(path: Path, kind: str, flag: str = "--output") -> dict[str, Any] | None:
     """Raise OutputFolderError unless ``path`` is absent, an empty folder, or a folder marked by a ``kind``
     command; return its marker (None when there is none yet). Writes nothing."""
+    check_name_length(path, flag, OutputFolderError)
     if path.is_symlink() and not path.exists():
         raise OutputFolderError(f"{flag} {path}: a broken symbolic link; choose a folder")
     if not path.exists():
@@ -186,20 +218,54 @@ def replace_dir(new: Path, dest: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
+STALE_AFTER_S = 10.0  # a temporary folder this young may have been created and not locked yet
+
+
+def remove_stale_temporaries(dest: Path) -> list[Path]:
+    """Remove the temporary siblings ``.<name>.tmp-*`` of ``dest`` that a killed process left: only those
+    whose ``flock`` can be taken (a live ``replacing`` holds its own) and that are older than a few seconds
+    (a folder is created an instant before its lock is taken). Returns what was removed."""
+    removed = []
+    for tmp in dest.parent.glob(f".{dest.name}.tmp-*") if dest.parent.is_dir() else ():
+        try:
+            if not tmp.is_dir() or tmp.is_symlink() or time.time() - tmp.lstat().st_mtime < STALE_AFTER_S:
+                continue
+            fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            continue  # gone meanwhile, or not ours to open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue  # a live process is filling it
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+        finally:
+            os.close(fd)
+    return removed
+
+
 @contextmanager
 def replacing(dest: str | Path) -> Iterator[Path]:
     """Write a new ``dest`` whole, with no checks and no marker: yields an empty temporary sibling folder
     ``.<name>.tmp-<random>`` (its parents created) to fill; when the block ends without error it replaces
-    ``dest`` (``replace_dir``); otherwise it is removed and ``dest`` stays as it was. The one way a folder is
-    rewritten: ``rebuild`` adds the checks, the lock and the marker of a command's output folder."""
+    ``dest`` (``replace_dir``); otherwise it is removed and ``dest`` stays as it was. The sibling is locked
+    while it is filled; the ones a killed process left are removed first (``remove_stale_temporaries``).
+    The one way a folder is rewritten: ``rebuild`` adds the checks, the lock and the marker of a command's
+    output folder."""
     dest = Path(dest)
+    remove_stale_temporaries(dest)
     tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
     tmp.mkdir(parents=True)
+    fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
     try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # tells remove_stale_temporaries it is alive
         yield tmp
         replace_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        os.close(fd)
 
 
 @contextmanager

@@ -74,7 +74,11 @@ def test_no_import_cycles_in_the_package():
     assert "ega_ray.losses" in graph["ega_ray.config"], "the walk sees the config's imports"
 
 
-@pytest.mark.parametrize("module", ["ega_ray.config", "ega_ray.cli", "ega_ray.teacher_modes", "ega_ray.losses"])
+LIGHT = ["ega_ray.config", "ega_ray.cli", "ega_ray.teacher_modes", "ega_ray.losses"]
+LIGHT += ["ega_ray.disk", "ega_ray.run_folder"]  # what every command's writes go through
+
+
+@pytest.mark.parametrize("module", LIGHT)
 def test_light_modules_import_neither_torch_nor_ray(module):
     probe = (
         f"import sys, {module}; from ega_ray.config import parse_config; "

@@ -24,6 +24,7 @@ from ega_ray.data.classes import fewer_than_two, too_few_names
 from ega_ray.data.formats import FORMATS, BadImage, Format, PrepareError, Source, Split
 from ega_ray.data.formats.base import is_real_dir
 from ega_ray.data.parquet import ShardWriter, read_columns
+from ega_ray.disk import check_name_length, disk_full, no_space, write_atomic
 from ega_ray.errors import UsageError
 from ega_ray.run_folder import check_target, new_marker, read_marker, rebuild, write_marker
 
@@ -97,6 +98,7 @@ def _check_out(out: Path, source: Path | None) -> None:
             raise PrepareError(f"--out {out} would replace the source folder {source}; choose another --out")
         if source in out.parents:
             raise PrepareError(f"--out {out} is inside the source folder {source}; choose a folder outside it")
+    check_name_length(out, "--out", PrepareError)
     if out.is_dir() and not out.is_symlink() and read_marker(out) is None and _legacy_output(out):
         write_marker(out, new_marker("prepare"))  # an output of an earlier ega-ray, which wrote no marker
     check_target(out, "prepare", "--out")
@@ -209,7 +211,7 @@ def prepare(
         report["ignored"] = source.ignored
         report["links_not_followed"] = source.links
         report["notes"] = source.notes
-        (tmp / "prepare.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(tmp / "prepare.json", json.dumps(report, indent=2, ensure_ascii=False) + "\n")
     report["out"] = str(out)
     return report
 
@@ -246,7 +248,8 @@ def run_prepare(args: argparse.Namespace) -> int:
             max_pixels=getattr(args, "max_pixels", MAX_PIXELS),
         )
     except (UsageError, OSError) as err:
-        message = " ".join(str(err).split())
+        full = disk_full(err) and no_space(Path(args.out).expanduser().absolute())  # the folder and the free space
+        message = " ".join(str(full or err).split())
         print(f"ega-ray prepare: error: {message}", file=sys.stderr)
         return 2
     print(format_report(report))

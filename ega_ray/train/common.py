@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from ega_ray import uris
+from ega_ray.disk import is_no_space, need_space, no_space
 
 STATE_FILE = "state.pt"
 logger = logging.getLogger(__name__)
@@ -121,14 +122,52 @@ class Checkpointed:
         return {k: v for k, v in state.items() if k not in self.objects}
 
 
+def state_bytes(state: Any) -> int:
+    """The bytes of the tensors in a (nested) state: about what ``torch.save`` writes."""
+    if isinstance(state, torch.Tensor):
+        return state.numel() * state.element_size()
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    return 0
+
+
+def _storage_folder() -> str | None:
+    """The run's checkpoint folder when it is local (for a full disk's message and check)."""
+    try:
+        storage = ray.train.get_context().get_storage()
+        local = type(storage.storage_filesystem).__name__ == "LocalFileSystem"
+        return storage.experiment_fs_path if local else None
+    except Exception:  # noqa: BLE001 - Ray's storage context is a developer API: no check, not a failed run
+        return None
+
+
 def report(metrics: dict, state: dict | None) -> None:
-    """Report metrics; rank 0 attaches a checkpoint holding ``state`` (the others pass None)."""
+    """Report metrics; rank 0 attaches a checkpoint holding ``state`` (the others pass None). Both disks
+    it is written to (a local temporary folder, then the run's storage when local) are checked for room
+    first, and a full disk is one line (DiskFullError) naming the folder, not torch's or Ray's traceback."""
     if state is None or ray.train.get_context().get_world_rank() != 0:
         ray.train.report(metrics, checkpoint=None)
         return
+    needed = state_bytes(state) + (1 << 20)
+    storage = _storage_folder()
+    need_space(tempfile.gettempdir(), needed)
+    if storage is not None:
+        need_space(storage, needed)
     with tempfile.TemporaryDirectory() as d:
-        torch.save(state, Path(d) / STATE_FILE)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        try:
+            torch.save(state, Path(d) / STATE_FILE)
+        except (OSError, RuntimeError) as err:
+            if is_no_space(err):
+                raise no_space(tempfile.gettempdir(), needed) from None
+            raise
+        try:
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
+        except (OSError, RuntimeError) as err:
+            if is_no_space(err):  # the copy into the run's storage
+                raise no_space(storage or d, needed) from None
+            raise
 
 
 def maybe_inject_failure(epoch: int, fail_after_epoch: int | None, marker_dir: str) -> None:

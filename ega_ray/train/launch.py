@@ -25,6 +25,7 @@ from ega_ray.data.parquet import mask_labels, read_decoded, select_rows
 from ega_ray.data.split_files import unreadable_named
 from ega_ray.errors import ConfigError, DivergedError
 from ega_ray.teacher_modes import TEACHER_MODES
+from ega_ray.train.checkpoints import check_resume, remove_unregistered, run_dir
 from ega_ray.train.common import load_state
 from ega_ray.train.nodes import check_cluster, max_failures
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
@@ -179,11 +180,14 @@ def fit(
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=[] if whole_train else ["train"]),
     )
-    if console:
-        with epoch_lines(out, cfg.run.name, epochs):
+    try:
+        if console:
+            with epoch_lines(out, cfg.run.name, epochs):
+                result = trainer.fit()
+        else:
             result = trainer.fit()
-    else:
-        result = trainer.fit()
+    finally:  # an upload cut short (a full disk, an error) leaves no checkpoint folder behind
+        remove_unregistered(run_dir(cfg.checkpoint_root, cfg.output_dir.name))
     diverged = result.return_value.get("diverged") if isinstance(result.return_value, dict) else None
     if diverged:  # the workers stopped together at a non-finite loss (train.divergence): no output is written
         raise DivergedError(diverged)
@@ -203,6 +207,7 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
         connect_ray(cfg)  # a cluster's nodes are checked before the run folder is claimed
     # a damaged Parquet page is found where rows are read (Ray Data tasks, the workers): named in one line
     with run_folder(cfg, "distill") as out, unreadable_named(data_splits(cfg)):
+        check_resume(cfg.checkpoint_root, out.name)  # a checkpoint that does not load: refused before Ray starts
         write_config(cfg, out)
         t0 = time.time()
         connect_ray(cfg)
@@ -253,6 +258,8 @@ def write_distill_outputs(
     """metrics.csv, learning_curves.png, the exported students and summary.json (with ``extra``: what the
     teacher mode adds), from the checkpoints; the best student also as a ``.pt2`` program when
     ``deployable`` (a search's trials skip it: seconds each)."""
+    # summary.json is written last: until then none describes an older epoch than the students beside it
+    (out / "summary.json").unlink(missing_ok=True)
     last = load_state(result.checkpoint)
     scored = result.best_checkpoints
     best_ckpt = max(scored, key=lambda cm: cm[1][SELECTION_METRIC])[0] if scored else None
@@ -333,6 +340,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     data = prepare_data(cfg)
     check_batch_rows(data.num_train, cfg.pretrain.batch_size, cfg.scaling.num_workers, "pretrain.batch_size")
     with run_folder(cfg, "pretrain-teacher") as out, unreadable_named(data_splits(cfg)):
+        check_resume(cfg.checkpoint_root, out.name)
         write_config(cfg, out)
         t0 = time.time()
         write_json(data.validation, out / VALIDATION_ROWS)  # held out of pretraining too
@@ -340,6 +348,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         train, evals, _ = decoded_splits(cfg, data, ("test",))
         datasets = {"train": train, "knn_train": train, "test": evals["test"]}  # kNN reported on test
         result = fit(cfg, pretrain_func_per_worker, datasets, None, None, cfg.pretrain.epochs)
+        (out / "summary.json").unlink(missing_ok=True)  # written last, as for a distillation
         state = load_state(result.checkpoint)
         history = state["history"]
         write_metrics_csv(history, out / "metrics.csv")

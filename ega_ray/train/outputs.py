@@ -1,9 +1,11 @@
 """What a run writes to its folder: resolved config, metrics.csv, learning-curve PNG, student exports,
-summary.json. Written by the driver from the checkpoints Ray Train reported."""
+summary.json. Written by the driver from the checkpoints Ray Train reported, each file atomically
+(``ega_ray.disk``); the students are recorded in the folder's marker (``ega-ray export`` may replace them)."""
 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 import traceback
@@ -17,23 +19,28 @@ import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
 from ega_ray.data.classes import trained_class_names  # noqa: E402
+from ega_ray.disk import write_atomic, write_with  # noqa: E402
+from ega_ray.errors import UsageError  # noqa: E402
 from ega_ray.export import build_classifier, write_student  # noqa: E402
+from ega_ray.run_folder import record_written  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
 
 def write_config(cfg: Config, out: Path) -> None:
-    (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    write_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
 
 
 def write_metrics_csv(history: list[dict], path: Path) -> None:
+    """``history`` as CSV (columns: every key, in order of appearance), replacing ``path`` atomically."""
     keys: list[str] = []
     for row in history:
         keys += [k for k in row if k not in keys]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=keys)
-        writer.writeheader()
-        writer.writerows(history)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(history)
+    write_atomic(path, buf.getvalue())
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
@@ -60,7 +67,7 @@ def plot_curves(history: list[dict], path: Path, title: str) -> None:
         ax_a.legend()
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 
@@ -81,11 +88,13 @@ def export_student(cfg: Config, state: dict, out: Path, stem: str, pt2: bool = T
     }
     model = build_classifier(meta)
     model.load_state_dict(state["student"])
-    write_student(model, meta, out, stem, ("pt", "safetensors"))
+    record_written(out, list(write_student(model, meta, out, stem, ("pt", "safetensors")).values()))
     if not pt2:
         return
     try:
-        write_student(model, meta, out, stem, ("pt2",))
+        record_written(out, list(write_student(model, meta, out, stem, ("pt2",)).values()))
+    except UsageError:
+        raise  # a full disk: one line, not a warning
     except Exception as err:  # noqa: BLE001 - torch.export's failures have no common type
         where = traceback.extract_tb(err.__traceback__)[-1]
         logger.warning(
@@ -95,4 +104,4 @@ def export_student(cfg: Config, state: dict, out: Path, stem: str, pt2: bool = T
 
 
 def write_json(data: dict, path: Path) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")

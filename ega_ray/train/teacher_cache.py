@@ -18,10 +18,11 @@ from ega_ray.config import Config
 from ega_ray.data.cache_format import expected_manifest, file_digests
 from ega_ray.data.images import decode_images
 from ega_ray.data.teacher_stage import embed_with_actor_pool
+from ega_ray.disk import disk_full, no_space, write_atomic
 from ega_ray.errors import ConfigError
 from ega_ray.run_folder import rebuild
 from ega_ray.train.launch import connect_ray
-from ega_ray.train.preflight import check_teacher, prepare_data, resolve
+from ega_ray.train.preflight import PreparedData, check_teacher, prepare_data, resolve
 
 
 def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
@@ -40,6 +41,25 @@ def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
         "train": cfg.data.train,
     }
     t0 = time.time()
+    try:
+        manifest = _build(cfg, views, output, data, manifest, t0)
+    except Exception as err:
+        if disk_full(err):  # raised inside Ray Data's writers: the folder and the free space in one line
+            raise no_space(output) from None
+        raise
+    return {
+        "output": str(output),
+        "views": views,
+        "rows": manifest["rows"],
+        "embed_dim": spec.embed_dim,
+        "wall_time_s": manifest["wall_time_s"],
+    }
+
+
+def _build(
+    cfg: Config, views: int, output: Path, data: PreparedData, manifest: dict[str, Any], t0: float
+) -> dict[str, Any]:
+    """Embed and write the cache into a temporary sibling of ``output`` swapped in at the end; the manifest."""
     with rebuild(output, "cache-teacher") as tmp:
         connect_ray(cfg)
         decode = {"image_size": cfg.data.image_size, "split": "data.train"}
@@ -61,11 +81,5 @@ def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
         # the validation split (a cached run never looks those rows up: they are not in its training split)
         if rows != len(data.indices) * views:
             raise RuntimeError(f"cache-teacher: wrote {rows} rows, expected {len(data.indices)} images × {views} views")
-        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return {
-        "output": str(output),
-        "views": views,
-        "rows": manifest["rows"],
-        "embed_dim": spec.embed_dim,
-        "wall_time_s": manifest["wall_time_s"],
-    }
+        write_atomic(tmp / "manifest.json", json.dumps(manifest, indent=2) + "\n")
+    return manifest

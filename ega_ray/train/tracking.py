@@ -31,6 +31,8 @@ from typing import Any, TextIO
 import ray
 import ray.train
 
+from ega_ray.disk import write_atomic
+
 METRICS_CSV = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 LOGGERS = ("tensorboard", "wandb", "mlflow")
@@ -71,9 +73,7 @@ def write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=keys)
     writer.writeheader()
     writer.writerows(rows)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(buf.getvalue())
-    tmp.replace(path)
+    write_atomic(path, buf.getvalue())
 
 
 def scalar_tag(key: str) -> str:

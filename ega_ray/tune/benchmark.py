@@ -31,7 +31,6 @@ its interval and verdict; the diverged runs, ``ega_ray/tune/tables.py``) and ``r
 from __future__ import annotations
 
 import copy
-import csv
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -42,11 +41,12 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
+from ega_ray.disk import write_atomic, write_with
 from ega_ray.errors import DivergedError, find_usage_error
 from ega_ray.losses import DISTILLERS
 from ega_ray.train.common import latest_state
 from ega_ray.train.launch import SELECTION_METRIC, connect_ray, selected_scores
-from ega_ray.train.outputs import write_json
+from ega_ray.train.outputs import write_json, write_metrics_csv
 from ega_ray.tune.experiment import (
     checked,
     experiment_folder,
@@ -393,12 +393,9 @@ def write_results(
     tune_trials: int = 0,
     settings: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    with open(output / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_metrics_csv(rows, output / "results.csv")
     lines = results_lines(rows, cfg, methods, wall_s, tune_trials, settings)
-    (output / "results.md").write_text("\n".join(lines) + "\n")
+    write_atomic(output / "results.md", "\n".join(lines) + "\n")
     print("\n" + "\n".join(lines) + "\n")
     reference = summary_rows(rows, methods)
     tuned = summary_rows(rows, methods, "tuned") if tune_trials else None
@@ -442,5 +439,5 @@ def plot_results(
     if tuned:
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)

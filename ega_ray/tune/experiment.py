@@ -27,6 +27,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 
 from ega_ray import uris
 from ega_ray.config import Config, parse_config
+from ega_ray.disk import write_atomic
 from ega_ray.errors import ConfigError, OutputFolderError
 from ega_ray.run_folder import claim, read_marker, write_marker
 from ega_ray.train.common import latest_state
@@ -219,7 +220,7 @@ def experiment_folder(output: Path, command: str, resume: bool):
 def save_experiment_config(output: Path, name: str, data: dict[str, Any]) -> None:
     """Write the experiment's YAML and record its digest in the output folder's marker."""
     text = yaml.safe_dump(data, sort_keys=False).encode()
-    (output / name).write_bytes(text)
+    write_atomic(output / name, text)
     write_marker(output, (read_marker(output) or {}) | {"config_sha256": hashlib.sha256(text).hexdigest()})
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import math
 from pathlib import Path
 from typing import Any
@@ -16,8 +15,10 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
+from ega_ray.disk import write_atomic, write_with  # noqa: E402
 from ega_ray.errors import DivergedError, find_usage_error  # noqa: E402
 from ega_ray.train.common import latest_state  # noqa: E402
+from ega_ray.train.outputs import write_metrics_csv  # noqa: E402
 from ega_ray.tune.experiment import trial_storage  # noqa: E402
 from ega_ray.tune.space import NONE_SUFFIX, apply_params, effective_params  # noqa: E402
 
@@ -92,10 +93,7 @@ def write_report(results, cfg: Config, output: Path, wall_time_s: float) -> dict
     rows = trial_rows(results, cfg, output)
     if not rows:
         raise RuntimeError("the search produced no trials")
-    with open(output / "trials.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0][0]))
-        writer.writeheader()
-        writer.writerows(r[0] for r in rows)
+    write_metrics_csv([r[0] for r in rows], output / "trials.csv")
     plot_search(rows, cfg, output / "search.png")
     found = best_trial(rows)
     if found is None:
@@ -103,7 +101,8 @@ def write_report(results, cfg: Config, output: Path, wall_time_s: float) -> dict
     best_row, best_params, _ = found
     best = apply_params(cfg.model_dump(mode="json"), best_params)
     best["run"] |= {"name": "best", "output": None, "fail_after_epoch": None}
-    (output / "best.yaml").write_text(
+    write_atomic(
+        output / "best.yaml",
         f"# ega-ray tune: the best of {len(rows)} trials by validation top-1 "
         f"({best_row['validation_top1_at_selected']:.2f}; test top-1 there {best_row['test_top1_at_selected']:.2f}); "
         f"run with: ega-ray distill --config best.yaml\n" + yaml.safe_dump(best, sort_keys=False)
@@ -168,7 +167,7 @@ def plot_search(rows, cfg: Config, path: Path) -> None:
         names = ", ".join(r[0]["trial_id"] for r in rows if r[0]["status"] == DIVERGED)
         fig.suptitle(f"{len(diverged)} of {len(rows)} trials diverged (a non-finite loss): {names}", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    write_with(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from ega_ray.disk import write_with
 from ega_ray.models.students import build_student
 from ega_ray.models.teachers.base import Teacher, TeacherSpec, load_weights_file
 
@@ -33,9 +34,8 @@ def save_ssl_teacher(
         "std": list(std),
         **extra,
     }
-    tmp = Path(path).with_suffix(".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    needed = 2 * sum(v.numel() * v.element_size() for v in state.values()) + (1 << 20)
+    write_with(path, lambda tmp: torch.save(payload, tmp), needed)
 
 
 def ssl_teacher(weights: str | None = None, sha256: str | None = None) -> Teacher:
