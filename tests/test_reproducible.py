@@ -283,3 +283,4 @@ def check_selection_and_splits(cfg, run_dir: Path, summary: dict) -> None:
     assert summary["test_top1_last"] == pytest.approx(float(rows[-1]["test_top1"]))
     assert json.loads((run_dir / "summary.json").read_text()) == summary
     assert not any(k.startswith(("best_", "val_")) for k in summary), "every score names its split"
+    assert summary["checkpoints"] == str(run_dir)  # run.storage unset: beside the run folder, and it says so

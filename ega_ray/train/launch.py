@@ -19,6 +19,7 @@ import ray.data
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+from ega_ray import uris
 from ega_ray.config import Config
 from ega_ray.data.images import decode_images
 from ega_ray.data.parquet import mask_labels, read_decoded, select_rows
@@ -209,6 +210,8 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
     with run_folder(cfg, "distill") as out, unreadable_named(data_splits(cfg)):
         check_resume(cfg.checkpoint_root, out.name)  # a checkpoint that does not load: refused before Ray starts
         write_config(cfg, out)
+        if not trial:  # the run folder is on the driver's host; the checkpoints may be in a bucket
+            print(f"[run] folder {out}; checkpoints {checkpoint_location(cfg, out)}", flush=True)
         t0 = time.time()
         connect_ray(cfg)
         write_json(data.validation, out / VALIDATION_ROWS)
@@ -291,9 +294,16 @@ def write_distill_outputs(
         "seed": cfg.run.seed,
         "wall_time_s": round(wall_s, 1),
         "output": str(out),
+        "checkpoints": checkpoint_location(cfg, out),
     } | (extra or {})
     write_json(summary, out / "summary.json")
     return summary
+
+
+def checkpoint_location(cfg: Config, out: Path) -> str:
+    """Where Ray Train keeps the run's checkpoints: ``<run.storage>/<run folder name>``, or beside the run
+    folder on the driver's host when ``run.storage`` is unset."""
+    return uris.join(cfg.checkpoint_root, out.name)
 
 
 def selected_scores(history: list[dict[str, Any]], selected_epoch: int) -> dict[str, Any]:
