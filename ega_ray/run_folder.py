@@ -221,11 +221,29 @@ def replace_dir(new: Path, dest: Path) -> None:
 STALE_AFTER_S = 10.0  # a temporary folder this young may have been created and not locked yet
 
 
+def _restore_or_drop_old(dest: Path) -> list[Path]:
+    """The ``.<name>.old-*`` siblings that a process killed inside ``replace_dir`` left: when ``dest`` is
+    missing (killed between its two renames) the newest is renamed back to ``dest``, which is then the folder
+    as it was before; the others (killed after the new ``dest`` was in place) are removed. Only folders
+    older than a few seconds: a live ``replace_dir`` removes its own."""
+    olds = [
+        p for p in dest.parent.glob(f".{dest.name}.old-*")
+        if p.is_dir() and not p.is_symlink() and time.time() - p.lstat().st_mtime >= STALE_AFTER_S
+    ] if dest.parent.is_dir() else []  # fmt: skip
+    olds.sort(key=lambda p: p.lstat().st_mtime)
+    if olds and not dest.exists():
+        olds.pop().rename(dest)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+    return olds
+
+
 def remove_stale_temporaries(dest: Path) -> list[Path]:
     """Remove the temporary siblings ``.<name>.tmp-*`` of ``dest`` that a killed process left: only those
     whose ``flock`` can be taken (a live ``replacing`` holds its own) and that are older than a few seconds
-    (a folder is created an instant before its lock is taken). Returns what was removed."""
-    removed = []
+    (a folder is created an instant before its lock is taken); put back or remove the ``.<name>.old-*`` that
+    a kill inside ``replace_dir`` left (``_restore_or_drop_old``). Returns what was removed."""
+    removed = _restore_or_drop_old(dest)
     for tmp in dest.parent.glob(f".{dest.name}.tmp-*") if dest.parent.is_dir() else ():
         try:
             if not tmp.is_dir() or tmp.is_symlink() or time.time() - tmp.lstat().st_mtime < STALE_AFTER_S:

@@ -333,3 +333,23 @@ def test_a_runs_final_outputs_never_leave_a_summary_older_than_its_students(tmp_
     assert json.loads((out / "summary.json").read_text())["epochs"] == 4
     assert written_here(out / "student_best.pt") and written_here(out / "student_last.safetensors")
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
+
+
+def test_a_kill_between_the_two_renames_of_a_folder_swap_is_undone_by_the_next_run(tmp_path):
+    """replace_dir moves the old folder aside, then the new one in; a kill between the two leaves no folder
+    and a .<name>.old-*: the next run puts it back (the folder as it was), and drops the ones left after."""
+    dest = tmp_path / "data"
+    aside = tmp_path / ".data.old-0a1b2c3d"  # killed between the renames: dest is gone
+    aside.mkdir()
+    (aside / "prepare.json").write_text('{"rows": 80}')
+    old = time.time() - 2 * STALE_AFTER_S
+    os.utime(aside, (old, old))
+    assert remove_stale_temporaries(dest) == []
+    assert (dest / "prepare.json").read_text() == '{"rows": 80}' and not aside.exists()
+    after = tmp_path / ".data.old-4e5f6a7b"  # killed after the new folder was in place: only a leftover
+    after.mkdir()
+    os.utime(after, (old, old))
+    young = tmp_path / ".data.old-8c9d0e1f"  # a live swap's own, seconds old: not ours to touch
+    young.mkdir()
+    assert remove_stale_temporaries(dest) == [after]
+    assert not after.exists() and young.is_dir() and (dest / "prepare.json").is_file()
