@@ -6,7 +6,7 @@ through :func:`atomic_path` or :func:`write_atomic`: into a temporary sibling (`
 flushed to the disk, then renamed over the target, so a reader sees the old file or the new one, never half
 of one, whatever kills the writer. A full disk (``ENOSPC``, and torch's ``RuntimeError`` that hides it:
 "unexpected pos" from its zip writer) becomes :class:`DiskFullError`: ``no space left on <folder>: N MB
-needed, M free``. ``tests/test_architecture.py`` checks that no other module writes such a file in place.
+needed, M free``. ``tests/test_writes.py`` checks that no other module writes such a file in place.
 
 Imports nothing of the package but its errors (no torch, no Ray).
 """
@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from ega_ray.errors import UsageError
+from ega_ray.errors import UsageError, iter_causes
 
 MB = 1 << 20
 # torch's zip writer (PyTorchStreamWriter) reports a failed write as a RuntimeError with these words
@@ -68,25 +68,27 @@ def is_no_space(err: BaseException) -> bool:
     return False
 
 
-def disk_full(err: BaseException) -> DiskFullError | None:
-    """The DiskFullError for a full disk anywhere behind ``err`` (itself, its causes and contexts, an error
-    raised inside a Ray task: ``cause``); None when there is none. The folder is the failed file's, when the
-    error names it."""
-    seen: set[int] = set()
-    todo = [err]
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
+def disk_full(err: BaseException, fallback: str | Path | None = None) -> DiskFullError | None:
+    """The DiskFullError for a full disk anywhere behind ``err`` (:func:`ega_ray.errors.iter_causes`).
+
+    Args:
+        err: the error as it reached the driver.
+        fallback: the folder to name when the failed write does not name its file.
+
+    Returns:
+        The one-line error, naming the failed file's folder when the error names it (else ``fallback``), or
+        None when no full disk is behind ``err``.
+    """
+    for e in iter_causes(err):
         if isinstance(e, DiskFullError):
             return e
         if is_no_space(e):
             name = getattr(e, "filename", None)
             if name:
                 return no_space(Path(str(name)).parent)
+            if fallback is not None:
+                return no_space(fallback)
             return DiskFullError(f"no space left on the device ({' '.join(str(e).split())[:150]})")
-        todo += [n for n in (getattr(e, a, None) for a in ("cause", "__cause__", "__context__")) if n is not None]
     return None
 
 

@@ -3,6 +3,8 @@ is allowed. The CLI prints them without a traceback (exit 2). Imports nothing of
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 
 class UsageError(ValueError):
     """Bad input the user can correct; ``label`` heads the CLI's one-line message. Given several messages
@@ -40,10 +42,17 @@ class DivergedError(UsageError):
     label = "diverged"
 
 
-def find_usage_error(err: BaseException) -> UsageError | None:
-    """The UsageError behind ``err``: itself, or one raised inside a Ray task, a Ray Data stage or a Ray Train
-    worker and re-raised on the driver wrapped in Ray's own exceptions (through ``cause``, ``__cause__``,
-    ``__context__`` or Train's per-worker failures)."""
+def iter_causes(err: BaseException) -> Iterator[BaseException]:
+    """``err`` and every error behind it, each once: its causes and contexts, the error raised inside a Ray
+    task, a Ray Data stage or a Ray Train worker that Ray re-raised on the driver wrapped in its own
+    exceptions (``cause``, ``_cause``), and Ray Train V2's per-worker failures (``worker_failures``).
+
+    Args:
+        err: the error as it reached the driver.
+
+    Returns:
+        An iterator over the errors, ``err`` first.
+    """
     seen: set[int] = set()
     todo: list[BaseException] = [err]
     while todo:
@@ -51,14 +60,27 @@ def find_usage_error(err: BaseException) -> UsageError | None:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, UsageError):  # Ray's RayTaskError(X) is an X too; its ``cause`` is the plain one
-            cause = getattr(e, "cause", None)
-            return cause if isinstance(cause, UsageError) else e
+        yield e
         for attr in ("cause", "__cause__", "__context__", "_cause"):
             nxt = getattr(e, attr, None)
             if isinstance(nxt, BaseException):
                 todo.append(nxt)
-        failures = getattr(e, "worker_failures", None)  # Ray Train V2's WorkerGroupError
+        failures = getattr(e, "worker_failures", None)
         if isinstance(failures, dict):
             todo += [f for f in failures.values() if isinstance(f, BaseException)]
+
+
+def find_usage_error(err: BaseException) -> UsageError | None:
+    """The UsageError behind ``err`` (:func:`iter_causes`): itself, or one raised inside Ray.
+
+    Args:
+        err: the error as it reached the driver.
+
+    Returns:
+        The UsageError to report in one line, or None.
+    """
+    for e in iter_causes(err):
+        if isinstance(e, UsageError):  # Ray's RayTaskError(X) is an X too; its ``cause`` is the plain one
+            cause = getattr(e, "cause", None)
+            return cause if isinstance(cause, UsageError) else e
     return None

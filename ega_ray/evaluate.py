@@ -41,6 +41,7 @@ import yaml  # noqa: E402
 from matplotlib.colors import PowerNorm  # noqa: E402
 from sklearn.neighbors import NearestNeighbors  # noqa: E402
 
+from ega_ray import uris  # noqa: E402
 from ega_ray.config import is_uri  # noqa: E402
 from ega_ray.data.augment import ViewMaker  # noqa: E402
 from ega_ray.data.classes import match_classes  # noqa: E402
@@ -136,7 +137,7 @@ def split_of_run(student: Path, split_path: str) -> str | None:
 
 def default_output(student: Path, data: str) -> Path:
     """``<student's folder>/eval-<student stem>-<split folder name>``, e.g. runs/x/eval-student_best-val."""
-    split_name = data.rstrip("/").rsplit("/", 1)[-1].removeprefix("builtin:") or "data"
+    split_name = uris.basename(data).removeprefix("builtin:") or "data"
     return student.parent / f"eval-{student.stem}-{split_name}"
 
 
@@ -335,7 +336,7 @@ def _evaluate(
         "student_name": meta["student"],
         "epoch": meta["epoch"],
         "data": split.path,
-        "split": Path(split.path.rstrip("/")).name,  # the split's folder name, e.g. test
+        "split": uris.basename(split.path),  # the split's folder name, e.g. test
         "split_of_run": split_of_run(student_path, split.path),  # test | validation | train | None (unknown)
         "rows": int(len(y)),
         "num_classes": classes,
@@ -356,7 +357,7 @@ def _evaluate(
         "wall_time_s": None,
     }
     with rebuild(out, KIND, record={"student": result["student"], "data": split.path}) as tmp:
-        title = f"{meta['student']} (epoch {meta['epoch']}) on {Path(split.path).name}: top-1 {result['top1']:.2f}%"
+        title = f"{meta['student']} (epoch {meta['epoch']}) on {uris.basename(split.path)}: top-1 {result['top1']:.2f}%"
         plot_confusion(confusion, names, tmp / "confusion.png", title)
         result["wall_time_s"] = round(time.time() - t0, 1)
         write_atomic(tmp / "eval.json", json.dumps(result, indent=2, ensure_ascii=False) + "\n")

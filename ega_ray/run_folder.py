@@ -221,16 +221,17 @@ def replace_dir(new: Path, dest: Path) -> None:
 STALE_AFTER_S = 10.0  # a temporary folder this young may have been created and not locked yet
 
 
-def _restore_or_drop_old(dest: Path) -> list[Path]:
+def _restore_or_drop_old(dest: Path, older_than_s: float) -> list[Path]:
     """The ``.<name>.old-*`` siblings that a process killed inside ``replace_dir`` left: when ``dest`` is
     missing (killed between its two renames) the newest is renamed back to ``dest``, which is then the folder
     as it was before; the others (killed after the new ``dest`` was in place) are removed. Only folders
     older than a few seconds: a live ``replace_dir`` removes its own."""
+    # a rename keeps a folder's mtime and sets its ctime: ctime is when it was moved aside
     olds = [
         p for p in dest.parent.glob(f".{dest.name}.old-*")
-        if p.is_dir() and not p.is_symlink() and time.time() - p.lstat().st_mtime >= STALE_AFTER_S
+        if p.is_dir() and not p.is_symlink() and time.time() - p.lstat().st_ctime >= older_than_s
     ] if dest.parent.is_dir() else []  # fmt: skip
-    olds.sort(key=lambda p: p.lstat().st_mtime)
+    olds.sort(key=lambda p: p.lstat().st_ctime)
     if olds and not dest.exists():
         olds.pop().rename(dest)
     for old in olds:
@@ -238,15 +239,25 @@ def _restore_or_drop_old(dest: Path) -> list[Path]:
     return olds
 
 
-def remove_stale_temporaries(dest: Path) -> list[Path]:
+def remove_stale_temporaries(dest: Path, older_than_s: float | None = None) -> list[Path]:
     """Remove the temporary siblings ``.<name>.tmp-*`` of ``dest`` that a killed process left: only those
     whose ``flock`` can be taken (a live ``replacing`` holds its own) and that are older than a few seconds
     (a folder is created an instant before its lock is taken); put back or remove the ``.<name>.old-*`` that
-    a kill inside ``replace_dir`` left (``_restore_or_drop_old``). Returns what was removed."""
-    removed = _restore_or_drop_old(dest)
+    a kill inside ``replace_dir`` left (``_restore_or_drop_old``).
+
+    Args:
+        dest: the folder whose siblings are looked at.
+        older_than_s: the age below which a sibling may still be a live process's (default
+            :data:`STALE_AFTER_S`).
+
+    Returns:
+        What was removed.
+    """
+    older_than_s = STALE_AFTER_S if older_than_s is None else older_than_s
+    removed = _restore_or_drop_old(dest, older_than_s)
     for tmp in dest.parent.glob(f".{dest.name}.tmp-*") if dest.parent.is_dir() else ():
         try:
-            if not tmp.is_dir() or tmp.is_symlink() or time.time() - tmp.lstat().st_mtime < STALE_AFTER_S:
+            if not tmp.is_dir() or tmp.is_symlink() or time.time() - tmp.lstat().st_mtime < older_than_s:
                 continue
             fd = os.open(tmp, os.O_RDONLY | os.O_DIRECTORY)
         except OSError:
@@ -294,6 +305,7 @@ def rebuild(
     ends without error it replaces ``dest`` (which must be absent, empty, or an earlier ``kind`` output) by
     renames; otherwise it is removed and ``dest`` stays as it was. ``dest`` is locked meanwhile."""
     dest = Path(dest)
+    remove_stale_temporaries(dest)  # before dest is made: a folder a killed swap moved aside is put back first
     check_target(dest, kind, flag)
     created = not dest.exists()
     _make_dir(dest, flag)  # an (empty) dest carries the lock while the new content is built

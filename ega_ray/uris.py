@@ -12,7 +12,14 @@ URI_SCHEMES = ("s3://", "gs://", "gcs://", "abfs://", "az://", "hdfs://", "http:
 
 
 def is_uri(path: str) -> bool:
-    """Whether ``path`` names remote storage rather than a local path."""
+    """Whether ``path`` names remote storage (a URI of :data:`URI_SCHEMES`) rather than a local path.
+
+    Args:
+        path: a configured location.
+
+    Returns:
+        True for a URI.
+    """
     return path.startswith(URI_SCHEMES)
 
 
@@ -26,11 +33,19 @@ def join(base: str, *parts: str) -> str:
     Returns:
         The joined location.
     """
-    path, sep, query = base.partition("?")
+    path, sep, query = base.partition("?") if is_uri(base) else (base, "", "")  # a local path may hold "?"
     joined = "/".join([path.rstrip("/"), *(p.strip("/") for p in parts)])
     return f"{joined}{sep}{query}"
 
 
 def basename(location: str) -> str:
-    """The last path segment of ``location`` (its query ignored)."""
-    return location.partition("?")[0].rstrip("/").rsplit("/", 1)[-1]
+    """The last path segment of ``location``.
+
+    Args:
+        location: a local path, or a URI whose query is ignored.
+
+    Returns:
+        The segment, e.g. ``test`` for ``s3://b/digits/test?endpoint_override=…``.
+    """
+    path = location.partition("?")[0] if is_uri(location) else location
+    return path.rstrip("/").rsplit("/", 1)[-1]

@@ -1,4 +1,4 @@
-"""YAML that a person wrote (config files, ``--set`` values, an experiment's saved config), read strictly.
+"""YAML that a person wrote (config files, ``--set`` values), read strictly.
 
 PyYAML's safe loader keeps the last of two equal keys of a mapping without a word, so a config with two
 ``optim:`` sections silently loses the first; and its aliases let a few lines stand for billions of values

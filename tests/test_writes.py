@@ -335,21 +335,24 @@ def test_a_runs_final_outputs_never_leave_a_summary_older_than_its_students(tmp_
     assert not [p.name for p in out.iterdir() if ".tmp-" in p.name]
 
 
-def test_a_kill_between_the_two_renames_of_a_folder_swap_is_undone_by_the_next_run(tmp_path):
+def test_a_kill_between_the_two_renames_of_a_folder_swap_is_undone_by_the_next_run(tmp_path, monkeypatch):
     """replace_dir moves the old folder aside, then the new one in; a kill between the two leaves no folder
-    and a .<name>.old-*: the next run puts it back (the folder as it was), and drops the ones left after."""
+    and a .<name>.old-*: the next rebuild puts it back (the folder as it was) before anything else, and drops
+    the ones left after a finished swap; one a live swap just moved aside is left alone."""
+    from ega_ray import run_folder
+
     dest = tmp_path / "data"
-    aside = tmp_path / ".data.old-0a1b2c3d"  # killed between the renames: dest is gone
-    aside.mkdir()
-    (aside / "prepare.json").write_text('{"rows": 80}')
-    old = time.time() - 2 * STALE_AFTER_S
-    os.utime(aside, (old, old))
-    assert remove_stale_temporaries(dest) == []
-    assert (dest / "prepare.json").read_text() == '{"rows": 80}' and not aside.exists()
-    after = tmp_path / ".data.old-4e5f6a7b"  # killed after the new folder was in place: only a leftover
+    with rebuild(dest, "prepare", flag="--out") as tmp:
+        (tmp / "split.txt").write_text("80 rows")
+    aside = tmp_path / ".data.old-0a1b2c3d"
+    dest.rename(aside)  # killed between the two renames: the folder is gone, its content aside
+    young = remove_stale_temporaries(dest)  # seconds after the move it may be a live swap's own
+    assert young == [] and aside.is_dir() and not dest.exists()
+    monkeypatch.setattr(run_folder, "STALE_AFTER_S", 0.0)  # the kill was long ago
+    with pytest.raises(RuntimeError), rebuild(dest, "prepare", flag="--out"):
+        raise RuntimeError("the rebuild fails")
+    assert (dest / "split.txt").read_text() == "80 rows" and not aside.exists()  # put back, kept by the failure
+    after = tmp_path / ".data.old-4e5f6a7b"  # left by a kill after the new folder was in place
     after.mkdir()
-    os.utime(after, (old, old))
-    young = tmp_path / ".data.old-8c9d0e1f"  # a live swap's own, seconds old: not ours to touch
-    young.mkdir()
     assert remove_stale_temporaries(dest) == [after]
-    assert not after.exists() and young.is_dir() and (dest / "prepare.json").is_file()
+    assert not after.exists() and (dest / "split.txt").is_file()

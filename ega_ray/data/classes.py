@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from ega_ray.errors import DataError
+from ega_ray.uris import is_uri
 
 MIN_CLASSES = 2  # what a classifier needs; one class trains a model that is always right and learns nothing
 SHOWN = 3  # names or differences a message lists before "…"
@@ -66,7 +67,7 @@ def prepared_class_names(split_path: str) -> list[str] | None:
     Returns:
         The names, in label order, or None.
     """
-    if "://" in split_path:
+    if is_uri(split_path):
         return None
     folder = Path(split_path.rstrip("/"))
     try:

@@ -24,7 +24,7 @@ from ega_ray.data.classes import fewer_than_two, too_few_names
 from ega_ray.data.formats import FORMATS, BadImage, Format, PrepareError, Source, Split
 from ega_ray.data.formats.base import is_real_dir
 from ega_ray.data.parquet import ShardWriter, read_columns
-from ega_ray.disk import check_name_length, disk_full, no_space, write_atomic
+from ega_ray.disk import check_name_length, disk_full, write_atomic
 from ega_ray.errors import UsageError
 from ega_ray.run_folder import check_target, new_marker, read_marker, rebuild, write_marker
 
@@ -248,7 +248,7 @@ def run_prepare(args: argparse.Namespace) -> int:
             max_pixels=getattr(args, "max_pixels", MAX_PIXELS),
         )
     except (UsageError, OSError) as err:
-        full = disk_full(err) and no_space(Path(args.out).expanduser().absolute())  # the folder and the free space
+        full = disk_full(err, fallback=Path(args.out).expanduser().absolute())  # the folder and the free space
         message = " ".join(str(full or err).split())
         print(f"ega-ray prepare: error: {message}", file=sys.stderr)
         return 2

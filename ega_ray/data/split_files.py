@@ -23,13 +23,19 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from ega_ray.errors import DataError, find_usage_error
+from ega_ray.errors import DataError, find_usage_error, iter_causes
+from ega_ray.uris import is_uri
 
 PREPARE_RECORD = "prepare.json"  # ``ega-ray prepare``'s record, beside the split folders it wrote
 _MAGIC = b"PAR1"
-# what the text of a failure that may come from reading Parquet pages holds (Arrow's own messages, or a
-# traceback through a Parquet reader, as Ray passes a task's or a worker's failure on)
-_READ_FAILURE = re.compile(r"parquet|snappy|zstd|lz4|gzip|brotli|thrift|decompress|corrupt", re.IGNORECASE)
+# what the text of a failure that may come from decoding Parquet pages holds (Arrow's own messages, as Ray
+# passes a task's or a worker's failure on); not the bare word "parquet", which every failure of a Ray Data
+# read stage carries in its operator's name (ReadParquet->…) and which would start a scan of every split
+_READ_FAILURE = re.compile(
+    r"snappy|zstd|lz4|gzip|brotli|thrift|decompress|corrupt|deserializ|page header|ParquetException"
+    r"|Parquet (?:file|page|magic)|magic bytes|(?:unexpected )?end of (?:stream|file)",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,7 @@ def split_identity(path: str, field: str) -> dict[str, Any]:
 def _prepared_digest(path: str, rows: int, files: int) -> str | None:
     """The content digest ``ega-ray prepare`` recorded for the split folder ``path`` (in ``../prepare.json``),
     if the record still describes it (same row and file counts); None otherwise."""
-    if "://" in path:
+    if is_uri(path):
         return None
     record_file = Path(path).parent / PREPARE_RECORD
     try:
@@ -221,19 +227,7 @@ def locate_unreadable(path: str, field: str) -> str | None:
 
 def _failure_text(err: BaseException) -> str:
     """The text of ``err`` and of the errors behind it (causes, contexts, Ray Train's per-worker failures)."""
-    texts, todo, seen = [], [err], set()
-    while todo:
-        e = todo.pop()
-        if id(e) in seen:
-            continue
-        seen.add(id(e))
-        texts.append(f"{type(e).__name__}: {e}")
-        behind = (getattr(e, a, None) for a in ("cause", "__cause__", "__context__"))
-        todo += [b for b in behind if isinstance(b, BaseException)]
-        failures = getattr(e, "worker_failures", None)
-        if isinstance(failures, dict):
-            todo += [f for f in failures.values() if isinstance(f, BaseException)]
-    return "\n".join(texts)
+    return "\n".join(f"{type(e).__name__}: {e}" for e in iter_causes(err))
 
 
 def explain_read_failure(err: BaseException, splits: dict[str, str | None]) -> DataError | None:

@@ -80,7 +80,12 @@ def read_snapshot(folder: Path) -> dict[str, Any] | None:
     try:
         snapshot = json.loads(path.read_text())
         names = _registered(snapshot)
-        ok = isinstance(snapshot.get("checkpoint_results"), list) and all(isinstance(n, str) for n in names)
+        results, indices = snapshot.get("checkpoint_results"), snapshot.get("checkpoint_report_indices", [])
+        ok = (
+            isinstance(results, list)
+            and all(isinstance(n, str) for n in names)
+            and (not indices or len(indices) == len(results))  # one report index per registered checkpoint
+        )
     except (OSError, ValueError, TypeError, KeyError, AttributeError) as err:
         ok, detail = False, f" ({' '.join(str(err).split())[:100]})"
     else:

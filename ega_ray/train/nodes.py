@@ -5,10 +5,10 @@ not, and what differs fails late (inside a worker, after retries) and far from i
 training worker starts, the driver runs one small task on every node that can host a worker or a Ray Data
 task, and each reports what it sees (:func:`probe_node`):
 
-- the run's checkpoint storage: a remote ``run.storage`` (``s3://``, ``gs://``…) must be listable there; a
-  local one (or none: checkpoints beside the run folder) must be the same folder on every node, which a
-  probe file that the driver writes proves;
-- every input it may read: the data splits, the teacher's weights file, the teacher cache;
+- the run's checkpoint storage: a remote ``run.storage`` (``s3://``, ``gs://``…) must answer there with its
+  bucket (the prefix may not exist yet: the first checkpoint makes it); a local one (or none: checkpoints
+  beside the run folder) must be the same folder on every node, which a probe file the driver writes proves;
+- every input it may read: the data splits and the teacher's weights file (:func:`read_inputs`);
 - its hostname's addresses: a name that resolves to a loopback address (stock Ubuntu images map theirs to
   127.0.1.1) makes DDP's gloo advertise an address no other node can reach.
 
@@ -39,6 +39,7 @@ if TYPE_CHECKING:
 
 CLUSTER_MAX_FAILURES = 3  # restarts from the last checkpoint where a restart can find them (docs/cluster.md)
 PROBE_PREFIX = ".ega-ray-node-probe-"
+PROBE_TIMEOUT_S = 300  # a fresh node first unpacks the job's working directory
 _SIOCGIFADDR = 0x8915  # Linux ioctl: an interface's IPv4 address
 
 
@@ -55,9 +56,19 @@ class NodeReport:
 
 
 def read_inputs(cfg: Config) -> dict[str, str]:
-    """The inputs a run's workers and Ray Data tasks read, by config field (resolved paths or URIs)."""
+    """The inputs a run's workers, teacher actors and Ray Data tasks read on their nodes.
+
+    The teacher cache is not among them: the cached mode loads it on the driver and hands it to the Ray
+    Data stage (``teacher_modes.Cached.wire``), so it only has to be readable where the driver runs.
+
+    Args:
+        cfg: the resolved config.
+
+    Returns:
+        Config field → resolved path or URI.
+    """
     inputs = {f"data.{name}": getattr(cfg.data, name) for name in ("train", "test", "validation")}
-    inputs |= {"teacher.weights": cfg.teacher.weights, "teacher.cache": cfg.teacher.cache}
+    inputs["teacher.weights"] = cfg.teacher.weights
     weights = cfg.teacher.weights
     if weights is not None and not is_uri(weights) and not os.path.isabs(weights):
         inputs.pop("teacher.weights")  # a hub tag ('openai'), not a file
@@ -118,10 +129,21 @@ def probe_node(node_ip: str, inputs: dict[str, str], storage: str, probe_name: s
         if not os.path.exists(os.path.join(storage, probe_name)):
             report.storage_problem = "a folder on this node's own disk, not the driver's"
     else:
-        why = _readable(storage.rstrip("/"))
-        if why and why != "not found":  # a run's first checkpoint makes the prefix
-            report.storage_problem = why
+        report.storage_problem = _bucket_problem(storage)
     return report
+
+
+def _bucket_problem(storage: str) -> str | None:
+    """Why the bucket of URI ``storage`` cannot be used from here (None when it answers)."""
+    import pyarrow.fs as pafs
+
+    try:
+        filesystem, path = pafs.FileSystem.from_uri(storage)
+        bucket = path.strip("/").split("/", 1)[0]
+        info = filesystem.get_file_info(bucket)
+    except (OSError, ValueError) as err:
+        return "not reachable: " + " ".join(str(err).split())[:160]
+    return None if info.type == pafs.FileType.Directory else f"bucket {bucket!r} not found"
 
 
 def _is_loopback(address: str) -> bool:
@@ -227,14 +249,20 @@ def check_cluster(cfg: Config) -> list[str]:
             )
             for n in nodes
         ]
-        reports = ray.get(refs, timeout=120)
+        reports = ray.get(refs, timeout=PROBE_TIMEOUT_S)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as err:
+        why = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ConfigError(
+            f"the node checks got no answer from every node within {PROBE_TIMEOUT_S} s ({why}); a node may be "
+            "starting or lost: submit again, or see `ray status`"
+        ) from None
     finally:
         if probe_name is not None:
             (Path(storage) / probe_name).unlink(missing_ok=True)
     problems, settings = plan(cfg, reports)
     if problems:
         raise ConfigError("\n".join(problems))
-    notes = [f"checked {len(reports)} node(s): every input and {storage} reachable"]
+    notes = [f"checked {len(reports)} node(s): every input and {storage} reachable"] if reports else []
     if "scaling.socket_ifname" in settings:
         cfg.scaling.socket_ifname = settings["scaling.socket_ifname"]
         notes.append(

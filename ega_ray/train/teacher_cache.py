@@ -18,7 +18,7 @@ from ega_ray.config import Config
 from ega_ray.data.cache_format import expected_manifest, file_digests
 from ega_ray.data.images import decode_images
 from ega_ray.data.teacher_stage import embed_with_actor_pool
-from ega_ray.disk import disk_full, no_space, write_atomic
+from ega_ray.disk import disk_full, write_atomic
 from ega_ray.errors import ConfigError
 from ega_ray.run_folder import rebuild
 from ega_ray.train.launch import connect_ray
@@ -44,8 +44,9 @@ def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
     try:
         manifest = _build(cfg, views, output, data, manifest, t0)
     except Exception as err:
-        if disk_full(err):  # raised inside Ray Data's writers: the folder and the free space in one line
-            raise no_space(output) from None
+        full = disk_full(err, fallback=output)  # raised inside Ray Data's writers: the folder and free space
+        if full:
+            raise full from None
         raise
     return {
         "output": str(output),

@@ -98,7 +98,7 @@ def is_state_file(relpath: str) -> bool:
 
 
 def _fs_and_path(uri_or_path: str) -> tuple[pyarrow.fs.FileSystem, str]:
-    if "://" in uri_or_path:
+    if uris.is_uri(uri_or_path):
         return pyarrow.fs.FileSystem.from_uri(uri_or_path)
     return pyarrow.fs.LocalFileSystem(), str(Path(uri_or_path).resolve())
 
@@ -168,7 +168,7 @@ class StateRecorder(tune.Callback):
             staging = state_digests(trials[0].storage.experiment_driver_staging_path)
             name = uris.basename(self.location)
             digests |= {f"{name}/{k.split('/', 1)[1]}": v for k, v in staging.items()}
-        if "://" not in self.location:
+        if not uris.is_uri(self.location):
             digests |= state_digests(self.location)
         record_state(Path(self.output), digests)
 
@@ -244,7 +244,7 @@ def run_experiment(
     token CPU share, the workers ask for their own."""
     trainable = tune.with_resources(tune.with_parameters(fn, base=base, root=str(output)), {"CPU": TRIAL_DRIVER_CPU})
     location = experiment_location(output, storage, name)
-    root = location.rsplit("/", 1)[0]
+    root = uris.join(storage, output.name) if storage else str(output)  # the query of a storage URI kept
     if resume and tune.Tuner.can_restore(location):
         verify_state(output, location)  # (again: the callers check before Ray starts; this is the last moment)
         tuner = tune.Tuner.restore(location, trainable, resume_unfinished=True, resume_errored=True)
