@@ -6,6 +6,7 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Callable
 
 from ega_ray.constants import MAX_PIXELS
 from ega_ray.data.formats import FORMATS
@@ -155,93 +156,134 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
-def _run(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace) -> int:
+    from ega_ray.data.prepare import run_prepare
+
+    return run_prepare(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from ega_ray.evaluate import run_eval, summary_lines
+
+    result = run_eval(args.student, args.data, args.knn_train, args.knn_k, args.output, args.batch_size, args.device)
+    print("\n".join(summary_lines(result)))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from ega_ray.export import run_export
+
+    written = run_export(args.student, args.onnx, args.force)
+    print("\n".join(f"{fmt}: {path}" for fmt, path in written.items()))
+    return 0
+
+
+def _training_config(args: argparse.Namespace):
+    """The config of ``distill --config`` and ``pretrain-teacher``: the file, the overrides and ``--output``."""
     from ega_ray.config import load_config  # here, not at import: `ega-ray --help` stays fast
-    from ega_ray.lockfile import check_environment
 
-    check_environment()  # under `ray job submit`: this node runs the lock's versions
-    if args.command == "prepare":
-        from ega_ray.data.prepare import run_prepare
+    # JSON-quoted: a folder named like a number or a mapping stays a string when parsed as YAML
+    overrides = args.overrides + ([f"run.output={json.dumps(args.output)}"] if args.output else [])
+    return load_config(args.config, overrides)
 
-        return run_prepare(args)
-    if args.command == "eval":
-        from ega_ray.evaluate import run_eval, summary_lines
 
-        result = run_eval(
-            args.student, args.data, args.knn_train, args.knn_k, args.output, args.batch_size, args.device
-        )
-        print("\n".join(summary_lines(result)))
-        return 0
-    if args.command == "export":
-        from ega_ray.export import run_export
+def _print_summary(summary: dict) -> int:
+    print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+    return 0
 
-        written = run_export(args.student, args.onnx, args.force)
-        print("\n".join(f"{fmt}: {path}" for fmt, path in written.items()))
-        return 0
-    if args.verbose:
-        args.overrides.append("run.verbose=true")
-    if args.command == "distill" and args.config is None:
+
+def _distill(args: argparse.Namespace) -> int:
+    if args.config is None:
         from ega_ray.embedded import run_embedded
 
         run_embedded(args.overrides, args.output)
         return 0
-    if args.command == "tune":
-        from ega_ray.tune.search import run_search
+    cfg = _training_config(args)  # before torch and Ray are imported: a config error stays fast
+    from ega_ray.train.launch import run_distill
 
-        overrides = args.overrides + ([f"tune.num_samples={args.num_samples}"] if args.num_samples else [])
-        if args.resume:
-            cfg = None
-        elif args.config is None:
-            from ega_ray.embedded import embedded_tune_config
+    return _print_summary(run_distill(cfg))
 
-            def cfg():  # the embedded default's teacher is pretrained inside the claimed search folder
-                return embedded_tune_config(overrides, args.output)
-        else:
-            cfg = load_config(args.config, overrides)
-        run_search(cfg, args.output, resume=args.resume)
-        return 0
-    if args.command == "benchmark":
-        from ega_ray.tune.benchmark import parse_methods, run_benchmark
 
-        methods = parse_methods(args.methods)
-        if args.resume:
-            cfg = None
-        elif args.config is None:
-            from ega_ray.embedded import embedded_with_teacher
+def _pretrain_teacher(args: argparse.Namespace) -> int:
+    cfg = _training_config(args)
+    from ega_ray.train.launch import run_pretrain
 
-            def cfg():
-                return embedded_with_teacher(args.overrides, args.output)
-        else:
-            cfg = load_config(args.config, args.overrides)
-        run_benchmark(
-            cfg,
-            methods,
-            args.seeds,
-            args.output,
-            resume=args.resume,
-            reference_weights=not args.config_weights,
-            tune_trials=args.tune_trials,
-        )
-        return 0
-    if args.command == "cache-teacher":
-        from ega_ray.train.teacher_cache import build_cache
+    return _print_summary(run_pretrain(cfg))
 
-        summary = build_cache(load_config(args.config, args.overrides), args.views, args.output)
-        print("\n".join(f"{k}: {v}" for k, v in summary.items()))
-        return 0
-    # JSON-quoted: a folder named like a number or a mapping stays a string when parsed as YAML
-    overrides = args.overrides + ([f"run.output={json.dumps(args.output)}"] if args.output else [])
-    cfg = load_config(args.config, overrides)
-    if args.command == "distill":
-        from ega_ray.train.launch import run_distill
 
-        summary = run_distill(cfg)
+def _tune(args: argparse.Namespace) -> int:
+    from ega_ray.config import load_config
+    from ega_ray.tune.search import run_search
+
+    overrides = args.overrides + ([f"tune.num_samples={args.num_samples}"] if args.num_samples else [])
+    if args.resume:
+        cfg = None
+    elif args.config is None:
+        from ega_ray.embedded import embedded_tune_config
+
+        def cfg():  # the embedded default's teacher is pretrained inside the claimed search folder
+            return embedded_tune_config(overrides, args.output)
     else:
-        from ega_ray.train.launch import run_pretrain
-
-        summary = run_pretrain(cfg)
-    print("\n".join(f"{k}: {v}" for k, v in summary.items()))
+        cfg = load_config(args.config, overrides)
+    run_search(cfg, args.output, resume=args.resume)
     return 0
+
+
+def _benchmark(args: argparse.Namespace) -> int:
+    from ega_ray.config import load_config
+    from ega_ray.tune.benchmark import parse_methods, run_benchmark
+
+    methods = parse_methods(args.methods)
+    if args.resume:
+        cfg = None
+    elif args.config is None:
+        from ega_ray.embedded import embedded_with_teacher
+
+        def cfg():  # the embedded default's teacher is pretrained inside the claimed benchmark folder
+            return embedded_with_teacher(args.overrides, args.output)
+    else:
+        cfg = load_config(args.config, args.overrides)
+    run_benchmark(
+        cfg,
+        methods,
+        args.seeds,
+        args.output,
+        resume=args.resume,
+        reference_weights=not args.config_weights,
+        tune_trials=args.tune_trials,
+    )
+    return 0
+
+
+def _cache_teacher(args: argparse.Namespace) -> int:
+    from ega_ray.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    from ega_ray.train.teacher_cache import build_cache
+
+    return _print_summary(build_cache(cfg, args.views, args.output))
+
+
+# Each verb's function: it reads its arguments, runs the command and returns the exit status.
+VERBS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "distill": _distill,
+    "pretrain-teacher": _pretrain_teacher,
+    "tune": _tune,
+    "cache-teacher": _cache_teacher,
+    "benchmark": _benchmark,
+    "prepare": _prepare,
+    "eval": _eval,
+    "export": _export,
+}
+
+
+def _run(args: argparse.Namespace) -> int:
+    from ega_ray.lockfile import check_environment
+
+    check_environment()  # under `ray job submit`: this node runs the lock's versions
+    if getattr(args, "verbose", False):
+        args.overrides.append("run.verbose=true")
+    return VERBS[args.command](args)
 
 
 if __name__ == "__main__":

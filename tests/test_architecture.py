@@ -141,3 +141,12 @@ def test_the_test_tiers_agree_everywhere():
     assert make_tier and make_tier.group(1).strip() == FAST_TIER
     markers = (REPO / "pyproject.toml").read_text().split("markers = [", 1)[1].split("]", 1)[0]
     assert sorted(re.findall(r'^\s+"(\w+): ', markers, re.M)) == sorted(NEEDS)
+
+
+def test_the_cli_is_a_table_from_verb_to_function():
+    """Every verb the parser knows has its function in cli.VERBS, and the dispatch branches on no verb name."""
+    from ega_ray import cli
+
+    assert set(cli.VERBS) == set(cli.commands())
+    source = (PACKAGE / "cli.py").read_text()
+    assert "args.command ==" not in source and 'command == "' not in source
