@@ -56,10 +56,8 @@ def configure_ray_data() -> None:
     ctx.enable_progress_bars = False
     ctx.raise_original_map_exception = True
     ctx.print_on_execution_start = False  # Ray Data's execution plans: Ray's, not the run's
-    # Ray 2.60's default Parquet reader (V2) lists files by starting a pool of 32 FooterReader actors on
-    # every read, for predicate and row-group push-down we never use (we read whole files): seconds of
-    # process start-up per read, 5.4 s against 0.24 s for the same prepared split on 2 cores. V1 reads
-    # the same files with plain tasks.
+    # Ray 2.60's default Parquet reader (V2) starts a pool of actors on every read for push-downs that
+    # whole-file reads never use; V1 reads the same files with plain tasks (docs/data.md has the cost)
     ctx.use_datasource_v2 = False
 
 
