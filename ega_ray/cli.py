@@ -157,12 +157,28 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
+    """``ega-ray prepare``: convert a dataset into Parquet splits (``data.prepare.run_prepare``).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit status.
+    """
     from ega_ray.data.prepare import run_prepare
 
     return run_prepare(args)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    """``ega-ray eval``: score a saved student on a split (``evaluate.run_eval``) and print the summary.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit status.
+    """
     from ega_ray.evaluate import run_eval, summary_lines
 
     result = run_eval(args.student, args.data, args.knn_train, args.knn_k, args.output, args.batch_size, args.device)
@@ -171,6 +187,14 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    """``ega-ray export``: write a saved student's other formats beside it (``export.run_export``).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit status.
+    """
     from ega_ray.export import run_export
 
     written = run_export(args.student, args.onnx, args.force)
@@ -193,6 +217,14 @@ def _print_summary(summary: dict) -> int:
 
 
 def _distill(args: argparse.Namespace) -> int:
+    """``ega-ray distill``: the embedded default without ``--config``, else ``run_distill``.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit status.
+    """
     if args.config is None:
         from ega_ray.embedded import run_embedded
 
@@ -205,6 +237,14 @@ def _distill(args: argparse.Namespace) -> int:
 
 
 def _pretrain_teacher(args: argparse.Namespace) -> int:
+    """``ega-ray pretrain-teacher``: SimCLR-pretrain the self-supervised teacher (``run_pretrain``).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit status.
+    """
     cfg = _training_config(args)
     from ega_ray.train.launch import run_pretrain
 
@@ -212,6 +252,14 @@ def _pretrain_teacher(args: argparse.Namespace) -> int:
 
 
 def _tune(args: argparse.Namespace) -> int:
+    """``ega-ray tune``: a Ray Tune search (``tune.search.run_search``), new or ``--resume``d.
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit status.
+    """
     from ega_ray.config import load_config
     from ega_ray.tune.search import run_search
 
@@ -230,6 +278,14 @@ def _tune(args: argparse.Namespace) -> int:
 
 
 def _benchmark(args: argparse.Namespace) -> int:
+    """``ega-ray benchmark``: every distiller on the same setting (``tune.benchmark.run_benchmark``).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit status.
+    """
     from ega_ray.config import load_config
     from ega_ray.tune.benchmark import parse_methods, run_benchmark
 
@@ -256,6 +312,14 @@ def _benchmark(args: argparse.Namespace) -> int:
 
 
 def _cache_teacher(args: argparse.Namespace) -> int:
+    """``ega-ray cache-teacher``: embed K teacher views of every training image once (``build_cache``).
+
+    Args:
+        args: the parsed command line.
+
+    Returns:
+        The exit status.
+    """
     from ega_ray.config import load_config
 
     cfg = load_config(args.config, args.overrides)

@@ -17,7 +17,14 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
+    """A table from a name (``resnet8``, or a family member ``timm:NAME`` through a ``timm:*`` entry) to the
+    ``module:attribute`` that builds it; the module is imported only when a name is built."""
+
     def __init__(self, kind: str, entries: dict[str, str]) -> None:
+        """Args:
+        kind: what the entries are, for messages (``student``, ``teacher``, ``distiller``).
+        entries: name → ``module:attribute``.
+        """
         for name, target in entries.items():
             if target.count(":") != 1:
                 raise ValueError(f"{kind} {name!r}: target {target!r} must be 'module:attribute'")
@@ -25,6 +32,7 @@ class Registry(Generic[T]):
         self._entries = dict(entries)
 
     def names(self) -> list[str]:
+        """Returns: the registered names, sorted (families as ``fam:*``)."""
         return sorted(self._entries)
 
     def _lookup(self, name: str) -> tuple[str, str | None]:
@@ -37,8 +45,14 @@ class Registry(Generic[T]):
         raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self.names())}")
 
     def check(self, name: str) -> str:
-        """``name`` if it is registered (a family's member names are checked when it is built); a ValueError
-        naming it and the known names otherwise. Imports nothing."""
+        """Check ``name`` without importing anything (a family's member names are checked when it is built).
+
+        Args:
+            name: a registry name.
+
+        Returns:
+            ``name``; a ValueError naming it and the known names when it is not registered.
+        """
         if name not in self:
             raise ValueError(f"unknown {self.kind} {name!r}; allowed: {', '.join(self.names())}")
         return name
@@ -51,12 +65,25 @@ class Registry(Generic[T]):
         return True
 
     def get(self, name: str) -> Any:
-        """The constructor (function or class) registered for ``name``, imported now."""
+        """Args:
+            name: a registry name.
+
+        Returns:
+            The constructor (function or class) registered for it, imported now.
+        """
         module, _, attribute = self._lookup(name)[0].partition(":")
         return getattr(import_module(module), attribute)
 
     def build(self, name: str, **kwargs: Any) -> T:
-        """Call the constructor of ``name`` (a family's with the member name first)."""
+        """Build ``name``.
+
+        Args:
+            name: a registry name.
+            kwargs: the constructor's keyword arguments (a family's constructor gets the member name first).
+
+        Returns:
+            What the constructor returns.
+        """
         rest = self._lookup(name)[1]
         fn = self.get(name)
         return fn(rest, **kwargs) if rest is not None else fn(**kwargs)

@@ -194,9 +194,20 @@ def fit(
 
 
 def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False) -> dict[str, Any]:
-    """Check, train with Ray Train, write the run folder; returns the summary. ``callbacks``: Ray Train
-    callbacks (a Tune trial passes the one that forwards metrics to Tune, with ``trial``: no console lines,
-    Tune's trial table is the display, and no ``.pt2`` program of the student)."""
+    """Check, train with Ray Train, write the run folder.
+
+    Everything that can be checked before Ray starts is (``preflight``); on a cluster every node is checked
+    before the run folder is claimed (``nodes``); a run folder with the same settings and inputs resumes.
+
+    Args:
+        cfg: the run's config (relative paths resolve against the current directory).
+        callbacks: Ray Train callbacks; a Tune trial passes the one that forwards metrics to Tune.
+        trial: a Tune trial's run: no console lines (Tune's trial table is the display) and no ``.pt2``
+            program of the student.
+
+    Returns:
+        The run's summary, as written to ``summary.json``.
+    """
     from ega_ray.train.distill import WorkerArgs, train_func_per_worker
 
     cfg = resolve(cfg)
@@ -333,7 +344,16 @@ def selected_scores(history: list[dict[str, Any]], selected_epoch: int) -> dict[
 
 
 def run_pretrain(cfg: Config) -> dict[str, Any]:
-    """SimCLR-pretrain the self-supervised teacher; writes ``<output>/teacher.pt`` (loadable as ``ssl``)."""
+    """SimCLR-pretrain the self-supervised teacher with Ray Train.
+
+    Args:
+        cfg: the config; its ``pretrain`` section and ``data.train`` (the validation rows carved from it are
+            held out of pretraining).
+
+    Returns:
+        The summary (kNN top-1 on the test split, the teacher file: ``<output>/teacher.pt``, loadable as
+        teacher ``ssl:<path>``).
+    """
     from ega_ray.models.students import build_student
     from ega_ray.models.teachers.ssl_teacher import save_ssl_teacher
     from ega_ray.train.pretrain import pretrain_func_per_worker, teacher_input_size

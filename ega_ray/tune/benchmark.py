@@ -153,9 +153,21 @@ def run_benchmark(
     reference_weights: bool = True,
     tune_trials: int = 0,
 ) -> list[dict[str, Any]]:
-    """Run (or resume) the benchmark; ``cfg`` may be a function that makes the config once ``output`` is
-    claimed (the embedded default pretrains its teacher inside it). ``tune_trials``: K > 0 adds each method's
-    K-trial search and its tuned runs (module docstring)."""
+    """Run (or resume) the benchmark: every method (and CE only) on the same data, teacher, student and seeds.
+
+    Args:
+        cfg: the base config; or a function that makes it once ``output`` is claimed (the embedded default
+            pretrains its teacher inside it); None with ``resume`` (read back from ``output``).
+        methods: the distillers compared (registry names).
+        seeds: runs per method and variant, seeds 0..seeds-1.
+        output: results.csv, results.md, results.png, tuned_settings.json and every run's folder.
+        resume: continue the interrupted benchmark in ``output`` (finished runs kept).
+        reference_weights: each method with its reference weights (else the config's distill weights).
+        tune_trials: K > 0 adds each method's K-trial search on seed 0 and its tuned runs (module docstring).
+
+    Returns:
+        The rows of results.csv.
+    """
     output = Path(output).expanduser().resolve()
     if not resume:
         if seeds < 1:

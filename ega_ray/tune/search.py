@@ -52,9 +52,17 @@ def _searcher(cfg: Config):
 
 
 def run_search(cfg: Config | Callable[[], Config] | None, output: str | Path, resume: bool = False) -> dict[str, Any]:
-    """Run (or resume) the search; writes trials.csv, best.yaml and plots to ``output``; returns the best row.
-    ``cfg`` may be a function that makes the config once the folder is claimed (the embedded default
-    pretrains its teacher inside it); with ``resume`` it is read back from the folder."""
+    """Run (or resume) a Ray Tune search over ``cfg.tune.space`` (ASHA, selected on the validation split).
+
+    Args:
+        cfg: the base config; or a function that makes it once ``output`` is claimed (the embedded default
+            pretrains its teacher inside it); None with ``resume`` (read back from ``output``).
+        output: the search's folder: trials.csv, best.yaml, plots and each trial's run folder.
+        resume: continue the interrupted search in ``output`` (finished trials kept).
+
+    Returns:
+        The best trial's row of trials.csv.
+    """
     output = Path(output).expanduser().resolve()
     if not resume and isinstance(cfg, Config):  # checked before anything is written
         cfg = checked(cfg)
