@@ -43,6 +43,7 @@ from ega_ray.train.preflight import (
 from ega_ray.train.tracking import RunRecorder, epoch_lines, quiet_ray_logs
 
 MATERIALIZE_AUTO_BYTES = 2 << 30
+LOCAL_WORKER_START_TIMEOUT_S = 600  # a local Ray's worker-group start (Ray Train's default: 60 s)
 SELECTION_METRIC = "validation_top1"  # the best epoch, Ray Train's best checkpoint (Tune's metric: tune.metric)
 VALIDATION_ROWS = "validation_rows.json"  # the run folder's record of the validation split
 VAL_IN_MEMORY_BYTES = 256 << 20
@@ -85,6 +86,9 @@ def connect_ray(cfg: Config) -> None:
     # a preemption watcher is for spot nodes of a cluster; on one machine it only adds an actor (and Ray's
     # error-looking note about its arguments)
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Train gives a worker group 60 s to be placed and started, then tears it down and tries again; on a
+    # busy small machine the start alone can take longer, and every retry starts over (docs/performance.md)
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(LOCAL_WORKER_START_TIMEOUT_S))
     # Ray Data's processes (its coordinators, the workers' iterators) warn about settings made on purpose,
     # and Ray's own code about its deprecated internals: not the run's business unless --verbose
     quiet = {"RAY_DATA_LOG_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
