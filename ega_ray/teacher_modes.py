@@ -109,13 +109,12 @@ class Cached(TeacherMode):
         check_manifest(cfg, spec)
 
     def inputs(self, cfg: Config) -> dict[str, dict[str, Any]]:
-        from pathlib import Path
-
-        from ega_ray.models.weights import sha256_of
+        from ega_ray import uris
+        from ega_ray.data.cache_format import sha256_at
 
         # the manifest holds the SHA-256 of every embeddings file, checked against them by ``preflight``
-        manifest = Path(str(cfg.teacher.cache)) / "manifest.json"
-        return {"teacher.cache": {"path": str(cfg.teacher.cache), "manifest_sha256": sha256_of(manifest)}}
+        manifest = uris.join(str(cfg.teacher.cache), "manifest.json")
+        return {"teacher.cache": {"path": str(cfg.teacher.cache), "manifest_sha256": sha256_at(manifest)}}
 
     def wire(self, cfg, data, train, evals, actors, materialized):
         from ega_ray.data.cache_format import load_cached_embeddings
