@@ -26,6 +26,7 @@ from ega_ray.disk import disk_full, no_space, write_atomic
 from ega_ray.errors import ConfigError
 from ega_ray.run_folder import rebuild
 from ega_ray.train.launch import connect_ray
+from ega_ray.train.nodes import Written
 from ega_ray.train.preflight import PreparedData, check_teacher, prepare_data, resolve
 
 
@@ -104,12 +105,21 @@ def _build_remote(
     return manifest
 
 
+def cache_written(embeddings: str) -> Written:
+    """Where the Ray Data writers of a cache build write, for the node checks: the bucket prefix, or the
+    output's parent folder (its temporary sibling is built there)."""
+    fix = "the Ray Data writers on every node write the cache there: use s3://…, gs://… or a path every node mounts"
+    if uris.is_uri(embeddings):
+        return Written("--output", embeddings, fix)
+    return Written("--output (its parent folder)", str(Path(embeddings).parent.parent), fix)
+
+
 def _embed_and_write(
     cfg: Config, views: int, embeddings: str, data: PreparedData, manifest: dict[str, Any], t0: float
 ) -> None:
     """Embed every image of ``data.train`` ``views`` times into Parquet at ``embeddings`` (a folder or URI);
     add the counts and file digests to ``manifest``."""
-    connect_ray(cfg)
+    connect_ray(cfg, cache_written(embeddings))
     decode = {"image_size": cfg.data.image_size, "split": "data.train"}
     images = (
         ray.data.read_parquet(cfg.data.train)
