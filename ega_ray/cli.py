@@ -50,7 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("cache-teacher", help="embed K random teacher views of every training image once")
     _config_args(c, "YAML config (its teacher, data and augment sections)", required=True)
     c.add_argument("--views", type=int, default=4, help="random teacher views per image (K)")
-    c.add_argument("--output", required=True, help="cache folder: embeddings/ (Parquet) and manifest.json")
+    c.add_argument(
+        "--output", required=True, help="cache folder or s3:// / gs:// URI: embeddings/ (Parquet) and manifest.json"
+    )
 
     b = sub.add_parser("benchmark", help="every distiller (and CE only) on the same data, teacher, student, seeds")
     _config_args(b, "YAML config; without it, the embedded default")

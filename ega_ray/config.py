@@ -105,7 +105,9 @@ class TeacherConfig(_Section):
         description="online: in each training worker; cached: embeddings from `ega-ray cache-teacher`; "
         "pipeline: the run's teacher actors, fed by a Ray Data stage between reader and workers",
     )
-    cache: str | None = Field(None, description="folder written by `ega-ray cache-teacher` (mode cached)")
+    cache: str | None = Field(
+        None, description="folder or s3:// / gs:// URI written by `ega-ray cache-teacher` (mode cached)"
+    )
     actors: int = Field(1, ge=1, description="teacher actors (the cache build, a pipeline run)")
     actor_cpus: float = Field(1.0, gt=0, description="CPUs per teacher actor")
     actor_gpus: float = Field(1.0, gt=0, description="GPUs per teacher actor when scaling.use_gpu")

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 # each worker's local shuffle buffer yields its first batch only once it holds this many of its batches:
 # behind a teacher stage a large one would stall every epoch's start
 STAGE_SHUFFLE_BATCHES = 4
+ATTACH_CPUS = 0.25  # the cached mode's per-batch embedding lookup: numpy indexing, a fraction of a CPU
 
 
 class TeacherMode:
@@ -109,13 +110,12 @@ class Cached(TeacherMode):
         check_manifest(cfg, spec)
 
     def inputs(self, cfg: Config) -> dict[str, dict[str, Any]]:
-        from pathlib import Path
-
-        from ega_ray.models.weights import sha256_of
+        from ega_ray import uris
+        from ega_ray.data.cache_format import sha256_at
 
         # the manifest holds the SHA-256 of every embeddings file, checked against them by ``preflight``
-        manifest = Path(str(cfg.teacher.cache)) / "manifest.json"
-        return {"teacher.cache": {"path": str(cfg.teacher.cache), "manifest_sha256": sha256_of(manifest)}}
+        manifest = uris.join(str(cfg.teacher.cache), "manifest.json")
+        return {"teacher.cache": {"path": str(cfg.teacher.cache), "manifest_sha256": sha256_at(manifest)}}
 
     def wire(self, cfg, data, train, evals, actors, materialized):
         from ega_ray.data.cache_format import load_cached_embeddings
@@ -127,7 +127,10 @@ class Cached(TeacherMode):
             for k, v in evals.items()
         }
         table, position = load_cached_embeddings(str(cfg.teacher.cache), data.indices)
-        train = train.map_batches(attach_cached, fn_kwargs={"table": table, "position": position}, batch_format="numpy")
+        # a lookup runs during training, beside the workers: with Ray Data's default of a whole CPU it waits
+        # forever on a cluster whose workers leave each node less than one (e.g. 1.5 of 2 CPUs per host)
+        lookup = {"table": table, "position": position}
+        train = train.map_batches(attach_cached, fn_kwargs=lookup, batch_format="numpy", num_cpus=ATTACH_CPUS)
         return train, evals
 
     def features(self, parts, batch, epoch, seed, train):

@@ -248,6 +248,8 @@ class MultiHostCluster:
         """Host ``name`` is lost without grace: every process on it killed, its network gone."""
         host = self.workers.pop(name)
         _kill_namespace(host.netns)
+        for process in host.processes:
+            process.wait(timeout=10)
 
     def stop(self) -> None:
         """Kill every process this cluster started and remove its namespaces; idempotent."""
@@ -263,6 +265,22 @@ class MultiHostCluster:
         """``argv`` from the client host (outside the cluster), e.g. ``ray job submit``."""
         env = self.env(self.client) | {"RAY_ADDRESS": self.dashboard_url}
         return self.client.run(argv, env, timeout)
+
+    def client_spawn(self, argv: list[str], log: Path) -> subprocess.Popen:
+        """``argv`` started from the client host without waiting (e.g. a job to interrupt); output to ``log``."""
+        return self.client.spawn(argv, self.env(self.client) | {"RAY_ADDRESS": self.dashboard_url}, log)
+
+    def read_bucket(self, uri: str) -> str | None:
+        """The text of the object at ``uri`` (:meth:`s3_uri`), read from the client host; None when absent."""
+        code = (
+            "import sys, pyarrow.fs as fs\n"
+            "s3, path = fs.FileSystem.from_uri(sys.argv[1])\n"
+            "if s3.get_file_info(path).type == fs.FileType.File:\n"
+            "    sys.stdout.write('+' + s3.open_input_stream(path).read().decode())\n"
+        )
+        done = self.client.run([str(BIN / "python"), "-c", code, uri], self.env(self.client), 60)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stdout[1:] if done.stdout.startswith("+") else None
 
     def nodes(self) -> list[dict]:
         """The cluster's nodes as the head's dashboard lists them (state API, from the client host)."""

@@ -7,6 +7,7 @@ One cluster serves the module. Marked ``multihost``; needs root, else each test 
 
 from __future__ import annotations
 
+import csv
 import json
 import subprocess
 import sys
@@ -48,13 +49,30 @@ def cluster(tmp_path_factory):
         hosts.stop()
 
 
-def submit(cluster: MultiHostCluster, args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
-    """``ray job submit`` of ``jobs/distill.py`` from the client host, as docs/cluster.md shows."""
-    argv = [
+def job(args: list[str], script: str = "distill") -> list[str]:
+    """``ray job submit`` of ``jobs/<script>.py``, as docs/cluster.md shows."""
+    return [
         str(BIN / "ray"), "job", "submit", "--working-dir", str(REPO), "--runtime-env",
-        str(REPO / "jobs" / "runtime_env.yaml"), "--", "python", "jobs/distill.py", *args,
+        str(REPO / "jobs" / "runtime_env.yaml"), "--", "python", f"jobs/{script}.py", *args,
     ]  # fmt: skip
-    return cluster.client_run(argv, timeout)
+
+
+def submit(
+    cluster: MultiHostCluster, args: list[str], timeout: float = 600, script: str = "distill"
+) -> subprocess.CompletedProcess:
+    """A job submitted from the client host, waited for."""
+    return cluster.client_run(job(args, script), timeout)
+
+
+def registered_epoch(cluster: MultiHostCluster, run: str) -> int:
+    """The newest epoch whose checkpoint Ray Train's controller has registered in the bucket (what a restart
+    restores from), from its checkpoint-manager snapshot; 0 before the first."""
+    text = cluster.read_bucket(cluster.s3_uri(f"{BUCKET}/ckpt/{run}/checkpoint_manager_snapshot.json"))
+    try:
+        snapshot = json.loads(text or "")
+    except json.JSONDecodeError:
+        return 0
+    return max((r["metrics"]["epoch"] for r in snapshot["checkpoint_results"]), default=0)
 
 
 def bucket_data(cluster: MultiHostCluster) -> list[str]:
@@ -75,24 +93,73 @@ def train_worker_ips(cluster: MultiHostCluster) -> set[str]:
     return set(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
-def test_a_distill_job_trains_on_two_hosts_with_everything_in_the_bucket(cluster):
+def test_a_distill_job_on_two_hosts_with_everything_in_the_bucket_survives_a_lost_host(cluster):
+    """Data, checkpoints (run.storage) in the bucket; run.max_failures unset, so the remote storage's default
+    restarts apply. Once the first checkpoint is registered a worker host is lost without grace and a fresh
+    one joins: the run resumes from the bucket on it and finishes every epoch, each counted once."""
     storage = cluster.s3_uri(f"{BUCKET}/ckpt")
-    done = submit(cluster, [*SMOKE, *bucket_data(cluster), "--set", f"run.storage={storage}",
-                            "--output", "/mnt/runs/two-hosts"])  # fmt: skip
-    log = done.stdout + done.stderr
-    assert done.returncode == 0 and "succeeded" in log, log[-4000:]
+    epochs = 3
+    args = [*SMOKE, *bucket_data(cluster), "--set", f"optim.epochs={epochs}", "--set", "optim.milestones=[2]",
+            "--set", f"run.storage={storage}", "--output", "/mnt/runs/two-hosts"]  # fmt: skip
+    log_file = cluster.logs / "two-hosts-job.log"
+    driver = cluster.client_spawn(job(args), log_file)
+    deadline = time.monotonic() + 420
+    while (lost_after_epoch := registered_epoch(cluster, "two-hosts")) < 1:
+        assert driver.poll() is None, log_file.read_text()[-4000:]
+        assert time.monotonic() < deadline, "no registered checkpoint within 7 minutes"
+        time.sleep(1)
+    lost = cluster.workers["w2"].address
+    cluster.kill_host("w2")
+    cluster.add_worker("w3", WORKERS["w2"])
+    assert driver.wait(timeout=480) == 0, log_file.read_text()[-4000:]
+    log = log_file.read_text()
+    assert "succeeded" in log, log[-4000:]
     # the node checks ran before training and found the loopback hostnames: DDP was told its interface
     assert "[nodes] checked 2 node(s)" in log, log[-4000:]
     assert "DDP binds to interface eth0" in log, log[-4000:]
-    assert train_worker_ips(cluster) == {cluster.workers["w1"].address, cluster.workers["w2"].address}
+    assert lost_after_epoch < epochs, "the run finished before the host was lost"
+    # Train workers ran on both first hosts, and after the loss on the replacement
+    assert train_worker_ips(cluster) == {cluster.workers["w1"].address, lost, cluster.workers["w3"].address}
     run = cluster.head.outside("/mnt/runs/two-hosts")  # the run folder: on the head's own disk
     assert json.loads((run / "summary.json").read_text())["train_rows"] > 0
-    assert (run / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+    with open(run / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # none lost, none twice
+    restarts = [int(r["restarts"]) for r in rows]
+    assert restarts[:lost_after_epoch] == [0] * lost_after_epoch
+    assert min(restarts[lost_after_epoch:]) >= 1, restarts
     checkpoints = cluster.list_bucket(cluster.s3_uri(f"{BUCKET}/ckpt/two-hosts"))
     assert any(p.endswith("checkpoint_manager_snapshot.json") for p in checkpoints), checkpoints
     assert any("/checkpoint_" in p and p.endswith("state.pt") for p in checkpoints), checkpoints
     for host in cluster.workers.values():  # nothing of the run on the workers' disks
         assert not host.outside("/mnt/runs").joinpath("two-hosts").exists()
+
+
+def test_a_teacher_cache_built_into_the_bucket_feeds_a_cached_run_on_other_hosts(cluster):
+    """``cache-teacher`` as a job: its Ray Data writers run on the worker hosts and write to the bucket; a
+    cached-mode run then takes the teacher's embeddings from there, on hosts that never held them on disk."""
+    cache = cluster.s3_uri(f"{BUCKET}/cache/digits")
+    data = bucket_data(cluster)
+    done = submit(cluster, ["--config", "configs/smoke.yaml", *data, "--views", "2", "--output", cache],
+                  script="cache_teacher")  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "succeeded" in log, log[-4000:]
+    manifest = json.loads(cluster.read_bucket(cache.replace("?", "/manifest.json?")) or "{}")
+    assert manifest["views"] == 2 and manifest["rows"] == 2 * manifest["images"] > 0, manifest
+    listed = cluster.list_bucket(cache)
+    assert sorted(p.split("/embeddings/", 1)[1] for p in listed if "/embeddings/" in p) == sorted(manifest["files"])
+    for host in (cluster.head, *cluster.workers.values()):  # nothing of it on any host's disk
+        assert not list(host.outside("/mnt/runs").rglob("*.parquet"))
+
+    cached = [*SMOKE, *data, "--set", "teacher.mode=cached", "--set", f"teacher.cache={cache}",
+              "--set", f"run.storage={cluster.s3_uri(f'{BUCKET}/ckpt')}", "--output", "/mnt/runs/cached"]  # fmt: skip
+    done = submit(cluster, cached)
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "succeeded" in log, log[-4000:]
+    run = cluster.head.outside("/mnt/runs/cached")
+    assert (run / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
+    recorded = json.loads((run / ".ega-ray.json").read_text())["inputs"]["teacher.cache"]  # what a resume checks
+    assert recorded["path"] == cache and len(recorded["manifest_sha256"]) == 64, recorded
 
 
 def test_inputs_only_the_driver_sees_and_a_local_storage_are_refused_before_training(cluster):
@@ -109,8 +176,8 @@ def test_inputs_only_the_driver_sees_and_a_local_storage_are_refused_before_trai
     done = submit(cluster, args, timeout=300)
     log = done.stdout + done.stderr
     assert done.returncode != 0 and "failed" in log, log[-4000:]
-    assert "data.train: /mnt/digits/train: no such file or folder on node w1 (" in log, log[-4000:]
-    assert "data.train: /mnt/digits/train: no such file or folder on node w2 (" in log, log[-4000:]
+    for name in cluster.workers:  # w1 and w2, or w3 for the w2 lost above
+        assert f"data.train: /mnt/digits/train: no such file or folder on node {name} (" in log, log[-4000:]
     unshared = "run.storage (unset: checkpoints beside the run folder): /mnt/runs is a folder on this node's own disk"
     assert unshared in log, log[-4000:]
     assert "RayTrainWorker" not in log and "Traceback" not in log, log[-4000:]

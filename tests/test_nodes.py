@@ -52,6 +52,22 @@ def test_unreadable_inputs_and_an_unshared_storage_are_one_line_each_naming_fiel
     assert "\n" not in "".join(problems)
 
 
+def test_a_cache_build_names_its_output_not_the_checkpoints_when_a_node_cannot_share_it():
+    """cache-teacher writes no checkpoint: its Ray Data writers write the cache, so its output is what every
+    node must share (a local output's parent folder: its temporary sibling is built there)."""
+    from ega_ray.train.teacher_cache import cache_written
+
+    unshared = _report("198.18.0.12", "w2", ("198.18.0.12",), storage_problem="a folder on this node's own disk")
+    written = cache_written("/mnt/runs/.cache.tmp-1/embeddings")
+    problems, _ = plan(_cfg(), [unshared], written)
+    assert problems == [
+        "--output (its parent folder): /mnt/runs is a folder on this node's own disk on node w2 (198.18.0.12); the "
+        "Ray Data writers on every node write the cache there: use s3://…, gs://… or a path every node mounts"
+    ]
+    remote = cache_written("s3://b/cache/embeddings?endpoint_override=198.18.0.2:9000")
+    assert remote.location == "s3://b/cache/embeddings?endpoint_override=198.18.0.2:9000"
+
+
 def test_hostnames_on_loopback_set_the_interface_when_every_node_names_it_alike():
     cfg = _cfg()
     loop = [_report("198.18.0.11", "w1", ("127.0.1.1",)), _report("198.18.0.12", "w2", ("127.0.1.1",))]

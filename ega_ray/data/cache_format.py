@@ -2,7 +2,8 @@
 view, embedding) and ``manifest.json``, which records what the embeddings depend on (teacher, weights,
 augmentation, data, K), the row and view counts and the SHA-256 of every embeddings file. A ``cached`` run
 refuses a cache whose manifest does not match its config, whose files changed after it was built, or that
-lacks the embedding of any (image, view). No torch, no Ray.
+lacks the embedding of any (image, view). A cache is a local folder or a URI (``s3://…``, with the query of an
+S3-compatible server kept: ``ega_ray.uris``), read through pyarrow's filesystems. No torch, no Ray.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.dataset as pads
+import pyarrow.fs as pafs
 
+from ega_ray import uris
 from ega_ray.data.parquet import read_columns
 from ega_ray.errors import ConfigError
 from ega_ray.models.weights import is_weights_file, sha256_of
@@ -60,24 +63,58 @@ def expected_manifest(cfg: Config, spec) -> dict[str, Any]:
     }
 
 
-def file_digests(folder: Path) -> dict[str, str]:
-    """SHA-256 of every file under ``folder``, by path relative to it."""
-    return {p.relative_to(folder).as_posix(): sha256_of(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+def filesystem(location: str | Path) -> tuple[pafs.FileSystem, str]:
+    """The filesystem of ``location`` (a local path or a URI, its query configuring the filesystem) and the
+    path within it."""
+    if uris.is_uri(str(location)):
+        return pafs.FileSystem.from_uri(str(location))
+    return pafs.LocalFileSystem(), str(Path(location).absolute())
+
+
+def read_text(location: str | Path) -> str:
+    """The text of file ``location`` (local or URI); FileNotFoundError when there is none."""
+    fs, path = filesystem(location)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise FileNotFoundError(str(location))
+    with fs.open_input_stream(path) as f:
+        return f.read().decode()
+
+
+def sha256_at(location: str | Path) -> str:
+    """SHA-256 of file ``location`` (local or URI), read in blocks."""
+    fs, path = filesystem(location)
+    return _sha256(fs, path)
+
+
+def _sha256(fs: pafs.FileSystem, path: str) -> str:
+    h = hashlib.sha256()
+    with fs.open_input_stream(path) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_digests(folder: str | Path) -> dict[str, str]:
+    """SHA-256 of every file under ``folder`` (local or URI), by path relative to it; empty when it is absent."""
+    fs, base = filesystem(folder)
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True, allow_not_found=True))
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File)
+    return {p[len(base) :].lstrip("/"): _sha256(fs, p) for p in files}
 
 
 def check_manifest(cfg: Config, spec) -> dict[str, Any]:
     """The cache's manifest, after checking that it matches ``cfg`` and that its embeddings files are the
     ones it was built with; a ConfigError naming the difference if not."""
-    cache = Path(str(cfg.teacher.cache))
-    if not (cache / "manifest.json").is_file():
-        raise ConfigError(f"teacher.cache: {str(cache)!r} holds no manifest.json (run ega-ray cache-teacher)")
+    cache = str(cfg.teacher.cache)
     try:
-        found = json.loads((cache / "manifest.json").read_text())
+        found = json.loads(read_text(uris.join(cache, "manifest.json")))
+    except FileNotFoundError:
+        raise ConfigError(f"teacher.cache: {cache!r} holds no manifest.json (run ega-ray cache-teacher)") from None
     except ValueError as err:
-        raise ConfigError(f"teacher.cache: {str(cache)!r}: manifest.json is not valid JSON ({err})") from None
+        raise ConfigError(f"teacher.cache: {cache!r}: manifest.json is not valid JSON ({err})") from None
     if found.get("format") != CACHE_FORMAT:
         raise ConfigError(
-            f"teacher.cache: {str(cache)!r} has format {found.get('format')!r}, not {CACHE_FORMAT!r} "
+            f"teacher.cache: {cache!r} has format {found.get('format')!r}, not {CACHE_FORMAT!r} "
             "(no file digests); rebuild it with `ega-ray cache-teacher`"
         )
     expected = expected_manifest(cfg, spec)
@@ -88,10 +125,10 @@ def check_manifest(cfg: Config, spec) -> dict[str, Any]:
     ]
     if diffs:
         raise ConfigError(
-            f"teacher.cache: {str(cache)!r} was built for another setting: {'; '.join(diffs)}; "
+            f"teacher.cache: {cache!r} was built for another setting: {'; '.join(diffs)}; "
             "rebuild it with `ega-ray cache-teacher`"
         )
-    recorded, actual = found.get("files") or {}, file_digests(cache / "embeddings")
+    recorded, actual = found.get("files") or {}, file_digests(uris.join(cache, "embeddings"))
     changed = sorted(n for n in set(recorded) | set(actual) if recorded.get(n) != actual.get(n))
     if changed:
         status = {
@@ -100,7 +137,7 @@ def check_manifest(cfg: Config, spec) -> dict[str, Any]:
         }
         what = ", ".join(f"embeddings/{n} ({status[n]})" for n in changed[:3])
         raise ConfigError(
-            f"teacher.cache: {str(cache)!r} differs from what its manifest recorded: {what}; "
+            f"teacher.cache: {cache!r} differs from what its manifest recorded: {what}; "
             "rebuild it with `ega-ray cache-teacher`"
         )
     return found
@@ -109,8 +146,8 @@ def check_manifest(cfg: Config, spec) -> dict[str, Any]:
 def load_cached_embeddings(cache: str, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Dense (rows, views, D) float16 embeddings and, for every training ``index``, its row in them. Every
     training image must have each of the manifest's views exactly once (a ConfigError otherwise)."""
-    views = int(json.loads((Path(cache) / "manifest.json").read_text())["views"])
-    table = read_columns(str(Path(cache) / "embeddings"), ["index", "view", "embedding"])
+    views = int(json.loads(read_text(uris.join(cache, "manifest.json")))["views"])
+    table = read_columns(uris.join(cache, "embeddings"), ["index", "view", "embedding"])
     index, view = table["index"].to_numpy(), table["view"].to_numpy()
     emb = np.stack(table["embedding"].to_numpy(zero_copy_only=False)).astype(np.float16)
     if len(view) and (view.min() < 0 or view.max() >= views):

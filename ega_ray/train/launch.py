@@ -28,7 +28,7 @@ from ega_ray.errors import ConfigError, DivergedError
 from ega_ray.teacher_modes import TEACHER_MODES
 from ega_ray.train.checkpoints import check_resume, remove_unregistered, run_dir
 from ega_ray.train.common import load_state
-from ega_ray.train.nodes import check_cluster, max_failures
+from ega_ray.train.nodes import Written, check_cluster, max_failures
 from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
 from ega_ray.train.preflight import (
     PreparedData,
@@ -62,8 +62,9 @@ def configure_ray_data() -> None:
     ctx.use_datasource_v2 = False
 
 
-def connect_ray(cfg: Config) -> None:
-    """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``), or start a local Ray.
+def connect_ray(cfg: Config, written: Written | None = None) -> None:
+    """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``) and check its nodes (``written``:
+    where they write, default the run's checkpoints; ``ega_ray.train.nodes``), or start a local Ray.
 
     A local Ray is told of at least enough logical CPUs for the workers plus one for Ray Data: on a
     2-core machine two 1-CPU workers would otherwise leave Ray Data no CPU and the run would hang. It is
@@ -77,7 +78,7 @@ def connect_ray(cfg: Config) -> None:
     level = logging.INFO if cfg.run.verbose else logging.WARNING  # Ray's own INFO lines only with --verbose
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], logging_level=level)
-        for note in check_cluster(cfg):  # every node, before any training worker starts
+        for note in check_cluster(cfg, written):  # every node, before any training worker starts
             print(f"[nodes] {note}", flush=True)
         return
     s, t = cfg.scaling, cfg.teacher

@@ -55,6 +55,26 @@ class NodeReport:
     storage_problem: str | None = None  # why the checkpoint storage is not usable from there
 
 
+@dataclass(frozen=True)
+class Written:
+    """Where a command's Ray tasks and workers write what others read back: every node must reach the same
+    place. ``field`` names it in messages; ``fix`` says why it must be shared and how."""
+
+    field: str
+    location: str  # a URI, or a local folder whose sameness on every node a probe file proves
+    fix: str
+
+
+def checkpoints_written(cfg: Config) -> Written:
+    """A training run's checkpoints (``Config.checkpoint_root``): what a restarted worker restores from."""
+    field = "run.storage" if cfg.run.storage else "run.storage (unset: checkpoints beside the run folder)"
+    fix = (
+        "a restarted worker must find the checkpoints: set run.storage to s3://…, gs://… or a path every node "
+        "mounts"
+    )
+    return Written(field, cfg.checkpoint_root, fix)
+
+
 def read_inputs(cfg: Config) -> dict[str, str]:
     """The inputs a run's workers, teacher actors and Ray Data tasks read on their nodes.
 
@@ -157,19 +177,22 @@ def _where(report: NodeReport) -> str:
     return f"node {report.hostname} ({report.node_ip})"
 
 
-def plan(cfg: Config, reports: list[NodeReport]) -> tuple[list[str], dict[str, object]]:
+def plan(
+    cfg: Config, reports: list[NodeReport], written: Written | None = None
+) -> tuple[list[str], dict[str, object]]:
     """The problems the node reports show, one line each, and the settings to apply when there is none.
 
     Args:
         cfg: the run's config (resolved).
         reports: one per node that can host a worker or a Ray Data task.
+        written: where the nodes write (default: the run's checkpoints, :func:`checkpoints_written`).
 
     Returns:
         (problems, settings): ``settings`` maps a config field (``scaling.socket_ifname``) to its value.
     """
     problems: list[str] = []
     settings: dict[str, object] = {}
-    storage_field = "run.storage" if cfg.run.storage else "run.storage (unset: checkpoints beside the run folder)"
+    written = written or checkpoints_written(cfg)
     for report in reports:
         for name, why in report.unreadable.items():
             problems.append(
@@ -178,9 +201,7 @@ def plan(cfg: Config, reports: list[NodeReport]) -> tuple[list[str], dict[str, o
             )
         if report.storage_problem:
             problems.append(
-                f"{storage_field}: {cfg.checkpoint_root} is {report.storage_problem} on {_where(report)}; a "
-                "restarted worker must find the checkpoints: set run.storage to s3://…, gs://… or a path every "
-                "node mounts"
+                f"{written.field}: {written.location} is {report.storage_problem} on {_where(report)}; {written.fix}"
             )
     looping = [r for r in reports if r.hostname_addresses and all(map(_is_loopback, r.hostname_addresses))]
     if looping and cfg.scaling.num_workers > 1 and cfg.scaling.socket_ifname is None:
@@ -219,12 +240,13 @@ def max_failures(configured: int | None, storage: str | None, alive_nodes: int) 
     return CLUSTER_MAX_FAILURES if remote or alive_nodes > 1 else 0
 
 
-def check_cluster(cfg: Config) -> list[str]:
+def check_cluster(cfg: Config, written: Written | None = None) -> list[str]:
     """Check every alive node before training when this process joined a cluster; set
     ``scaling.socket_ifname`` in ``cfg`` when the checks find it needed and safe.
 
     Args:
         cfg: the resolved config, changed in place.
+        written: where the nodes write (default: the run's checkpoints, :func:`checkpoints_written`).
 
     Returns:
         Notes for the console (what was set and why). Raises ConfigError with one line per problem.
@@ -235,7 +257,8 @@ def check_cluster(cfg: Config) -> list[str]:
     if not os.environ.get("RAY_ADDRESS"):
         return []  # a local Ray: one machine
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) > 0]
-    storage = cfg.checkpoint_root
+    written = written or checkpoints_written(cfg)
+    storage = written.location
     probe_name = None
     if not is_uri(storage):
         probe_name = f"{PROBE_PREFIX}{uuid.uuid4().hex[:12]}"
@@ -259,7 +282,7 @@ def check_cluster(cfg: Config) -> list[str]:
     finally:
         if probe_name is not None:
             (Path(storage) / probe_name).unlink(missing_ok=True)
-    problems, settings = plan(cfg, reports)
+    problems, settings = plan(cfg, reports, written)
     if problems:
         raise ConfigError("\n".join(problems))
     notes = [f"checked {len(reports)} node(s): every input and {storage} reachable"] if reports else []

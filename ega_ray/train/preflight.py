@@ -62,7 +62,7 @@ def resolve(cfg: Config, check_teacher_file: bool = True) -> Config:
         if not path.is_file():
             raise ConfigError(f"teacher.weights: file {w!r} does not exist")
         cfg.teacher.weights = str(path)
-    if cfg.teacher.cache is not None:
+    if cfg.teacher.cache is not None and not is_uri(cfg.teacher.cache):
         cfg.teacher.cache = str(Path(cfg.teacher.cache).expanduser().resolve())
     for field in ("train", "test"):
         if cfg.data.validation == getattr(cfg.data, field):
