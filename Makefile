@@ -33,7 +33,8 @@ install-tools:
 	$(SUDO) apt-get install -y -q $(APT_TOOLS) >/dev/null || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_TOOLS); }
 
-PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist worksteal
+# loadgroup: the tests of an xdist_group (one multi-host cluster) share a process; the others are spread
+PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
 # the tests that need only Python and torch: tests/conftest.py's FAST_TIER, pyproject.toml's markers
 FAST_TIER := not ray and not cluster and not multihost and not heavy and not gpu
 

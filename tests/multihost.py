@@ -16,6 +16,7 @@ Needs root (namespaces, mounts); :func:`missing_privileges` says why not, for a 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -29,6 +30,7 @@ from functools import partial
 from pathlib import Path
 
 PREFIX = "egaray-mh"
+LOCK_FILE = f"/run/lock/{PREFIX}.lock" if os.path.isdir("/run/lock") else f"/tmp/{PREFIX}.lock"
 SUBNET = "198.18.74"  # a /24 of the test-only range 198.18.0.0/15
 S3_ADDRESS = f"{SUBNET}.2"
 S3_PORT = 9000
@@ -199,8 +201,12 @@ class MultiHostCluster:
         return f"{PREFIX}-switch"
 
     def start(self) -> MultiHostCluster:
+        """Start the hosts, the S3 server and Ray on each; first wait for the machine's lock (one such cluster
+        at a time: their names and addresses are fixed), then remove what a killed earlier run left."""
         import atexit
 
+        self._lock = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._lock, fcntl.LOCK_EX)  # held until stop(); released by the kernel if this process dies
         remove_leftovers()
         self.logs.mkdir(parents=True, exist_ok=True)
         atexit.register(self.stop)
@@ -253,11 +259,17 @@ class MultiHostCluster:
 
     def stop(self) -> None:
         """Kill every process this cluster started and remove its namespaces; idempotent."""
-        for netns in _namespaces():
-            _kill_namespace(netns)
-        for host in (self.head, self.client, self.s3, *self.workers.values()):
-            for process in host.processes:
-                process.wait(timeout=10)  # reaped: killed above with their namespace
+        if getattr(self, "_lock", None) is None:
+            return  # never started, or stopped already: the namespaces may be another session's
+        try:
+            for netns in _namespaces():
+                _kill_namespace(netns)
+            for host in (self.head, self.client, self.s3, *self.workers.values()):
+                for process in host.processes:
+                    process.wait(timeout=10)  # reaped: killed above with their namespace
+        finally:
+            os.close(self._lock)  # the lock: the next session's cluster may start
+            self._lock = None
 
     # ------------------------------------------------------------------ use
 

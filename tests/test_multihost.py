@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 from multihost import BIN, MultiHostCluster, missing_privileges
 
-pytestmark = pytest.mark.multihost
+# one cluster of fixed names and addresses per machine: the module's tests share a worker of pytest-xdist
+# (--dist loadgroup) and MultiHostCluster.start waits for any other session's cluster to stop
+pytestmark = [pytest.mark.multihost, pytest.mark.xdist_group("multihost")]
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "ega-ray-test"
