@@ -342,7 +342,8 @@ def test_empty_config_file_needs_data(tmp_path: Path) -> None:
 def test_overrides_parse_values_as_yaml() -> None:
     raw = apply_overrides(
         {"optim": {"epochs": 240}},
-        ["optim.epochs=3", "distill.ega.temperature=null", "augment.flip=false", "optim.milestones=[1, 2]", "run.name=a=b"],
+        ["optim.epochs=3", "distill.ega.temperature=null", "augment.flip=false", "optim.milestones=[1, 2]"]
+        + ["run.name=a=b"],
     )
     assert raw["optim"]["epochs"] == 3 and isinstance(raw["optim"]["epochs"], int)
     assert raw["distill"]["ega"]["temperature"] is None
