@@ -116,6 +116,12 @@ def other_methods_path(path: str, method: str) -> bool:
     return section == "distill" and name in SETTINGS and name != method and bool(rest[0])
 
 
+def without_method_settings(flat: dict[str, Any]) -> dict[str, Any]:
+    """A flat settings record (``distill.ega.node_weight``: value) less every method's own settings: what two
+    runs of different methods are compared on, since ``distill.method`` differing already says that they do."""
+    return {k: v for k, v in flat.items() if k.split(".")[:2][-1] not in SETTINGS or not k.startswith("distill.")}
+
+
 def with_method(raw: dict[str, Any], method: str) -> dict[str, Any]:
     """A raw config switched to ``method``: the settings of the method it had dropped, from ``distill`` and from
     ``tune.space`` (``method``'s own, when given, stay).

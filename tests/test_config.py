@@ -16,8 +16,10 @@ import pytest
 import yaml
 
 from ega_ray.config import Config, ConfigError, OptimConfig, apply_overrides, load_config, parse_config
+from ega_ray.config_distill import without_method_settings
 from ega_ray.losses import SETTINGS
 from ega_ray.losses.settings.docs import settings_tables
+from ega_ray.run_folder import settings_differences
 from ega_ray.train.preflight import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -146,6 +148,13 @@ def test_only_the_chosen_methods_settings() -> None:
         "distill: ega.node_weight is a setting of method 'ega', but distill.method is 'crd' "
         "(set distill.method: ega, or drop distill.ega)"
     )
+
+
+def test_a_method_change_is_named_once_in_a_resume_refusal() -> None:
+    ega, kd = (parse_config(_raw(distill={"method": m})).result_settings("distill") for m in ("ega", "kd"))
+    assert ega["distill.ega.node_weight"] == 0.8 and "distill.ega.node_weight" not in kd  # recorded by path
+    diffs = settings_differences(without_method_settings(ega), without_method_settings(kd))
+    assert diffs == ['distill.method: "ega" → "kd"']
 
 
 @pytest.mark.parametrize(
