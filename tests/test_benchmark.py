@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ega_ray.config import ConfigError, load_config
+from ega_ray.config import ConfigError, load_config, parse_config
 from ega_ray.tune.benchmark import best_trial, method_config, method_space, parse_methods, run_benchmark, tuned_choice
 
 REPO = Path(__file__).resolve().parents[1]
@@ -83,6 +83,12 @@ def test_each_method_runs_with_its_reference_weights_and_searches_its_own_knobs(
     assert (tuned["optim"]["lr"], tuned["run"]["name"]) == (0.1, "crd-tuned-seed1")
     assert set(method_space("ce")) == {"optim.lr"}
     assert set(method_space("crd")) == {"distill.crd.temperature", "distill.beta", "optim.lr"}
+    # a dumped EGA config (its ega settings, its search space) becomes a CRD run that searches CRD's own
+    dumped = load_config(REPO / "configs" / "smoke.yaml").model_dump(mode="json")
+    assert "ega" in dumped["distill"] and "distill.ega.temperature" in dumped["tune"]["space"]
+    searched = parse_config(method_config(dumped, "crd", 0, tmp_path, params={"distill.crd.temperature": 0.1}))
+    assert (searched.distill.method, searched.distill.crd.temperature, searched.distill.ega) == ("crd", 0.1, None)
+    assert not any(key.startswith("distill.ega.") for key in searched.tune.space)
 
 
 def test_tuned_settings_are_the_reference_unless_a_trial_beat_it() -> None:
