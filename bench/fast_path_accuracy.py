@@ -34,7 +34,7 @@ def fast_overrides(args: argparse.Namespace, device: str, optim: dict) -> list[s
         f"optim.epochs={epochs}",
         f"optim.milestones={milestones}",
         f"optim.batch_size={64 * args.batch_factor}",
-        "distill.graph_size=64",
+        "distill.ega.graph_size=64",
         f"optim.lr_scaling={args.lr_scaling}",
         *([f"optim.noise_scale={args.noise_scale}"] if args.noise_scale else []),
         f"optim.warmup_epochs={args.warmup_epochs}",

@@ -5,7 +5,7 @@ same step as a Ray Train worker (``build_parts`` / ``train_step``, the decoded t
 the teacher online on its own view), and at the chosen epochs measures the simple noise scale
 B_noise = tr(Σ)/|G|² (``ega_ray/train/noise_scale.py``; McCandlish et al. 2018) of the student's loss,
 its distiller term and its CE, from gradients of ``--batches SMALL BIG`` images (multiples of
-``distill.graph_size``; no step is taken for them). A batch ×k needs about
+``distill.ega.graph_size``; no step is taken for them). A batch ×k needs about
 k·(1 + B_noise/B)/(1 + B_noise/B_ref) times the reference's epochs to make the same progress; the script
 integrates that factor over the run for the big batch and writes JSON and a PNG.
 
@@ -100,10 +100,10 @@ def measure(args: argparse.Namespace) -> int:
         cfg = resolve(load_config(args.config, overrides))
     else:
         cfg = embedded_with_teacher(overrides, str(out))
-    o, g = cfg.optim, cfg.distill.graph_size
+    o, g = cfg.optim, cfg.distill.ega.graph_size
     small, big = args.batches or (o.batch_size, 4 * o.batch_size)
     if g is not None and (small % g or big % g):
-        raise ConfigError(f"--batches {small} {big}: both must be multiples of distill.graph_size {g}")
+        raise ConfigError(f"--batches {small} {big}: both must be multiples of distill.ega.graph_size {g}")
     at = sorted(set(args.at or np.linspace(0, o.epochs, 8).round().astype(int).tolist()))
     if at[0] < 0 or at[-1] > o.epochs:
         raise ConfigError(f"--at {at}: epochs must lie in 0..optim.epochs ({o.epochs})")

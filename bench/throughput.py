@@ -114,7 +114,7 @@ def project_config(
             "actor_gpus": gpu_share,
         },
         "student": {"name": args.student},
-        "distill": {"graph_size": graph_size or min(64, args.batch)},  # the paper's 64-node graphs
+        "distill": {"ega": {"graph_size": graph_size or min(64, args.batch)}},  # the paper's 64-node graphs
         "optim": {
             "epochs": epochs,
             "batch_size": args.batch,

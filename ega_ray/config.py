@@ -16,16 +16,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ega_ray.config_distill import DistillConfig
+from ega_ray.config_io import apply_overrides, flat_settings, format_error
+from ega_ray.config_tune import SpaceEntry, TuneSection, check_space, default_space
 from ega_ray.constants import CLIP_MEAN, CLIP_STD
 from ega_ray.errors import ConfigError
-from ega_ray.losses import DISTILLERS
 from ega_ray.models.students import STUDENTS
 from ega_ray.models.teachers import TEACHERS
 from ega_ray.teacher_modes import TEACHER_MODES
 from ega_ray.uris import is_uri
 from ega_ray.yaml_strict import load_yaml
 
-__all__ = ["Config", "ConfigError", "load_config", "parse_config", "apply_overrides", "is_uri"]
+__all__ = ["Config", "ConfigError", "DistillConfig", "SpaceEntry", "load_config", "parse_config", "apply_overrides"]
+__all__ += ["is_uri"]
 
 # Settings that say where or how fast a run executes, not what it computes: a run may be resumed with other
 # values (e.g. on fewer workers after losing a node). A key ending in "." stands for its whole section.
@@ -140,49 +143,6 @@ class StudentConfig(_Section):
         return STUDENTS.check(v)  # a family's member (torchvision:NAME) is checked by the preflight
 
 
-class DistillConfig(_Section):
-    method: str = Field("ega", description="distiller registry name")
-    embed_dim: int = Field(256, ge=1, description="joint embedding width of both projection heads")
-    node_weight: float = Field(0.8, ge=0)
-    edge_weight: float = Field(0.24, ge=0)
-    temperature: float | None = Field(None, gt=0, description="None: the paper's hard graph; τ > 0: soft graph")
-    global_graph: bool = Field(
-        True, description="graph (and every batch-relational loss) over the global batch (all DDP ranks) or per rank"
-    )
-    graph_size: int | None = Field(
-        64, ge=2, description="EGA: instances per graph (the paper's 64); null: one graph per global batch"
-    )
-    standardize_teacher_features: bool = Field(
-        False, description="parameter-free BatchNorm on teacher features before its projection (see docs/method.md)"
-    )
-    gamma: float = Field(1.0, ge=0, description="weight of the student's cross-entropy")
-    beta: float = Field(1.0, ge=0, description="weight of the distiller")
-    alpha: float = Field(0.0, ge=0, description="weight of KD against the teacher head's logits")
-    kd_temperature: float = Field(4.0, gt=0, description="KD's temperature (the alpha term and kd)")
-    rkd_distance_weight: float = Field(25.0, ge=0)
-    rkd_angle_weight: float = Field(50.0, ge=0)
-    contrast_temperature: float = Field(0.1, gt=0, description="nce, ccl: temperature of the cosine similarities")
-    ccl_temperature: float = Field(
-        1.0, gt=0, description="ccl: temperature of its symmetric KL between the logits (the EGA code's T = 1)"
-    )
-    crd_temperature: float = Field(0.07, gt=0)
-    crd_negatives: int = Field(16384, ge=1, description="noise rows per anchor (capped at the memory size − 1)")
-    crd_negatives_from: Literal["other_class", "any"] = Field(
-        "other_class",
-        description="crd: noise slots of other classes than the anchor's (CRD's CIFAR recipe) or of any class",
-    )
-    crd_momentum: float = Field(0.5, ge=0, lt=1, description="memory update momentum")
-    crd_bank: Literal["dataset", "queue"] = Field(
-        "dataset", description="one memory slot per training row, or a FIFO queue of crd_queue_size rows"
-    )
-    crd_queue_size: int = Field(16384, ge=2)
-
-    @field_validator("method")
-    @classmethod
-    def _known(cls, v: str) -> str:
-        return DISTILLERS.check(v)
-
-
 class OptimConfig(_Section):
     epochs: int = Field(240, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cut epochs short (benchmarks, smoke runs)")
@@ -272,60 +232,6 @@ class PretrainConfig(_Section):
         return StudentConfig._known(v)
 
 
-class SpaceEntry(_Section):
-    """One searched config field: a range (uniform / loguniform / int) or a list of values (choice / grid)."""
-
-    type: Literal["uniform", "loguniform", "int", "choice", "grid"]
-    low: float | None = None
-    high: float | None = None
-    values: list[Any] | None = None
-    include_none: bool = Field(False, description="also try None (for distill.temperature: the paper's hard graph)")
-
-    @model_validator(mode="after")
-    def _well_formed(self) -> SpaceEntry:
-        if self.type in ("choice", "grid"):
-            if not self.values:
-                raise ValueError(f"{self.type} needs a non-empty 'values' list")
-        else:
-            if self.low is None or self.high is None:
-                raise ValueError(f"{self.type} needs 'low' and 'high'")
-            if not self.low < self.high:
-                raise ValueError(f"empty range: low {self.low} must be below high {self.high}")
-            if self.type == "loguniform" and self.low <= 0:
-                raise ValueError(f"loguniform needs low > 0, got {self.low}")
-        return self
-
-    def bounds(self) -> list[Any]:
-        """The values whose validity stands for the whole entry: the ends of a range, or every listed value."""
-        return list(self.values) if self.type in ("choice", "grid") else [self.low, self.high]
-
-
-DEFAULT_SPACE: dict[str, dict[str, Any]] = {
-    "distill.temperature": {"type": "loguniform", "low": 0.03, "high": 1.0, "include_none": True},
-    "distill.node_weight": {"type": "uniform", "low": 0.1, "high": 2.0},
-    "distill.edge_weight": {"type": "uniform", "low": 0.05, "high": 1.0},
-    "distill.beta": {"type": "uniform", "low": 0.25, "high": 2.0},
-    "optim.lr": {"type": "loguniform", "low": 0.0125, "high": 0.2},
-}
-
-
-class TuneSection(_Section):
-    """``ega-ray tune``: the searched fields and how trials are scheduled (see docs/tuning.md)."""
-
-    num_samples: int = Field(8, ge=1, description="trials to sample (grid entries multiply them)")
-    metric: Literal["validation_top1", "validation_top5"] = Field(
-        "validation_top1", description="the validation split's metric to maximise"
-    )
-    search: Literal["random", "optuna"] = Field("random", description="optuna needs the optional extra [tune]")
-    grace_period: int = Field(3, ge=1, description="ASHA: epochs every trial runs before it can be stopped")
-    reduction_factor: float = Field(2.0, gt=1, description="ASHA: keep 1/reduction_factor of trials at each rung")
-    max_concurrent: int | None = Field(None, ge=1, description="None: as many as the cluster's CPUs/GPUs hold")
-    space: dict[str, SpaceEntry] = Field(
-        default_factory=lambda: {k: SpaceEntry(**v) for k, v in DEFAULT_SPACE.items()},
-        description="dotted config field → search entry; replaces the default space when given",
-    )
-
-
 class RunSection(_Section):
     name: str = Field("ega", pattern=r"^[A-Za-z0-9_.-]+$")
     output: str | None = Field(None, description="run folder; default runs/<name>")
@@ -386,9 +292,14 @@ class Config(_Section):
     @model_validator(mode="before")
     @classmethod
     def _empty_sections(cls, raw: Any) -> Any:
-        """A section left empty in YAML (``teacher:``) means its defaults."""
-        if isinstance(raw, dict):
-            return {k: ({} if v is None and k in cls.model_fields else v) for k, v in raw.items()}
+        """A section left empty in YAML (``teacher:``) means its defaults; the default search space leaves out
+        the settings of methods other than the chosen one."""
+        if not isinstance(raw, dict):
+            return raw
+        raw = {k: ({} if v is None and k in cls.model_fields else v) for k, v in raw.items()}
+        distill, tune = raw.get("distill", {}), raw.get("tune", {})
+        if isinstance(distill, dict) and isinstance(tune, dict) and "space" not in tune:
+            raw["tune"] = {**tune, "space": default_space(str(distill.get("method", "ega")))}
         return raw
 
     @model_validator(mode="after")
@@ -399,33 +310,13 @@ class Config(_Section):
         return self
 
     @model_validator(mode="after")
-    def _graph_size_divides(self) -> Config:
-        g, b = self.distill.graph_size, self.optim.batch_size
-        if self.distill.method == "ega" and g is not None and b % g:
-            raise ValueError(
-                f"distill.graph_size {g} must divide optim.batch_size {b} (the batch is cut into graphs of "
-                f"graph_size instances; null: one graph per batch)"
-            )
+    def _method_settings_fit(self) -> Config:
+        self.distill.settings.check_with(self)  # e.g. EGA's graph_size divides the batch
         return self
 
     @model_validator(mode="after")
     def _space_fields_exist(self) -> Config:
-        """Every searched key names a config field outside tune/run, and its values are valid for that field."""
-        sections = [name for name in type(self).model_fields if name not in ("tune", "run")]
-        for key, entry in self.tune.space.items():
-            section, _, field = key.partition(".")
-            if section not in sections or field not in type(getattr(self, section)).model_fields:
-                raise ValueError(
-                    f"tune.space: {key!r} is not a searchable config field (section.field, sections: "
-                    f"{', '.join(sections)})"
-                )
-            current = getattr(self, section)
-            for value in entry.bounds():
-                try:
-                    type(current).model_validate({**current.model_dump(), field: value})
-                except ValidationError as err:
-                    msg = err.errors()[0]["msg"].removeprefix("Value error, ")
-                    raise ValueError(f"tune.space.{key}: value {value!r} is not allowed: {msg}") from None
+        check_space(self)
         return self
 
     def result_settings(self, command: str) -> dict[str, Any]:
@@ -434,7 +325,7 @@ class Config(_Section):
         flat = {
             f"{section}.{field}": value
             for section in RESULT_SECTIONS[command]
-            for field, value in getattr(self, section).model_dump(mode="json").items()
+            for field, value in flat_settings(getattr(self, section).model_dump(mode="json")).items()
         }
         return {
             k: v
@@ -452,45 +343,13 @@ class Config(_Section):
         return self.run.storage or str(self.output_dir.parent)
 
 
-def _format_error(error: dict[str, Any], model: type[BaseModel]) -> str:
-    """One of pydantic's errors as one line naming the field."""
-    loc = ".".join(str(p) for p in error["loc"])
-    if error["type"] == "extra_forbidden":
-        parent: Any = model
-        for part in error["loc"][:-1]:
-            parent = parent.model_fields[str(part)].annotation
-        return f"{loc}: unknown field; allowed here: {', '.join(parent.model_fields)}"
-    if error["type"] == "missing":
-        return f"{loc}: required field is missing"
-    msg = error["msg"].removeprefix("Value error, ")
-    got = error.get("input")
-    suffix = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{loc}: {msg}{suffix}" if loc else f"{msg}{suffix}"
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``section.field=value`` overrides (values parsed as YAML) to a raw config dict."""
-    for item in overrides:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.epochs=10")
-        node = raw
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node[leaf] = load_yaml(value, f"--set {item!r}: the value")
-    return raw
-
-
 def parse_config(raw: dict[str, Any]) -> Config:
     """The validated config; a ConfigError with one line per problem, every field's problems at once (the
     rules that relate fields of several sections are checked once every field is valid)."""
     try:
         return Config.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(*dict.fromkeys(_format_error(e, Config) for e in err.errors())) from None
+        raise ConfigError(*dict.fromkeys(format_error(e, Config) for e in err.errors())) from None
 
 
 def load_config(path: str | os.PathLike | None, overrides: list[str] | None = None) -> Config:

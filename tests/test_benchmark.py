@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from ega_ray.config import ConfigError, load_config
+from ega_ray.config import ConfigError, load_config, parse_config
 from ega_ray.tune.benchmark import best_trial, method_config, method_space, parse_methods, run_benchmark, tuned_choice
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,8 +40,8 @@ def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
     # every method searched its own knobs and the lr, 2 trials each; its tuned runs use the best trial's values
     # if that trial beat the reference settings' seed-0 run, else the reference settings, which are not rerun
     searched = [load_config(p) for p in sorted((out / "trials").glob("tune-crd-*/config.yaml"))]
-    assert len(searched) == 2 and len({c.distill.crd_temperature for c in searched}) == 2
-    assert all(0.03 <= c.distill.crd_temperature <= 0.3 and 0.0125 <= c.optim.lr <= 0.2 for c in searched)
+    assert len(searched) == 2 and len({c.distill.crd.temperature for c in searched}) == 2
+    assert all(0.03 <= c.distill.crd.temperature <= 0.3 and 0.0125 <= c.optim.lr <= 0.2 for c in searched)
     tuned_settings = json.loads((out / "tuned_settings.json").read_text())
     best, seed0 = tuned_settings["best"], tuned_settings["seed0_validation_top1"]
     for method in ("crd", "ce"):
@@ -82,7 +82,13 @@ def test_each_method_runs_with_its_reference_weights_and_searches_its_own_knobs(
     tuned = method_config(base, "crd", 1, tmp_path, params={"optim.lr": 0.1}, name="crd-tuned-seed1")
     assert (tuned["optim"]["lr"], tuned["run"]["name"]) == (0.1, "crd-tuned-seed1")
     assert set(method_space("ce")) == {"optim.lr"}
-    assert set(method_space("crd")) == {"distill.crd_temperature", "distill.beta", "optim.lr"}
+    assert set(method_space("crd")) == {"distill.crd.temperature", "distill.beta", "optim.lr"}
+    # a dumped EGA config (its ega settings, its search space) becomes a CRD run that searches CRD's own
+    dumped = load_config(REPO / "configs" / "smoke.yaml").model_dump(mode="json")
+    assert "ega" in dumped["distill"] and "distill.ega.temperature" in dumped["tune"]["space"]
+    searched = parse_config(method_config(dumped, "crd", 0, tmp_path, params={"distill.crd.temperature": 0.1}))
+    assert (searched.distill.method, searched.distill.crd.temperature, searched.distill.ega) == ("crd", 0.1, None)
+    assert not any(key.startswith("distill.ega.") for key in searched.tune.space)
 
 
 def test_tuned_settings_are_the_reference_unless_a_trial_beat_it() -> None:

@@ -16,6 +16,10 @@ import pytest
 import yaml
 
 from ega_ray.config import Config, ConfigError, OptimConfig, apply_overrides, load_config, parse_config
+from ega_ray.config_distill import without_method_settings
+from ega_ray.losses import SETTINGS
+from ega_ray.losses.settings.docs import settings_tables
+from ega_ray.run_folder import settings_differences
 from ega_ray.train.preflight import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,7 +89,7 @@ def test_defaults() -> None:
     cfg = parse_config(copy.deepcopy(MINIMAL))
     assert cfg.teacher.name == "open_clip:ViT-B-32"
     assert cfg.student.name == "resnet8x4"
-    assert cfg.distill.temperature is None
+    assert cfg.distill.ega.temperature is None and cfg.distill.settings is cfg.distill.ega
     assert cfg.optim.batch_size % cfg.scaling.num_workers == 0
     assert cfg.output_dir == Path("runs") / "ega"
 
@@ -103,7 +107,9 @@ def test_unknown_top_level_field() -> None:
 def test_unknown_field_in_section() -> None:
     msg = _error(_raw(distill={"temprature": 0.5}))
     assert msg.startswith("distill.temprature: unknown field")
-    assert "temperature" in msg and "node_weight" in msg and "method" in msg
+    assert "kd_temperature" in msg and "ega" in msg and "method" in msg
+    msg = _error(_raw(distill={"ega": {"temprature": 0.5}}))
+    assert msg.startswith("distill.ega.temprature: unknown field") and "node_weight, edge_weight, temperature" in msg
 
 
 @pytest.mark.parametrize(
@@ -122,11 +128,43 @@ def test_unknown_registry_name(section: str, field: str, value: str, allowed: st
 
 
 def test_baseline_fields() -> None:
-    d = parse_config(_raw()).distill
-    assert (d.ccl_temperature, d.crd_negatives_from) == (1.0, "other_class")  # the references' settings
-    msg = _error(_raw(distill={"crd_negatives_from": "same_class"}))
-    assert msg.startswith("distill.crd_negatives_from:") and "'other_class'" in msg and "'any'" in msg
-    assert _error(_raw(distill={"ccl_temperature": 0})).startswith("distill.ccl_temperature:")
+    ccl = parse_config(_raw(distill={"method": "ccl"})).distill.ccl
+    crd = parse_config(_raw(distill={"method": "crd"})).distill.crd
+    assert (ccl.logit_temperature, crd.negatives_from) == (1.0, "other_class")  # the references' settings
+    msg = _error(_raw(distill={"method": "crd", "crd": {"negatives_from": "same_class"}}))
+    assert msg.startswith("distill.crd.negatives_from:") and "'other_class'" in msg and "'any'" in msg
+    assert _error(_raw(distill={"method": "ccl", "ccl": {"logit_temperature": 0}})).startswith(
+        "distill.ccl.logit_temperature:"
+    )
+
+
+def test_only_the_chosen_methods_settings() -> None:
+    cfg = parse_config(_raw(distill={"method": "rkd", "rkd": {"angle_weight": 5.0}}))
+    assert (cfg.distill.rkd.angle_weight, cfg.distill.ega) == (5.0, None)
+    assert list(cfg.distill.model_dump()).count("rkd") == 1 and "ega" not in cfg.distill.model_dump()
+    assert parse_config(cfg.model_dump(mode="json")).distill == cfg.distill  # a dump parses again
+    msg = _error(_raw(distill={"method": "crd", "ega": {"node_weight": 1.0}}))
+    assert msg == (
+        "distill: ega.node_weight is a setting of method 'ega', but distill.method is 'crd' "
+        "(set distill.method: ega, or drop distill.ega)"
+    )
+
+
+def test_a_method_change_is_named_once_in_a_resume_refusal() -> None:
+    ega, kd = (parse_config(_raw(distill={"method": m})).result_settings("distill") for m in ("ega", "kd"))
+    assert ega["distill.ega.node_weight"] == 0.8 and "distill.ega.node_weight" not in kd  # recorded by path
+    diffs = settings_differences(without_method_settings(ega), without_method_settings(kd))
+    assert diffs == ['distill.method: "ega" → "kd"']
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [("node_weight", "distill.ega.node_weight"), ("crd_negatives", "distill.crd.negatives"),
+     ("ccl_temperature", "distill.ccl.logit_temperature"), ("rkd_angle_weight", "distill.rkd.angle_weight")],
+)  # fmt: skip
+def test_the_old_flat_names_point_to_the_new_paths(old: str, new: str) -> None:
+    msg = _error(_raw(distill={old: 1.0}))
+    assert msg.startswith(f"distill: {old} moved to {new} ") and "\n" not in msg
 
 
 def test_teacher_families_accepted() -> None:
@@ -143,23 +181,23 @@ def test_teacher_families_accepted() -> None:
 
 
 def test_negative_node_weight() -> None:
-    msg = _error(_raw(distill={"node_weight": -0.1}))
-    assert msg.startswith("distill.node_weight:") and "greater than or equal to 0" in msg
+    msg = _error(_raw(distill={"ega": {"node_weight": -0.1}}))
+    assert msg.startswith("distill.ega.node_weight:") and "greater than or equal to 0" in msg
 
 
 @pytest.mark.parametrize("value", [0, -1])
 def test_temperature_must_be_positive(value: float) -> None:
-    msg = _error(_raw(distill={"temperature": value}))
-    assert msg.startswith("distill.temperature:") and "greater than 0" in msg
+    msg = _error(_raw(distill={"ega": {"temperature": value}}))
+    assert msg.startswith("distill.ega.temperature:") and "greater than 0" in msg
 
 
 def test_temperature_none_and_positive_accepted() -> None:
-    assert parse_config(_raw(distill={"temperature": None})).distill.temperature is None
-    assert parse_config(_raw(distill={"temperature": 0.1})).distill.temperature == 0.1
+    assert parse_config(_raw(distill={"ega": {"temperature": None}})).distill.ega.temperature is None
+    assert parse_config(_raw(distill={"ega": {"temperature": 0.1}})).distill.ega.temperature == 0.1
 
 
 def test_batch_size_multiple_of_workers() -> None:
-    one_graph = {"graph_size": None}
+    one_graph = {"ega": {"graph_size": None}}
     msg = _error(_raw(optim={"batch_size": 63}, scaling={"num_workers": 2}, distill=one_graph))
     assert "optim.batch_size" in msg and "scaling.num_workers" in msg and "multiple" in msg
     cfg = parse_config(_raw(optim={"batch_size": 63}, scaling={"num_workers": 3}, distill=one_graph))
@@ -168,10 +206,12 @@ def test_batch_size_multiple_of_workers() -> None:
 
 def test_graph_size_must_divide_the_batch() -> None:
     msg = _error(_raw(optim={"batch_size": 96}))
-    assert "distill.graph_size 64 must divide optim.batch_size 96" in msg
-    assert parse_config(_raw(optim={"batch_size": 256})).distill.graph_size == 64  # 4 graphs per batch
-    assert parse_config(_raw(optim={"batch_size": 96}, distill={"graph_size": 32})).distill.graph_size == 32
-    assert parse_config(_raw(optim={"batch_size": 96}, distill={"graph_size": None})).distill.graph_size is None
+    assert "distill.ega.graph_size 64 must divide optim.batch_size 96" in msg
+    assert parse_config(_raw(optim={"batch_size": 256})).distill.ega.graph_size == 64  # 4 graphs per batch
+    ega = {"ega": {"graph_size": 32}}
+    assert parse_config(_raw(optim={"batch_size": 96}, distill=ega)).distill.ega.graph_size == 32
+    ega = {"ega": {"graph_size": None}}
+    assert parse_config(_raw(optim={"batch_size": 96}, distill=ega)).distill.ega.graph_size is None
     assert parse_config(_raw(optim={"batch_size": 96}, distill={"method": "kd"})).optim.batch_size == 96
 
 
@@ -311,10 +351,11 @@ def test_empty_config_file_needs_data(tmp_path: Path) -> None:
 def test_overrides_parse_values_as_yaml() -> None:
     raw = apply_overrides(
         {"optim": {"epochs": 240}},
-        ["optim.epochs=3", "distill.temperature=null", "augment.flip=false", "optim.milestones=[1, 2]", "run.name=a=b"],
+        ["optim.epochs=3", "distill.ega.temperature=null", "augment.flip=false", "optim.milestones=[1, 2]"]
+        + ["run.name=a=b"],
     )
     assert raw["optim"]["epochs"] == 3 and isinstance(raw["optim"]["epochs"], int)
-    assert raw["distill"]["temperature"] is None
+    assert raw["distill"]["ega"]["temperature"] is None
     assert raw["augment"]["flip"] is False
     assert raw["optim"]["milestones"] == [1, 2]
     assert raw["run"]["name"] == "a=b"  # only the first '=' separates key and value
@@ -327,10 +368,12 @@ def test_overrides_create_nested_keys() -> None:
 
 def test_load_config_applies_overrides_after_file(tmp_path: Path) -> None:
     path = _write(tmp_path / "c.yaml", _raw(optim={"epochs": 10}))
-    cfg = load_config(path, ["optim.epochs=3", "distill.temperature=0.5", "augment.flip=false"])
-    assert (cfg.optim.epochs, cfg.distill.temperature, cfg.augment.flip) == (3, 0.5, False)
-    with pytest.raises(ConfigError, match=r"^distill\.temperature:"):
-        load_config(path, ["distill.temperature=0"])
+    cfg = load_config(path, ["optim.epochs=3", "distill.ega.temperature=0.5", "augment.flip=false"])
+    assert (cfg.optim.epochs, cfg.distill.ega.temperature, cfg.augment.flip) == (3, 0.5, False)
+    with pytest.raises(ConfigError, match=r"^distill\.ega\.temperature:"):
+        load_config(path, ["distill.ega.temperature=0"])
+    with pytest.raises(ConfigError, match=r"^distill: temperature moved to distill\.ega\.temperature "):
+        load_config(path, ["distill.temperature=0.5"])
 
 
 # --- path resolution ---------------------------------------------------------------------------
@@ -402,20 +445,37 @@ def _doc_example() -> dict[str, Any]:
     return yaml.safe_load(doc.split("## A complete annotated example")[1].split("```yaml")[1].split("```")[0])
 
 
+def _fields(section: str) -> list[str]:
+    """A section's own fields (for distill: those every method shares, not the methods' keys)."""
+    return [f for f in Config.model_fields[section].annotation.model_fields if f not in SETTINGS]
+
+
 def test_docs_example_parses_and_lists_every_field() -> None:
     raw = _doc_example()
     parse_config(copy.deepcopy(raw))
     assert list(raw) == list(Config.model_fields)
-    for section, info in Config.model_fields.items():
-        assert list(raw[section]) == list(info.annotation.model_fields), section
+    for section in Config.model_fields:
+        assert [f for f in raw[section] if f not in SETTINGS] == _fields(section), section
+    method = raw["distill"]["method"]
+    assert list(raw["distill"][method]) == list(SETTINGS.get(method).model_fields)  # the chosen method's, all
 
 
 def test_docs_table_row_for_every_field() -> None:
     doc = (ROOT / "docs" / "config.md").read_text()
-    for section, info in Config.model_fields.items():
+    for section in Config.model_fields:
         body = doc.split(f"### `{section}`")[1].split("\n### ")[0]
-        for field in info.annotation.model_fields:
+        for field in _fields(section):
             assert f"| `{field}` |" in body, f"{section}.{field} has no row in docs/config.md"
+
+
+def test_docs_method_settings_are_the_models() -> None:
+    """docs/config.md's per-method tables are what the settings models generate: every field, its default,
+    bounds and description (regenerate with `python -m ega_ray.losses.settings.docs --write`)."""
+    doc = (ROOT / "docs" / "config.md").read_text()
+    assert settings_tables() in doc.split("### `distill`")[1].split("\n### ")[0]
+    assert "| `negatives` | int | `16384` | ≥ 1 |" in settings_tables()  # a row carries the model's default
+    for name in SETTINGS.names():
+        assert f"#### `distill.{name}` (method `{name}`)" in doc
 
 
 # --- the CLI: one stderr line, exit 2, no traceback, no Ray ------------------------------------
@@ -435,7 +495,7 @@ def _cli(config: Path, cwd: Path) -> subprocess.CompletedProcess[str]:
     ("raw", "field"),
     [
         (_raw(distill={"bogus": 1}), "distill.bogus"),
-        (_raw(distill={"temperature": 0}), "distill.temperature"),
+        (_raw(distill={"ega": {"temperature": 0}}), "distill.ega.temperature"),
     ],
     ids=["unknown-field", "temperature-zero"],
 )
@@ -480,7 +540,7 @@ def test_every_problem_of_a_file_at_once_and_help_without_torch_or_ray(tmp_path:
     (which is what keeps both near a second on a small machine)."""
     bad = _write(
         tmp_path / "bad.yaml",
-        _raw(distill={"temperature": 0, "bogus": 1}, optim={"epochs": 0}, teacher={"name": "nope:x"}),
+        _raw(distill={"ega": {"temperature": 0}, "bogus": 1}, optim={"epochs": 0}, teacher={"name": "nope:x"}),
     )
     script = (
         "import sys\n"
@@ -497,6 +557,6 @@ def test_every_problem_of_a_file_at_once_and_help_without_torch_or_ray(tmp_path:
     assert results == ["0 []", "0 []", "2 []"], done.stdout + done.stderr
     lines = done.stderr.strip().splitlines()
     assert [line.split(":")[2].strip() for line in lines] == [
-        "teacher.name", "distill.temperature", "distill.bogus", "optim.epochs"
+        "teacher.name", "distill.ega.temperature", "distill.bogus", "optim.epochs"
     ], lines  # fmt: skip
     assert all(line.startswith("ega-ray: config error: ") for line in lines)

@@ -110,7 +110,7 @@ BASELINES = sorted(set(DISTILLERS.names()) - {"ega"})
 
 @pytest.mark.parametrize("name", BASELINES)
 def test_baseline_on_the_device_equals_float64_on_cpu(name: str) -> None:
-    d = DistillConfig(method=name, embed_dim=24, crd_negatives=16)
+    d = DistillConfig(method=name, embed_dim=24, **({"crd": {"negatives": 16}} if name == "crd" else {}))
     ref_loss = build_distiller(name, d, num_samples=64, seed=0).double()
     dev_loss = build_distiller(name, d, num_samples=64, seed=0).to(DEVICE)
     for step in range(2):  # twice: CRD's memory, updated by the first step, is used by the second

@@ -338,12 +338,13 @@ def test_graphs_are_separate_computations_averaged(tau: float | None, size: int)
 # --------------------------------------------------------------------------- registry
 
 
-@pytest.mark.parametrize("name", ["ega", "kd", "hint", "rkd", "pkt", "crd", "nce", "ccl"])
+@pytest.mark.parametrize("name", DISTILLERS.names())
 def test_registry_builds_every_method_from_the_config(name: str) -> None:
     from ega_ray.config import DistillConfig
     from ega_ray.losses import build_distiller
 
-    d = DistillConfig(method=name, node_weight=0.5, temperature=0.3, contrast_temperature=0.2, embed_dim=8)
+    own = {"ega": {"node_weight": 0.5, "temperature": 0.3}, "nce": {"temperature": 0.2}, "ccl": {"temperature": 0.2}}
+    d = DistillConfig(method=name, embed_dim=8, **{name: own.get(name, {})})
     loss = build_distiller(name, d, num_samples=20, seed=0)
     assert type(loss) is DISTILLERS.get(name) and type(loss).from_config is not Distiller.from_config
     if name == "ega":
@@ -352,12 +353,12 @@ def test_registry_builds_every_method_from_the_config(name: str) -> None:
         assert loss.temperature == 0.2
     if name == "ccl":
         assert loss.logit_temperature == 1.0  # the EGA code's T = 1, not kd_temperature (4)
-        ccl_d = d.model_copy(update={"ccl_temperature": 2.0})
+        ccl_d = DistillConfig(method=name, embed_dim=8, ccl={"temperature": 0.2, "logit_temperature": 2.0})
         assert build_distiller(name, ccl_d, num_samples=20, seed=0).logit_temperature == 2.0
     if name == "crd":
         assert loss.memory_s.shape == (20, 8) and loss.negatives == 19  # capped at the memory size − 1
         assert loss.negatives_from == "other_class"
-        any_d = d.model_copy(update={"crd_negatives_from": "any"})
+        any_d = DistillConfig(method=name, embed_dim=8, crd={"negatives_from": "any"})
         assert build_distiller(name, any_d, num_samples=20, seed=0).negatives_from == "any"
     with pytest.raises(KeyError, match="unknown distiller 'no-such-distiller'"):
         build_distiller("no-such-distiller", d, num_samples=20, seed=0)

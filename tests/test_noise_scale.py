@@ -109,7 +109,7 @@ def test_bench_noise_scale_on_the_smoke_config(tmp_path: Path) -> None:
     assert "the epochs of batch 64" in done.stdout
 
     bad = subprocess.run([*cmd[:4], "--batches", "48", "128", "--output", str(out)], capture_output=True, text=True)
-    assert bad.returncode != 0 and "multiples of distill.graph_size 64" in bad.stderr
+    assert bad.returncode != 0 and "multiples of distill.ega.graph_size 64" in bad.stderr
 
 
 def test_accuracy_guard_takes_its_rule_from_the_measurement(tmp_path: Path, monkeypatch) -> None:

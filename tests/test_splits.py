@@ -88,7 +88,7 @@ def test_too_few_training_rows_left_for_a_batch(tmp_path, monkeypatch):
 
     monkeypatch.setenv("EGA_RAY_CACHE", str(tmp_path / "cache"))
     overrides = ["data.train=builtin:digits", "data.test=builtin:digits", "data.validation_fraction=0.95"]
-    overrides += ["optim.batch_size=256", "distill.graph_size=null", "teacher.name=zoo:resnet8"]
+    overrides += ["optim.batch_size=256", "distill.ega.graph_size=null", "teacher.name=zoo:resnet8"]
     cfg = resolve(load_config(None, overrides))
     with pytest.raises(ConfigError, match=r"^optim\.batch_size: 256 .* data\.train: \d+ rows trained on \(less the"):
         check_distill(cfg)

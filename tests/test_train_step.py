@@ -25,7 +25,7 @@ def _cfg(**optim):
             "data": {"train": "unused", "test": "unused", "num_classes": CLASSES},
             "teacher": {"name": "zoo:resnet8"},
             "student": {"name": "resnet8"},
-            "distill": {"graph_size": 8},
+            "distill": {"ega": {"graph_size": 8}},
             "optim": {"batch_size": B} | optim,
         }
     )

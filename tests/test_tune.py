@@ -101,7 +101,7 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
         at = list(csv.DictReader(f))[best["selected_epoch"] - 1]
     assert best["test_top1_at_selected"] == pytest.approx(float(at["test_top1"]))
     winner = yaml.safe_load((out / "best.yaml").read_text())
-    assert winner["distill"]["node_weight"] == pytest.approx(best["node_weight"])
+    assert winner["distill"]["ega"]["node_weight"] == pytest.approx(best["node_weight"])
     assert winner["optim"]["lr"] == pytest.approx(best["lr"])
     assert load_config(out / "best.yaml").run.name == "best", "best.yaml is a ready-to-run config"
     assert (out / "search.png").read_bytes()[:4] == b"\x89PNG"
@@ -136,11 +136,13 @@ def _raw(**space) -> dict:
     [
         ({"distill.temprature": {"type": "loguniform", "low": 0.1, "high": 1.0}}, r"'distill.temprature' is not a"),
         ({"run.seed": {"type": "choice", "values": [1, 2]}}, r"'run.seed' is not a searchable"),
-        ({"distill.node_weight": {"type": "uniform", "low": 1.0, "high": 1.0}}, r"node_weight: empty range"),
-        ({"distill.edge_weight": {"type": "choice", "values": []}}, r"edge_weight: choice needs a non-empty"),
-        ({"distill.temperature": {"type": "uniform", "low": 0.0, "high": 1.0}}, r"temperature: value 0.0 is not"),
-        ({"distill.temperature": {"type": "loguniform", "low": -1, "high": 1.0}}, r"temperature: loguniform needs"),
-        ({"distill.node_weight": {"type": "uniform", "low": -1, "high": 1.0}}, r"node_weight: value -1"),
+        ({"distill.ega.node_weight": {"type": "uniform", "low": 1.0, "high": 1.0}}, r"node_weight: empty range"),
+        ({"distill.ega.edge_weight": {"type": "choice", "values": []}}, r"edge_weight: choice needs a non-empty"),
+        ({"distill.ega.temperature": {"type": "uniform", "low": 0.0, "high": 1.0}}, r"temperature: value 0.0 is not"),
+        ({"distill.ega.temperature": {"type": "loguniform", "low": -1, "high": 1.0}}, r"temperature: loguniform needs"),
+        ({"distill.ega.node_weight": {"type": "uniform", "low": -1, "high": 1.0}}, r"node_weight: value -1"),
+        ({"distill.temperature": {"type": "uniform", "low": 0.1, "high": 1.0}}, r"moved to distill\.ega\.temperature"),
+        ({"distill.crd.temperature": {"type": "uniform", "low": 0.1, "high": 1.0}}, r"only for distill.method 'ega'"),
     ],
 )
 def test_bad_search_spaces_name_the_entry(space, message):
@@ -151,7 +153,7 @@ def test_bad_search_spaces_name_the_entry(space, message):
 @pytest.mark.heavy
 def test_search_space_errors_stop_before_ray_starts(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text(yaml.safe_dump(_raw(**{"distill.temperature": {"type": "uniform", "low": -0.5, "high": 1.0}})))
+    bad.write_text(yaml.safe_dump(_raw(**{"distill.ega.temperature": {"type": "uniform", "low": -0.5, "high": 1.0}})))
     proc = subprocess.run(
         [sys.executable, "-m", "ega_ray.cli", "tune", "--config", str(bad), "--output", str(tmp_path / "o")],
         cwd=REPO,
@@ -160,7 +162,7 @@ def test_search_space_errors_stop_before_ray_starts(tmp_path):
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().count("\n") == 0 and "tune.space.distill.temperature" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "tune.space.distill.ega.temperature" in proc.stderr
     assert "Ray" not in proc.stdout + proc.stderr and not (tmp_path / "o").exists()
 
 

@@ -73,7 +73,7 @@ def test_ordinary_aliases_and_merges_still_load(tmp_path: Path) -> None:
         + "optim:\n  lr: &lr 0.1\n  epochs: 3\n  milestones: [2]\n"
         + "pretrain:\n  lr: *lr\n"
         + "tune:\n  space:\n"
-        + "    distill.node_weight: &range {type: uniform, low: 0.1, high: 2.0}\n"
+        + "    distill.ega.node_weight: &range {type: uniform, low: 0.1, high: 2.0}\n"
         + "    distill.beta: {<<: *range, high: 1.5}\n"  # a merged key may be overridden
     )
     cfg = load_config(path, ["run.name=exp2"])

@@ -11,8 +11,8 @@ NCE is ``nce.py``'s loss (softmax over the whole batch, same-class positives, ot
 with the same treatment of unlabeled rows: an unlabeled row's positive set is itself alone, every other
 row is its negative (the EGA code has no unlabeled rows). The divergence is the symmetrised KL, as in
 that code, not the Jensen–Shannon divergence to the mixture; it is per instance, so it needs no gather.
-T is ``distill.ccl_temperature``, separate from KD's ``kd_temperature`` (4), which the code does not use
-here.
+T is ``distill.ccl.logit_temperature``, separate from KD's ``distill.kd_temperature`` (4), which the code
+does not use here; τ is ``distill.ccl.temperature``.
 """
 
 from __future__ import annotations
@@ -41,14 +41,14 @@ def symmetric_kl(student_logits: Tensor, teacher_logits: Tensor, temperature: fl
 
 class CCLLoss(NCELoss):
     search_space: ClassVar[dict[str, dict]] = {
-        "distill.contrast_temperature": {"type": "loguniform", "low": 0.03, "high": 0.5},
-        "distill.ccl_temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
+        "distill.ccl.temperature": {"type": "loguniform", "low": 0.03, "high": 0.5},
+        "distill.ccl.logit_temperature": {"type": "uniform", "low": 1.0, "high": 8.0},
         "distill.beta": {"type": "uniform", "low": 0.2, "high": 2.0},
     }
 
     @classmethod
     def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> CCLLoss:
-        return cls(d.contrast_temperature, d.ccl_temperature, d.global_graph)
+        return cls(d.ccl.temperature, d.ccl.logit_temperature, d.global_graph)
 
     def __init__(self, temperature: float = 0.1, logit_temperature: float = 1.0, global_batch: bool = True) -> None:
         super().__init__(temperature, global_batch)

@@ -77,24 +77,25 @@ def nce_contrast(h: Tensor, noise: int, bank_size: int) -> Tensor:
 
 class CRDLoss(Distiller):
     search_space: ClassVar[dict[str, dict]] = {
-        "distill.crd_temperature": {"type": "loguniform", "low": 0.03, "high": 0.3},
+        "distill.crd.temperature": {"type": "loguniform", "low": 0.03, "high": 0.3},
         "distill.beta": {"type": "uniform", "low": 0.2, "high": 2.0},
     }
     default_beta = 0.8
 
     @classmethod
     def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> CRDLoss:
-        size = num_samples if d.crd_bank == "dataset" else d.crd_queue_size
+        s = d.crd
+        size = num_samples if s.bank == "dataset" else s.queue_size
         return cls(
             d.embed_dim,
             size,
-            d.crd_negatives,
-            d.crd_temperature,
-            d.crd_momentum,
-            d.crd_bank,
+            s.negatives,
+            s.temperature,
+            s.momentum,
+            s.bank,
             d.global_graph,
             seed,
-            negatives_from=d.crd_negatives_from,
+            negatives_from=s.negatives_from,
         )
 
     def __init__(

@@ -69,14 +69,15 @@ def pearson_graph(z: Tensor) -> Tensor:
 class EGALoss(Distiller):
     # its own knobs for ``ega-ray benchmark --tune-trials`` (the learning rate is searched for every method)
     search_space: ClassVar[dict[str, dict]] = {
-        "distill.temperature": {"type": "loguniform", "low": 0.03, "high": 1.0, "include_none": True},
-        "distill.node_weight": {"type": "uniform", "low": 0.1, "high": 2.0},
-        "distill.edge_weight": {"type": "uniform", "low": 0.05, "high": 1.0},
+        "distill.ega.temperature": {"type": "loguniform", "low": 0.03, "high": 1.0, "include_none": True},
+        "distill.ega.node_weight": {"type": "uniform", "low": 0.1, "high": 2.0},
+        "distill.ega.edge_weight": {"type": "uniform", "low": 0.05, "high": 1.0},
     }
 
     @classmethod
     def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> EGALoss:
-        return cls(d.node_weight, d.edge_weight, d.temperature, d.global_graph, d.graph_size)
+        s = d.ega
+        return cls(s.node_weight, s.edge_weight, s.temperature, d.global_graph, s.graph_size)
 
     def __init__(
         self,

@@ -58,13 +58,13 @@ def class_nce(teacher: Tensor, student: Tensor, labels: Tensor, temperature: flo
 
 class NCELoss(Distiller):
     search_space: ClassVar[dict[str, dict]] = {
-        "distill.contrast_temperature": {"type": "loguniform", "low": 0.03, "high": 0.5},
+        "distill.nce.temperature": {"type": "loguniform", "low": 0.03, "high": 0.5},
         "distill.beta": {"type": "uniform", "low": 0.2, "high": 2.0},
     }
 
     @classmethod
     def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> NCELoss:
-        return cls(d.contrast_temperature, d.global_graph)
+        return cls(d.nce.temperature, d.global_graph)
 
     def __init__(self, temperature: float = 0.1, global_batch: bool = True) -> None:
         super().__init__()

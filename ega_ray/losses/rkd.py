@@ -48,13 +48,13 @@ def angles(x: Tensor) -> Tensor:
 
 class RKDLoss(Distiller):
     search_space: ClassVar[dict[str, dict]] = {
-        "distill.rkd_distance_weight": {"type": "loguniform", "low": 2.5, "high": 250.0},
-        "distill.rkd_angle_weight": {"type": "loguniform", "low": 5.0, "high": 500.0},
+        "distill.rkd.distance_weight": {"type": "loguniform", "low": 2.5, "high": 250.0},
+        "distill.rkd.angle_weight": {"type": "loguniform", "low": 5.0, "high": 500.0},
     }
 
     @classmethod
     def from_config(cls, d: DistillConfig, num_samples: int, seed: int) -> RKDLoss:
-        return cls(d.rkd_distance_weight, d.rkd_angle_weight, d.global_graph)
+        return cls(d.rkd.distance_weight, d.rkd.angle_weight, d.global_graph)
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, global_batch: bool = True) -> None:
         super().__init__()

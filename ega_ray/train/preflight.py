@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ega_ray.config import EPOCHS_FIELD, Config, is_uri
+from ega_ray.config_distill import without_method_settings
 from ega_ray.data.classes import fewer_than_two
 from ega_ray.data.parquet import check_labels, check_split, stratified_label_mask
 from ega_ray.data.split_files import identity_change, split_identity, unreadable_named
@@ -271,7 +272,10 @@ def run_folder(cfg: Config, command: str) -> Iterator[Path]:
     growing = EPOCHS_FIELD[command]
 
     def same_run(marker: dict[str, Any]) -> None:
-        diffs = settings_differences(marker.get("settings", {}), settings, growing)
+        before, now = marker.get("settings", {}), settings
+        if before.get("distill.method") != now.get("distill.method"):  # named once, not by each setting it owns
+            before, now = without_method_settings(before), without_method_settings(now)
+        diffs = settings_differences(before, now, growing)
         if diffs:
             raise OutputFolderError(
                 f"--output {out}: holds a run with other settings ({'; '.join(diffs)}); a rerun resumes it only "

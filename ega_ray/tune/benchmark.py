@@ -41,6 +41,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
+from ega_ray.config_distill import with_method
 from ega_ray.disk import write_atomic, write_with
 from ega_ray.errors import DivergedError, find_usage_error
 from ega_ray.losses import DISTILLERS
@@ -116,7 +117,7 @@ def method_config(
     if method == CE_ONLY:
         raw["distill"]["beta"] = 0.0
     else:
-        raw["distill"]["method"] = method
+        raw = with_method(raw, method)  # the base method's own settings are not this one's
         if method != "ega" and reference_weights:
             cls = DISTILLERS.get(method)
             raw["distill"] |= {"gamma": cls.default_gamma, "beta": cls.default_beta, "alpha": 0.0}

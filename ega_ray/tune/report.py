@@ -26,9 +26,9 @@ DIVERGED = "DIVERGED"  # trials.csv's status of a trial stopped by a non-finite 
 
 
 def _column(key: str, keys: list[str]) -> str:
-    """Columns are named after the searched field (``temperature``), dotted only if two sections share it."""
-    leaf = key.split(".", 1)[1]
-    return leaf if sum(k.split(".", 1)[1] == leaf for k in keys) == 1 else key
+    """Columns are named after the searched field (``temperature``), dotted only if two searched paths end in it."""
+    leaf = key.rsplit(".", 1)[1]
+    return leaf if sum(k.rsplit(".", 1)[1] == leaf for k in keys) == 1 else key
 
 
 def trial_history(storage: str, trial_id: str, reported: pd.DataFrame | None) -> pd.DataFrame | None:
@@ -119,14 +119,14 @@ def plot_search(rows, cfg: Config, path: Path) -> None:
     diverged = [r[1] for r in rows if r[0]["status"] == DIVERGED]
     fig, (ax_t, ax_w, ax_c) = plt.subplots(1, 3, figsize=(15, 4.2))
     soft = [
-        (r[1].get("distill.temperature"), r[0]["validation_top1_at_selected"])
+        (r[1].get("distill.ega.temperature"), r[0]["validation_top1_at_selected"])
         for r in done
-        if r[1].get("distill.temperature") is not None
+        if r[1].get("distill.ega.temperature") is not None
     ]
     hard = [
         r[0]["validation_top1_at_selected"]
         for r in done
-        if "distill.temperature" in r[1] and r[1]["distill.temperature"] is None
+        if "distill.ega.temperature" in r[1] and r[1]["distill.ega.temperature"] is None
     ]
     if soft:
         ax_t.scatter(*zip(*soft, strict=True), label="soft graph (τ)")
@@ -136,23 +136,24 @@ def plot_search(rows, cfg: Config, path: Path) -> None:
         x = min((t for t, _ in soft), default=1.0) / 2
         ax_t.scatter([x] * len(hard), hard, marker="s", color="C3", label="hard graph (paper)")
     ax_t.set(xlabel="graph temperature τ", ylabel="best validation top-1 (%)", title="top-1 against temperature")
-    lost = [params["distill.temperature"] for params in diverged if params.get("distill.temperature") is not None]
+    tau = "distill.ega.temperature"
+    lost = [params[tau] for params in diverged if params.get(tau) is not None]
     if lost:
         y = min((top1 for _, top1 in soft), default=0.0) if soft else 0.0
         ax_t.scatter(lost, [y] * len(lost), marker="x", color="black", label=f"diverged ({len(diverged)})")
     if soft or hard or lost:
         ax_t.legend()
     pts = [
-        (r[1]["distill.node_weight"], r[1]["distill.edge_weight"], r[0]["validation_top1_at_selected"])
+        (r[1]["distill.ega.node_weight"], r[1]["distill.ega.edge_weight"], r[0]["validation_top1_at_selected"])
         for r in done
-        if "distill.node_weight" in r[1] and "distill.edge_weight" in r[1]
+        if "distill.ega.node_weight" in r[1] and "distill.ega.edge_weight" in r[1]
     ]
     if pts:
         xs, ys, cs = zip(*pts, strict=True)
         sc = ax_w.scatter(xs, ys, c=cs, cmap="viridis", s=60)
         fig.colorbar(sc, ax=ax_w, label="best validation top-1 (%)")
-    lost_w = [(q["distill.node_weight"], q["distill.edge_weight"]) for q in diverged
-              if "distill.node_weight" in q and "distill.edge_weight" in q]  # fmt: skip
+    lost_w = [(q["distill.ega.node_weight"], q["distill.ega.edge_weight"]) for q in diverged
+              if "distill.ega.node_weight" in q and "distill.ega.edge_weight" in q]  # fmt: skip
     if lost_w:
         ax_w.scatter(*zip(*lost_w, strict=True), marker="x", color="black", s=60, label="diverged")
         ax_w.legend()

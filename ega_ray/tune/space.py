@@ -38,8 +38,20 @@ def effective_params(params: dict[str, Any]) -> dict[str, Any]:
 
 
 def apply_params(base: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """``base`` (a raw config) with a trial's parameters set at their dotted paths (``distill.ega.temperature``).
+
+    Args:
+        base: the raw config dict; not modified.
+        params: dotted path → value, with the ``|none`` companions of ``tune_space``.
+
+    Returns:
+        A new raw config dict.
+    """
     raw = copy.deepcopy(base)
     for key, value in effective_params(params).items():
-        section, field = key.split(".", 1)
-        raw[section][field] = value
+        *parents, field = key.split(".")
+        node = raw
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[field] = value
     return raw
