@@ -5,6 +5,7 @@ a resume of the finished benchmark; bad method lists."""
 from __future__ import annotations
 
 import csv
+import functools
 import json
 from pathlib import Path
 
@@ -54,7 +55,8 @@ def test_benchmark_runs_each_method_and_writes_its_table(tmp_path, local_ray):
         folder = out / "trials" / f"{method}-tuned-seed0"
         if best[method]:  # new settings: the seeds ran again with them
             ran = load_config(folder / "config.yaml").model_dump()
-            assert {k: ran[k.split(".")[0]][k.split(".")[1]] for k in best[method]} == pytest.approx(best[method])
+            ran_values = {k: functools.reduce(lambda node, part: node[part], k.split("."), ran) for k in best[method]}
+            assert ran_values == pytest.approx(best[method])  # dotted paths: distill.crd.temperature, optim.lr
         else:  # the reference settings: their runs are the tuned rows
             assert not folder.exists() and tuned == [r | {"variant": "tuned"} for r in reference]
         run = load_config(out / "trials" / f"{method}-seed0" / "config.yaml")  # its method and reference weights
