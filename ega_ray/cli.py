@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 from collections.abc import Callable
+from typing import Any
 
 from ega_ray.constants import MAX_PIXELS
 from ega_ray.data.formats import FORMATS
@@ -253,6 +254,27 @@ def _pretrain_teacher(args: argparse.Namespace) -> int:
     return _print_summary(run_pretrain(cfg))
 
 
+def _experiment_config(args: argparse.Namespace, overrides: list[str], embedded: Callable) -> Any:
+    """What ``run_search`` and ``run_benchmark`` take as their config.
+
+    Args:
+        args: the parsed command line (``--resume``, ``--config``, ``--output``).
+        overrides: the ``--set`` values.
+        embedded: makes the embedded default's config from (overrides, output).
+
+    Returns:
+        None with ``--resume`` (read back from the folder); without ``--config`` a function that makes the
+        embedded default once the folder is claimed (its teacher is pretrained inside it); else the config.
+    """
+    from ega_ray.config import load_config
+
+    if args.resume:
+        return None
+    if args.config is None:
+        return lambda: embedded(overrides, args.output)
+    return load_config(args.config, overrides)
+
+
 def _tune(args: argparse.Namespace) -> int:
     """``ega-ray tune``: a Ray Tune search (``tune.search.run_search``), new or ``--resume``d.
 
@@ -262,20 +284,11 @@ def _tune(args: argparse.Namespace) -> int:
     Returns:
         The exit status.
     """
-    from ega_ray.config import load_config
+    from ega_ray.embedded import embedded_tune_config
     from ega_ray.tune.search import run_search
 
     overrides = args.overrides + ([f"tune.num_samples={args.num_samples}"] if args.num_samples else [])
-    if args.resume:
-        cfg = None
-    elif args.config is None:
-        from ega_ray.embedded import embedded_tune_config
-
-        def cfg():  # the embedded default's teacher is pretrained inside the claimed search folder
-            return embedded_tune_config(overrides, args.output)
-    else:
-        cfg = load_config(args.config, overrides)
-    run_search(cfg, args.output, resume=args.resume)
+    run_search(_experiment_config(args, overrides, embedded_tune_config), args.output, resume=args.resume)
     return 0
 
 
@@ -288,21 +301,12 @@ def _benchmark(args: argparse.Namespace) -> int:
     Returns:
         The exit status.
     """
-    from ega_ray.config import load_config
+    from ega_ray.embedded import embedded_with_teacher
     from ega_ray.tune.benchmark import parse_methods, run_benchmark
 
     methods = parse_methods(args.methods)
-    if args.resume:
-        cfg = None
-    elif args.config is None:
-        from ega_ray.embedded import embedded_with_teacher
-
-        def cfg():  # the embedded default's teacher is pretrained inside the claimed benchmark folder
-            return embedded_with_teacher(args.overrides, args.output)
-    else:
-        cfg = load_config(args.config, args.overrides)
     run_benchmark(
-        cfg,
+        _experiment_config(args, args.overrides, embedded_with_teacher),
         methods,
         args.seeds,
         args.output,
