@@ -150,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     try:
         return _run(args)
+    except KeyboardInterrupt as err:  # Ctrl-C: temporary folders are already removed, locks released
+        print(f"ega-ray: interrupted{f': {err}' if str(err) else ''}", file=sys.stderr)
+        return 130
     except Exception as err:  # noqa: BLE001 - a user's error raised inside Ray comes back wrapped
         found = find_usage_error(err) or disk_full(err)  # a full disk wherever it happened: one line too
         if found is None:

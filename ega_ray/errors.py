@@ -42,6 +42,12 @@ class DivergedError(UsageError):
     label = "diverged"
 
 
+class Interrupted(KeyboardInterrupt):
+    """A Ctrl-C that a library caught and returned from (Ray Tune saves its state and returns its trials as
+    they were): raised so the command stops as a Ctrl-C would (exit 130), its one line saying what was left
+    unfinished and how to continue, instead of going on with what the interruption cut short."""
+
+
 def iter_causes(err: BaseException) -> Iterator[BaseException]:
     """``err`` and every error behind it, each once: its causes and contexts, the error raised inside a Ray
     task, a Ray Data stage or a Ray Train worker that Ray re-raised on the driver wrapped in its own

@@ -10,11 +10,15 @@ cannot grow a Ray start unnoticed.
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
 NEEDS = ("ray", "cluster", "multihost", "heavy", "gpu")
@@ -48,6 +52,68 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("ega-ray-cache")
     os.environ["EGA_RAY_CACHE"] = str(cache)
     return cache
+
+
+class SharedOutputs:
+    """What several tests inspect but none changes (a finished run, a teacher file, a teacher cache), made once
+    per test session by whichever test needs it first, under a file lock that pytest-xdist's processes share,
+    and found complete by the others. A test that would change one copies it first."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        root.mkdir(parents=True, exist_ok=True)
+
+    def get(self, name: str, make: Callable[[Path], dict | None]) -> tuple[Path, dict]:
+        """The folder ``name``, made by ``make(folder)`` if no test has made it yet, and what ``make``
+        returned (kept as JSON beside it, so every process gets the same value)."""
+        folder, done = self.root / name, self.root / f"{name}.json"
+        with FileLock(str(self.root / f"{name}.lock")):
+            if not done.exists():
+                shutil.rmtree(folder, ignore_errors=True)  # a make that failed earlier in this session
+                value = make(folder) or {}
+                done.write_text(json.dumps(value))
+            return folder, json.loads(done.read_text())
+
+
+@pytest.fixture(scope="session")
+def shared_outputs(tmp_path_factory: pytest.TempPathFactory) -> SharedOutputs:
+    """One store per session: under pytest-xdist each process has its own base temp, beside the others'."""
+    base = tmp_path_factory.getbasetemp()
+    return SharedOutputs((base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared-outputs")
+
+
+@pytest.fixture(scope="session")
+def teacher_resnet8(shared_outputs: SharedOutputs) -> Path:
+    """A randomly initialised resnet8 saved as a teacher weights file (the same bytes for every test)."""
+
+    def make(folder: Path) -> None:
+        import torch
+
+        from ega_ray.models import build_student
+
+        folder.mkdir(parents=True)
+        torch.manual_seed(1)
+        torch.save(build_student("resnet8").state_dict(), folder / "resnet8.pt")
+
+    return shared_outputs.get("teacher-resnet8", make)[0] / "resnet8.pt"
+
+
+@pytest.fixture(scope="session")
+def teacher_cache_2_views(shared_outputs: SharedOutputs, teacher_resnet8: Path, local_ray) -> tuple[Path, dict]:
+    """That teacher's 2-view cache of the smoke config's training split (``ega-ray cache-teacher``, on the
+    session's local Ray), and the summary its build returned."""
+
+    def make(folder: Path) -> dict:
+        from ega_ray.config import load_config
+        from ega_ray.train.teacher_cache import build_cache
+
+        cfg = load_config(
+            REPO / "configs" / "smoke.yaml",
+            [f"run.output={folder.parent / 'cache-build'}", f"teacher.weights={teacher_resnet8}", "optim.epochs=1"],
+        )
+        return build_cache(cfg, views=2, output=folder)
+
+    return shared_outputs.get("teacher-cache-2-views", make)
 
 
 @pytest.fixture(scope="session")

@@ -18,10 +18,8 @@ from ray.train import TrainingFailedError
 from ega_ray.config import load_config
 from ega_ray.data.augment import ViewMaker, row_uniforms
 from ega_ray.data.epoch_rows import EpochRows, epoch_order, rank_rows
-from ega_ray.models import build_student
 from ega_ray.train.launch import run_distill
 from ega_ray.train.preflight import resolve
-from ega_ray.train.teacher_cache import build_cache
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["optim.epochs=2", "optim.max_steps_per_epoch=3", "run.progress_bar=false"]
@@ -124,17 +122,8 @@ def test_epoch_rows_do_not_depend_on_the_order_rows_arrive_in(keep_bytes):
 # --- Ray: two runs, another seed, an interrupted run ---------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def teacher_cache(tmp_path_factory) -> tuple[Path, Path]:
-    """A teacher weights file and its 2-view cache (for the cached mode)."""
-    torch.manual_seed(1)
-    root = tmp_path_factory.mktemp("teacher")
-    weights = root / "resnet8.pt"
-    torch.save(build_student("resnet8").state_dict(), weights)
-    return weights, root / "cache"
-
-
-def config(out: Path, teacher: tuple[Path, Path], mode: str, workers: int, *more: str):
+def config(out: Path, teacher: tuple[Path, Path | None], mode: str, workers: int, *more: str):
+    """The smoke config, short, with this teacher (its weights file and, for the cached mode, its cache)."""
     weights, cache = teacher
     extra = [f"teacher.cache={cache}"] if mode == "cached" else []
     return load_config(
@@ -161,43 +150,52 @@ def assert_same(a: tuple, b: tuple, what: str) -> None:
     assert not different, f"{what}: weights differ in {different[:5]}"
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory, teacher_cache, local_ray):
-    """Each (mode, workers) run once; its first use runs it (the cached mode builds its cache first)."""
-    root, done = tmp_path_factory.mktemp("reproducible"), {}
+@pytest.fixture(scope="session")
+def runs(shared_outputs, local_ray):
+    """Each (mode, workers) run once per session (tests/conftest.py's shared outputs: whichever pytest-xdist
+    process needs it first runs it), as (metrics without times, last weights)."""
+    done = {}
 
-    def get(mode: str, workers: int) -> tuple:
+    def get(mode: str, workers: int, teacher: tuple[Path, Path | None]) -> tuple:
         if (mode, workers) not in done:
-            if mode == "cached" and not teacher_cache[1].exists():
-                build_cache(config(root / "cache-build", teacher_cache, "online", 1), 2, teacher_cache[1])
-            run_distill(config(root / f"{mode}-{workers}", teacher_cache, mode, workers), trial=True)
-            done[mode, workers] = outcome(root / f"{mode}-{workers}")
+
+            def make(folder: Path) -> None:
+                run_distill(config(folder, teacher, mode, workers), trial=True)
+
+            done[mode, workers] = outcome(shared_outputs.get(f"reproducible-{mode}-{workers}", make)[0])
         return done[mode, workers]
 
     return get
 
 
+@pytest.fixture
+def teacher(request, teacher_resnet8) -> tuple[Path, Path | None]:
+    """The teacher weights file, and its 2-view cache when the test runs the cached mode (built on first use)."""
+    cached = getattr(request.node, "callspec", None) and request.node.callspec.params.get("mode") == "cached"
+    return teacher_resnet8, request.getfixturevalue("teacher_cache_2_views")[0] if cached else None
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("workers", [2, 1])
 @pytest.mark.parametrize("mode", ["online", "cached", "pipeline"])
-def test_the_same_run_twice_gives_the_same_metrics_and_weights(tmp_path, teacher_cache, runs, mode, workers):
-    first = runs(mode, workers)
-    run_distill(config(tmp_path / "again", teacher_cache, mode, workers), trial=True)
+def test_the_same_run_twice_gives_the_same_metrics_and_weights(tmp_path, teacher, runs, mode, workers):
+    first = runs(mode, workers, teacher)
+    run_distill(config(tmp_path / "again", teacher, mode, workers), trial=True)
     assert_same(first, outcome(tmp_path / "again"), f"{mode} with {workers} worker(s)")
+    rows = first[0]  # the teacher head scored, whichever mode gave it its embeddings
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and 0.0 <= float(rows[-1]["test_teacher_top1"]) <= 100.0
 
 
 @pytest.mark.ray
-def test_another_seed_gives_another_run_and_a_resumed_run_ends_as_the_uninterrupted_one(
-    tmp_path, teacher_cache, runs
-):
-    reference = runs("online", 2)
-    run_distill(config(tmp_path / "seed1", teacher_cache, "online", 2, "run.seed=1"), trial=True)
+def test_another_seed_gives_another_run_and_a_resumed_run_ends_as_the_uninterrupted_one(tmp_path, teacher, runs):
+    reference = runs("online", 2, teacher)
+    run_distill(config(tmp_path / "seed1", teacher, "online", 2, "run.seed=1"), trial=True)
     rows, weights = outcome(tmp_path / "seed1")
     assert rows[0]["train_loss"] != reference[0][0]["train_loss"]
     assert not all(torch.equal(weights[k], reference[1][k]) for k in weights if isinstance(weights[k], torch.Tensor))
 
     run_dir = tmp_path / "resumed"
-    cfg = config(run_dir, teacher_cache, "online", 2, "run.fail_after_epoch=1", "run.max_failures=0")
+    cfg = config(run_dir, teacher, "online", 2, "run.fail_after_epoch=1", "run.max_failures=0")
     with pytest.raises(TrainingFailedError):
         run_distill(cfg, trial=True)
     # recorded as the run went, not when it ended: the failed run left its first epoch and its checkpoint
@@ -212,10 +210,10 @@ def test_another_seed_gives_another_run_and_a_resumed_run_ends_as_the_uninterrup
     assert [(r["epoch"], r["restarts"]) for r in rows] == [("1", "0"), ("2", "1")], "no epoch lost or counted twice"
     assert float(rows[0]["train_loss"]) == pytest.approx(state["history"][0]["train_loss"])
     assert_same(reference, ([r | {"restarts": "0"} for r in rows], weights), "interrupted after epoch 1 and resumed")
-    check_interrupted_run_folder(cfg, teacher_cache, run_dir, state, summary)
+    check_interrupted_run_folder(cfg, teacher, run_dir, state, summary)
 
 
-def check_interrupted_run_folder(cfg, teacher: tuple[Path, Path], run_dir: Path, state: dict, summary: dict) -> None:
+def check_interrupted_run_folder(cfg, teacher: tuple, run_dir: Path, state: dict, summary: dict) -> None:
     """What an interrupted and resumed run folder holds and accepts: other settings refused before anything is
     written (another validation split too), more epochs resumed, every epoch once in TensorBoard, the protocol's
     splits and scores, and the latest checkpoint as Ray Train registered it."""

@@ -1,8 +1,9 @@
-"""Ray Tune search end to end on the smoke config: a search whose driver is killed mid-way and resumed,
+"""Ray Tune search end to end on the smoke config: a search interrupted mid-way (Ctrl-C) and resumed,
 its outputs (trials.csv, best.yaml, plots), and the search-space errors refused before Ray starts."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import signal
@@ -23,7 +24,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.ray
-def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
+def test_an_interrupted_search_chooses_nothing_and_resumes(tmp_path, local_ray):
+    """Ctrl-C once a trial has finished: the command stops there (exit 130, one line) and chooses nothing from
+    the unfinished search (Ray Tune's own handler would end the trials as if finished and return them).
+    ``--resume`` then finishes it from the saved state and checkpoints."""
     out = tmp_path / "search"
     cmd = [
         sys.executable,
@@ -50,9 +54,11 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
         "tune.search=optuna",  # the optional extra's searcher (in dev), resumed with its state
     ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-    )
+    log = tmp_path / "driver.log"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen(
+            cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
+        )
     try:
         deadline = time.time() + 400
         while not list(out.glob("trials/*/summary.json")):
@@ -60,9 +66,16 @@ def test_search_resumes_after_the_driver_is_killed(tmp_path, local_ray):
             assert time.time() < deadline, "no trial finished in time"
             time.sleep(2)
         first = next(out.glob("trials/*/summary.json")).parent
+        proc.send_signal(signal.SIGINT)  # Ctrl-C, to the driver alone
+        assert proc.wait(timeout=180) == 130, log.read_text()[-3000:]
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the local Ray it started, without a goodbye
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of its local Ray outlived it
         proc.wait()
+    ours = [line for line in log.read_text().splitlines() if line.startswith("ega-ray:")]
+    want = f"ega-ray: interrupted: {out / 'search'} stopped before its trials ended; nothing was chosen; continue "
+    assert len(ours) == 1 and ours[0] == f"{want}with --resume --output {out}", ours
+    assert not (out / "trials.csv").exists() and not (out / "best.yaml").exists()
 
     # state that ega-ray did not write is refused before anything is unpickled or Ray is started
     tuner_pkl = out / "search" / "tuner.pkl"

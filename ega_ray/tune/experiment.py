@@ -15,6 +15,7 @@ import copy
 import hashlib
 import logging
 import math
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ega_ray import uris
 from ega_ray.config import Config, parse_config
 from ega_ray.disk import write_atomic
-from ega_ray.errors import ConfigError, OutputFolderError
+from ega_ray.errors import ConfigError, Interrupted, OutputFolderError
 from ega_ray.run_folder import claim, read_marker, write_marker
 from ega_ray.train.common import latest_state
 from ega_ray.train.launch import run_distill
@@ -251,7 +252,20 @@ def run_experiment(
     else:
         tuner = new_tuner(trainable, root, [StateRecorder(str(output), location)])
         record_state(output, state_digests(location))  # tuner.pkl, written when the Tuner was made
+    # Ray Tune's own Ctrl-C handler ends the trials as if they had finished and returns them, which a search
+    # would then choose from; without it a Ctrl-C stops the search where it is, as it stops a run, and
+    # --resume continues from the last saved state and checkpoints
+    sigint_handler = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         return tuner.fit()
+    except KeyboardInterrupt as stop:
+        raise Interrupted(
+            f"{location} stopped before its trials ended; nothing was chosen; continue with --resume --output {output}"
+        ) from stop
     finally:
+        if sigint_handler is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER")
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = sigint_handler
         record_state(output, state_digests(location))
