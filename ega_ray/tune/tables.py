@@ -169,7 +169,8 @@ def results_lines(
     lines += [f"| {label(m)} | {_shown((settings or {}).get(m, {}))} |" for m in methods]
     return lines + [
         "",
-        f"Tuned: every method got the same search budget, {tune_trials} trials of random search with ASHA "
+        f"Tuned: every method got the same search budget, {tune_trials} trial{'s' * (tune_trials != 1)} of random "
+        "search with ASHA "
         f"(grace period {min(t.grace_period, cfg.optim.epochs)} epochs, reduction factor {t.reduction_factor}, "
         f"at most {cfg.optim.epochs} epochs) over its own knobs and the learning rate, on seed 0; then "
         f"{len(seeds)} seeds with the best trial's settings, or the reference settings where no trial beat their "
