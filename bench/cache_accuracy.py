@@ -23,10 +23,10 @@ def main() -> int:
     args = ap.parse_args()
 
     from ega_ray.config import parse_config
+    from ega_ray.driver.launch import run_distill
+    from ega_ray.driver.preflight import clear_run
+    from ega_ray.driver.teacher_cache import build_cache
     from ega_ray.embedded import embedded_config, run_embedded
-    from ega_ray.train.launch import run_distill
-    from ega_ray.train.preflight import clear_run
-    from ega_ray.train.teacher_cache import build_cache
 
     root = args.output.resolve()
     reference = run_embedded(args.overrides, output=str(root))  # teacher (cached), online EGA, CE-only

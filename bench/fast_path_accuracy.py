@@ -81,9 +81,9 @@ def main() -> int:
     args = parse_args()
 
     from ega_ray.config import apply_overrides, parse_config
+    from ega_ray.driver.launch import run_distill
+    from ega_ray.driver.preflight import clear_run
     from ega_ray.embedded import embedded_with_teacher
-    from ega_ray.train.launch import run_distill
-    from ega_ray.train.preflight import clear_run
 
     root = args.output.resolve()
     device = "cuda" if any(o.strip() == "scaling.use_gpu=true" for o in args.overrides) else "cpu"

@@ -3,7 +3,7 @@
 Trains a config's reference path (its batch size and LR schedule) in a plain loop without Ray, with the
 same step as a Ray Train worker (``build_parts`` / ``train_step``, the decoded training split in memory,
 the teacher online on its own view), and at the chosen epochs measures the simple noise scale
-B_noise = tr(Σ)/|G|² (``ega_ray/train/noise_scale.py``; McCandlish et al. 2018) of the student's loss,
+B_noise = tr(Σ)/|G|² (``ega_ray/tools/noise_scale.py``; McCandlish et al. 2018) of the student's loss,
 its distiller term and its CE, from gradients of ``--batches SMALL BIG`` images (multiples of
 ``distill.ega.graph_size``; no step is taken for them). A batch ×k needs about
 k·(1 + B_noise/B)/(1 + B_noise/B_ref) times the reference's epochs to make the same progress; the script
@@ -33,7 +33,7 @@ PARTS = ("loss", "distill", "ce")
 def epochs_factor(at: list[int], b_simple: list[float], epochs: int, batch: int, reference: int) -> float:
     """The mean over the reference's epochs of ``batch``'s epochs factor, interpolated between the measured
     epochs (an unbounded B_noise, the mean gradient lost in the noise, counts as the linear rule's 1)."""
-    from ega_ray.train.noise_scale import NoiseScale
+    from ega_ray.tools.noise_scale import NoiseScale
 
     factors = [NoiseScale(grad_sq=1.0, trace_cov=b).epochs_factor(batch, reference) for b in b_simple]
     return float(np.mean([np.interp(e + 0.5, at, factors) for e in range(epochs)]))
@@ -87,11 +87,11 @@ def parse_args() -> argparse.Namespace:
 def measure(args: argparse.Namespace) -> int:
     from ega_ray.config import ConfigError, load_config
     from ega_ray.data.parquet import mask_labels, read_decoded
+    from ega_ray.driver.preflight import check_teacher, prepare_data, resolve
     from ega_ray.embedded import embedded_with_teacher
-    from ega_ray.train.common import seed_everything
-    from ega_ray.train.distill import build_parts, step_losses, train_step
-    from ega_ray.train.noise_scale import measure_noise_scale
-    from ega_ray.train.preflight import check_teacher, prepare_data, resolve
+    from ega_ray.tools.noise_scale import measure_noise_scale
+    from ega_ray.worker.common import seed_everything
+    from ega_ray.worker.distill import build_parts, step_losses, train_step
 
     out = args.output.resolve()
     out.mkdir(parents=True, exist_ok=True)

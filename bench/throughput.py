@@ -10,7 +10,7 @@ project's figures:
   and reports the second *whole* epoch (``train_time_s``, its wait for the first batch included): its
   steady window would count batches that the teacher stage computed while the trainer waited. Both
   figures of every path are in the JSON. The cache build (K=1) is timed apart.
-- **Bare step**: the same ``train_step`` (``ega_ray/train/distill.py``) in a plain loop on one batch that
+- **Bare step**: the same ``train_step`` (``ega_ray/worker/distill.py``) in a plain loop on one batch that
   stays on the device, no Ray: the ceiling of each path, and with it the overhead of going through Ray.
 - **Data paths** (``--data-paths``, default ``both``): every Ray path runs with the deterministic data path
   (``run.deterministic``: the figures without a suffix) and then with Ray Data's streaming split
@@ -145,8 +145,8 @@ def bare_step(cfg, device: torch.device, seconds: float, teacher_dim: int, profi
 
     ``cfg.teacher.mode == "online"`` runs the teacher on its view every step; otherwise the teacher's
     embeddings (``teacher_dim`` wide) are a fixed tensor, as a cached lookup hands them over."""
-    from ega_ray.train.common import StepTimer, peak_gpu_memory_gib, seed_everything
-    from ega_ray.train.distill import build_parts, train_step
+    from ega_ray.worker.common import StepTimer, peak_gpu_memory_gib, seed_everything
+    from ega_ray.worker.distill import build_parts, train_step
 
     seed_everything(0)
     b = cfg.optim.batch_size
@@ -215,7 +215,7 @@ def connect_local_ray(args: argparse.Namespace) -> None:
     import ray
 
     if not ray.is_initialized():
-        # the worker's and the teacher actor's CPUs, plus one for Ray Data (see ega_ray.train.launch)
+        # the worker's and the teacher actor's CPUs, plus one for Ray Data (see ega_ray.driver.launch)
         try:
             ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False)
         except Exception as err:  # noqa: BLE001 - Ray gives its raylet a fixed 30 s, which a loaded machine can miss
@@ -292,10 +292,10 @@ def main() -> int:
 
 def run_bench(args: argparse.Namespace, budget: Budget | None = None) -> dict[str, Any]:
     from ega_ray.data.parquet import write_split
+    from ega_ray.driver.launch import run_distill
+    from ega_ray.driver.teacher_cache import build_cache
     from ega_ray.models import build_teacher
-    from ega_ray.train.common import compiler_available
-    from ega_ray.train.launch import run_distill
-    from ega_ray.train.teacher_cache import build_cache
+    from ega_ray.worker.common import compiler_available
 
     budget = budget or Budget(None)
     t_start = time.time()

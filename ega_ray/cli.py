@@ -237,7 +237,7 @@ def _distill(args: argparse.Namespace) -> int:
         run_embedded(args.overrides, args.output)
         return 0
     cfg = _training_config(args)  # before torch and Ray are imported: a config error stays fast
-    from ega_ray.train.launch import run_distill
+    from ega_ray.driver.launch import run_distill
 
     return _print_summary(run_distill(cfg))
 
@@ -252,7 +252,7 @@ def _pretrain_teacher(args: argparse.Namespace) -> int:
         The exit status.
     """
     cfg = _training_config(args)
-    from ega_ray.train.launch import run_pretrain
+    from ega_ray.driver.launch import run_pretrain
 
     return _print_summary(run_pretrain(cfg))
 
@@ -332,7 +332,7 @@ def _cache_teacher(args: argparse.Namespace) -> int:
     from ega_ray.config import load_config
 
     cfg = load_config(args.config, args.overrides)
-    from ega_ray.train.teacher_cache import build_cache
+    from ega_ray.driver.teacher_cache import build_cache
 
     return _print_summary(build_cache(cfg, args.views, args.output))
 

@@ -3,7 +3,7 @@
 Every error is raised as :class:`ConfigError` with one line naming the field and what is allowed;
 the CLI prints it without a traceback. Importing this module imports neither torch nor Ray: registry names
 are checked against the registries' tables, and what needs the models, the data or the disk (paths,
-splits, weights) is checked by ``ega_ray.train.preflight`` on the driver.
+splits, weights) is checked by ``ega_ray.driver.preflight`` on the driver.
 """
 
 from __future__ import annotations

@@ -18,10 +18,10 @@ import yaml
 
 from ega_ray.config import Config, apply_overrides, parse_config
 from ega_ray.disk import write_with
+from ega_ray.driver.launch import run_distill, run_pretrain
+from ega_ray.driver.outputs import write_json
+from ega_ray.driver.preflight import clear_run, resolve
 from ega_ray.run_folder import check_target, claim
-from ega_ray.train.launch import run_distill, run_pretrain
-from ega_ray.train.outputs import write_json
-from ega_ray.train.preflight import clear_run, resolve
 
 
 def embedded_config(overrides: list[str] | None = None, output: str | None = None) -> Config:

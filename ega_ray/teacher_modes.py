@@ -30,9 +30,9 @@ if TYPE_CHECKING:
     import torch
 
     from ega_ray.config import Config, TeacherConfig
+    from ega_ray.driver.preflight import PreparedData
     from ega_ray.models.teachers.base import TeacherSpec
-    from ega_ray.train.distill import Parts
-    from ega_ray.train.preflight import PreparedData
+    from ega_ray.worker.distill import Parts
 
 # each worker's local shuffle buffer yields its first batch only once it holds this many of its batches:
 # behind a teacher stage a large one would stall every epoch's start

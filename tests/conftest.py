@@ -105,7 +105,7 @@ def teacher_cache_2_views(shared_outputs: SharedOutputs, teacher_resnet8: Path, 
 
     def make(folder: Path) -> dict:
         from ega_ray.config import load_config
-        from ega_ray.train.teacher_cache import build_cache
+        from ega_ray.driver.teacher_cache import build_cache
 
         cfg = load_config(
             REPO / "configs" / "smoke.yaml",

@@ -75,6 +75,19 @@ def test_no_import_cycles_in_the_package():
     assert "ega_ray.losses" in graph["ega_ray.config_distill"], "and theirs"
 
 
+def test_the_worker_side_never_imports_the_driver_side():
+    """docs/architecture.md's two layers: what runs in Ray Train's workers (``ega_ray.worker``) imports nothing
+    of the driver (``ega_ray.driver``: checks, Ray Data, the TorchTrainer, the run folder's files), so a worker
+    process never loads it; the driver imports the worker's loop to hand it to Ray Train."""
+    files = {module_name(p): p for p in PACKAGE.rglob("*.py")}
+    worker = {m: imports_of(p, set(files)) for m, p in files.items() if m.startswith("ega_ray.worker")}
+    assert {"ega_ray.worker.distill", "ega_ray.worker.pretrain", "ega_ray.worker.common"} <= set(worker)
+    crossing = {m: sorted(d for d in deps if d.startswith("ega_ray.driver")) for m, deps in worker.items()}
+    assert not any(crossing.values()), {m: d for m, d in crossing.items() if d}
+    assert "ega_ray.worker.distill" in imports_of(files["ega_ray.driver.launch"], set(files)), "the walk sees it"
+    assert not (PACKAGE / "train").exists(), "ega_ray/train/ was split into driver/ and worker/"
+
+
 LIGHT = ["ega_ray.config", "ega_ray.cli", "ega_ray.teacher_modes", "ega_ray.losses"]
 LIGHT += ["ega_ray.disk", "ega_ray.run_folder"]  # what every command's writes go through
 

@@ -20,10 +20,10 @@ from ega_ray import uris
 from ega_ray.config import load_config
 from ega_ray.data.cache_format import check_manifest, expected_manifest, file_digests, load_cached_embeddings
 from ega_ray.data.parquet import write_split
+from ega_ray.driver.preflight import resolve
+from ega_ray.driver.teacher_cache import check_remote_output
 from ega_ray.errors import ConfigError
 from ega_ray.models import build_teacher
-from ega_ray.train.preflight import resolve
-from ega_ray.train.teacher_cache import check_remote_output
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "cache-test"

@@ -16,8 +16,8 @@ from ray.train.v2._internal.execution.checkpoint.checkpoint_manager import (
     _TrainingResultState,
 )
 
-from ega_ray.train.checkpoints import SNAPSHOT, CheckpointError, check_resume, remove_unregistered
-from ega_ray.train.common import STATE_FILE
+from ega_ray.driver.checkpoints import SNAPSHOT, CheckpointError, check_resume, remove_unregistered
+from ega_ray.worker.common import STATE_FILE
 
 NAME = "run"
 
@@ -117,8 +117,8 @@ def test_a_real_runs_truncated_checkpoint_is_refused_before_ray_starts_naming_it
     from pathlib import Path
 
     from ega_ray.config import load_config
+    from ega_ray.driver.launch import run_distill
     from ega_ray.run_folder import written_here
-    from ega_ray.train.launch import run_distill
 
     repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"

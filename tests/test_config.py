@@ -17,10 +17,10 @@ import yaml
 
 from ega_ray.config import Config, ConfigError, OptimConfig, apply_overrides, load_config, parse_config
 from ega_ray.config_distill import without_method_settings
+from ega_ray.driver.preflight import resolve
 from ega_ray.losses import SETTINGS
 from ega_ray.losses.settings.docs import settings_tables
 from ega_ray.run_folder import settings_differences
-from ega_ray.train.preflight import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 MINIMAL: dict[str, Any] = {"data": {"train": "train", "test": "test"}}

@@ -179,7 +179,7 @@ def write_raw_split(folder, label, index, image=None) -> str:
 )
 def test_bad_training_columns_are_refused_before_ray_naming_the_split(tmp_path, label, index, message):
     from ega_ray.config import ConfigError, load_config
-    from ega_ray.train.preflight import prepare_data, resolve
+    from ega_ray.driver.preflight import prepare_data, resolve
 
     cfg = resolve(
         load_config(
@@ -193,7 +193,7 @@ def test_bad_training_columns_are_refused_before_ray_naming_the_split(tmp_path, 
 
 def test_validation_rows_need_labels_and_the_classes_must_cover_them(tmp_path):
     from ega_ray.config import ConfigError, load_config
-    from ega_ray.train.preflight import prepare_data, resolve
+    from ega_ray.driver.preflight import prepare_data, resolve
 
     def cfg(val, *more):
         overrides = ["data.train=builtin:digits", "data.test=builtin:digits", f"data.validation={val}", *more]
@@ -214,7 +214,7 @@ def test_a_split_of_one_class_is_refused_naming_the_field_and_path(tmp_path):
     """A third-party Parquet split whose labeled rows are all one class would train (or score) a model that
     cannot be wrong: refused before Ray starts, for the split trained on and for the splits scored on."""
     from ega_ray.config import ConfigError, load_config
-    from ega_ray.train.preflight import prepare_data, resolve
+    from ega_ray.driver.preflight import prepare_data, resolve
 
     def cfg(*overrides):
         return resolve(load_config(None, ["data.train=builtin:digits", "data.test=builtin:digits", *overrides]), False)

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from ega_ray.errors import DivergedError
-from ega_ray.train.distill import WATCHED
-from ega_ray.train.divergence import NonFiniteWatch, diverged_message
+from ega_ray.worker.distill import WATCHED
+from ega_ray.worker.divergence import NonFiniteWatch, diverged_message
 
 NAN, INF = math.nan, math.inf
 

@@ -136,7 +136,7 @@ def test_the_pt_file_keeps_its_keys_and_safetensors_carries_the_metadata(tmp_pat
 
 def test_a_run_exports_pt_safetensors_and_pt2_and_survives_an_exporter_failure(tmp_path, monkeypatch, caplog):
     from ega_ray.config import parse_config
-    from ega_ray.train import outputs
+    from ega_ray.driver import outputs
 
     cfg = parse_config(
         {
@@ -176,7 +176,7 @@ def test_a_run_records_its_training_splits_class_names_and_both_formats_keep_the
     from safetensors import safe_open
 
     from ega_ray.config import parse_config
-    from ega_ray.train import outputs
+    from ega_ray.driver import outputs
 
     names = [f"class {i}" for i in range(10)]
     (tmp_path / "data" / "train").mkdir(parents=True)

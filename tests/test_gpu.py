@@ -32,13 +32,13 @@ from ega_ray.config import DistillConfig, load_config
 from ega_ray.constants import CLIP_MEAN, CLIP_STD
 from ega_ray.data.augment import ViewMaker
 from ega_ray.data.parquet import read_decoded
+from ega_ray.driver.preflight import resolve
 from ega_ray.export import load_student
 from ega_ray.losses import DISTILLERS, EGALoss, build_distiller
 from ega_ray.models import build_teacher
 from ega_ray.models.teachers.base import TeacherSpec
-from ega_ray.train.common import STATE_FILE, deterministic_kernels, latest_state, seed_everything, unwrap
-from ega_ray.train.distill import build_parts, train_step
-from ega_ray.train.preflight import resolve
+from ega_ray.worker.common import STATE_FILE, deterministic_kernels, latest_state, seed_everything, unwrap
+from ega_ray.worker.distill import build_parts, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"

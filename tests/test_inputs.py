@@ -25,9 +25,9 @@ from ega_ray.data.split_files import (
     split_files,
     split_identity,
 )
+from ega_ray.driver.preflight import check_batch_rows, input_differences, resolve, run_folder
 from ega_ray.errors import ConfigError, DataError, OutputFolderError, find_usage_error
 from ega_ray.run_folder import MARKER, read_marker
-from ega_ray.train.preflight import check_batch_rows, input_differences, resolve, run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = REPO / "configs" / "smoke.yaml"
@@ -262,7 +262,7 @@ def test_a_damaged_data_page_is_named_by_file_and_row_group(tmp_path):
 def test_a_damaged_page_met_by_ray_data_in_a_run_is_one_line_naming_file_and_row_group(tmp_path, local_ray):
     """A run whose training split has a damaged page (footers intact, so preflight passes): Ray Data's read
     task fails with Arrow's message inside its traceback, and the run ends with the one line naming it."""
-    from ega_ray.train.launch import run_distill
+    from ega_ray.driver.launch import run_distill
 
     damaged, group = corrupt_split(tmp_path / "train", png=True)
     corrupt_split(tmp_path / "validation", png=True, damage=False)

@@ -1,4 +1,4 @@
-"""The per-node checks (ega_ray.train.nodes) as plain functions: what a node reports, and the lines and
+"""The per-node checks (ega_ray.driver.nodes) as plain functions: what a node reports, and the lines and
 settings the driver derives from the reports. The checks on a real cluster of separate hosts are in
 tests/test_multihost.py."""
 
@@ -10,7 +10,7 @@ import pytest
 
 from ega_ray import uris
 from ega_ray.config import parse_config
-from ega_ray.train.nodes import CLUSTER_MAX_FAILURES, NodeReport, max_failures, plan, probe_node, read_inputs
+from ega_ray.driver.nodes import CLUSTER_MAX_FAILURES, NodeReport, max_failures, plan, probe_node, read_inputs
 
 
 def _cfg(**run):
@@ -55,7 +55,7 @@ def test_unreadable_inputs_and_an_unshared_storage_are_one_line_each_naming_fiel
 def test_a_cache_build_names_its_output_not_the_checkpoints_when_a_node_cannot_share_it():
     """cache-teacher writes no checkpoint: its Ray Data writers write the cache, so its output is what every
     node must share (a local output's parent folder: its temporary sibling is built there)."""
-    from ega_ray.train.teacher_cache import cache_written
+    from ega_ray.driver.teacher_cache import cache_written
 
     unshared = _report("198.18.0.12", "w2", ("198.18.0.12",), storage_problem="a folder on this node's own disk")
     written = cache_written("/mnt/runs/.cache.tmp-1/embeddings")

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from ega_ray.train.noise_scale import (
+from ega_ray.tools.noise_scale import (
     NoiseScale,
     bootstrap_range,
     estimate_noise_scale,

@@ -18,8 +18,8 @@ from ray.train import TrainingFailedError
 from ega_ray.config import load_config
 from ega_ray.data.augment import ViewMaker, row_uniforms
 from ega_ray.data.epoch_rows import EpochRows, epoch_order, rank_rows
-from ega_ray.train.launch import run_distill
-from ega_ray.train.preflight import resolve
+from ega_ray.driver.launch import run_distill
+from ega_ray.driver.preflight import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 SHORT = ["optim.epochs=2", "optim.max_steps_per_epoch=3", "run.progress_bar=false"]
@@ -220,7 +220,7 @@ def check_interrupted_run_folder(cfg, teacher: tuple, run_dir: Path, state: dict
     from test_tracking import read_scalars
 
     from ega_ray.errors import OutputFolderError
-    from ega_ray.train.common import latest_state
+    from ega_ray.worker.common import latest_state
 
     before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
     other = {"distill.method=kd": r"distill.method: \"ega\" → \"kd\"",
@@ -253,8 +253,8 @@ def check_selection_and_splits(cfg, run_dir: Path, summary: dict) -> None:
     import numpy as np
     import pyarrow.parquet as pq
 
-    from ega_ray.train.launch import decoded_splits
-    from ega_ray.train.preflight import prepare_data
+    from ega_ray.driver.launch import decoded_splits
+    from ega_ray.driver.preflight import prepare_data
 
     resolved = resolve(cfg)
     recorded = json.loads((run_dir / "validation_rows.json").read_text())

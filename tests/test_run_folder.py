@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from ega_ray.config import load_config
+from ega_ray.driver.preflight import resolve, run_folder
 from ega_ray.errors import OutputFolderError
 from ega_ray.run_folder import MARKER, check_target, claim, read_marker, rebuild, remove_own, settings_differences
-from ega_ray.train.preflight import resolve, run_folder
 
 REPO = Path(__file__).resolve().parents[1]
 

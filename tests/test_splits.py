@@ -8,7 +8,7 @@ import pytest
 
 from ega_ray.config import ConfigError, load_config
 from ega_ray.data.splits import carve_validation, index_mask, validation_record
-from ega_ray.train.preflight import prepare_data, resolve
+from ega_ray.driver.preflight import prepare_data, resolve
 
 
 def _split(counts: dict[int, int], seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -84,7 +84,7 @@ def test_prepare_data_removes_the_carved_rows_from_training_and_from_the_label_b
 
 
 def test_too_few_training_rows_left_for_a_batch(tmp_path, monkeypatch):
-    from ega_ray.train.preflight import check_distill
+    from ega_ray.driver.preflight import check_distill
 
     monkeypatch.setenv("EGA_RAY_CACHE", str(tmp_path / "cache"))
     overrides = ["data.train=builtin:digits", "data.test=builtin:digits", "data.validation_fraction=0.95"]
@@ -95,7 +95,7 @@ def test_too_few_training_rows_left_for_a_batch(tmp_path, monkeypatch):
 
 
 def test_the_summary_reports_test_at_the_epoch_validation_selected():
-    from ega_ray.train.launch import selected_scores
+    from ega_ray.driver.launch import selected_scores
 
     history = [
         {"epoch": e, "validation_top1": v, "test_top1": t, "test_top5": t + 5, "test_teacher_top1": 30.0 + e}

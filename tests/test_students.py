@@ -75,7 +75,7 @@ def test_parameter_counts_match_papers() -> None:
 def test_compile_is_used_when_possible_and_falls_back_to_eager(monkeypatch, caplog) -> None:
     import sys
 
-    from ega_ray.train.common import maybe_compile
+    from ega_ray.worker.common import maybe_compile
 
     cpu = torch.device("cpu")
     model = torch.nn.Linear(4, 2)

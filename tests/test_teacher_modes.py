@@ -18,9 +18,9 @@ import torch
 from ega_ray.config import ConfigError, load_config
 from ega_ray.data.cache_format import check_manifest, file_digests, load_cached_embeddings
 from ega_ray.data.teacher_stage import view_for
+from ega_ray.driver.launch import run_distill
+from ega_ray.driver.preflight import resolve
 from ega_ray.models import build_student, build_teacher
-from ega_ray.train.launch import run_distill
-from ega_ray.train.preflight import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 

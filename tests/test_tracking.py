@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from ega_ray.config import parse_config
-from ega_ray.train.tracking import RunRecorder, epoch_lines, format_epoch, write_rows
+from ega_ray.driver.tracking import RunRecorder, epoch_lines, format_epoch, write_rows
 
 
 def read_scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from ega_ray.config import load_config
-from ega_ray.train.launch import run_distill
-from ega_ray.train.preflight import resolve
+from ega_ray.driver.launch import run_distill
+from ega_ray.driver.preflight import resolve
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from ega_ray.config import ConfigError, parse_config
 from ega_ray.losses import EGALoss
 from ega_ray.models.precision import compute_dtype
-from ega_ray.train.distill import build_parts, train_step
+from ega_ray.worker.distill import build_parts, train_step
 
 B, CLASSES = 16, 10
 
@@ -71,7 +71,7 @@ def test_step_loss_is_ce_plus_ega_and_the_step_updates_both_sides() -> None:
 @pytest.mark.filterwarnings("ignore:teacher zoo")
 def test_the_kd_term_is_its_own_step_loss_so_a_divergence_can_name_it() -> None:
     from ega_ray.losses.kd import KDLoss
-    from ega_ray.train.distill import step_losses
+    from ega_ray.worker.distill import step_losses
 
     cfg = _cfg()
     cfg.distill.alpha, cfg.distill.beta = 0.7, 0.0
@@ -180,7 +180,7 @@ def test_bench_bare_step_and_profile(bench_module, mode: str) -> None:
 def test_step_timer_counts_the_training_part_only() -> None:
     import time
 
-    from ega_ray.train.common import StepTimer
+    from ega_ray.worker.common import StepTimer
 
     timer = StepTimer(torch.device("cpu"), warmup=1)
     time.sleep(0.2)  # waiting for the first batch: in elapsed_s, not in the steady rate

@@ -43,11 +43,10 @@ from ray.tune.schedulers import ASHAScheduler
 from ega_ray.config import Config, ConfigError, SpaceEntry, parse_config
 from ega_ray.config_distill import with_method
 from ega_ray.disk import write_atomic, write_with
+from ega_ray.driver.launch import SELECTION_METRIC, connect_ray, selected_scores
+from ega_ray.driver.outputs import write_json, write_metrics_csv
 from ega_ray.errors import DivergedError, find_usage_error
 from ega_ray.losses import DISTILLERS
-from ega_ray.train.common import latest_state
-from ega_ray.train.launch import SELECTION_METRIC, connect_ray, selected_scores
-from ega_ray.train.outputs import write_json, write_metrics_csv
 from ega_ray.tune.experiment import (
     checked,
     experiment_folder,
@@ -63,6 +62,7 @@ from ega_ray.tune.experiment import (
 )
 from ega_ray.tune.space import apply_params, effective_params, tune_space
 from ega_ray.tune.tables import CE_ONLY, DIVERGED, FINISHED, finished, results_lines
+from ega_ray.worker.common import latest_state
 
 EXPERIMENT = "benchmark"
 TUNED = "benchmark-tuned"

@@ -29,11 +29,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ega_ray import uris
 from ega_ray.config import Config, parse_config
 from ega_ray.disk import write_atomic
+from ega_ray.driver.launch import run_distill
+from ega_ray.driver.preflight import check_distill, resolve
 from ega_ray.errors import ConfigError, Interrupted, OutputFolderError
 from ega_ray.run_folder import claim, read_marker, write_marker
-from ega_ray.train.common import latest_state
-from ega_ray.train.launch import run_distill
-from ega_ray.train.preflight import check_distill, resolve
+from ega_ray.worker.common import latest_state
 
 logger = logging.getLogger(__name__)
 

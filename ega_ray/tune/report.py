@@ -16,11 +16,11 @@ import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
 from ega_ray.disk import write_atomic, write_with  # noqa: E402
+from ega_ray.driver.outputs import write_metrics_csv  # noqa: E402
 from ega_ray.errors import DivergedError, find_usage_error  # noqa: E402
-from ega_ray.train.common import latest_state  # noqa: E402
-from ega_ray.train.outputs import write_metrics_csv  # noqa: E402
 from ega_ray.tune.experiment import trial_storage  # noqa: E402
 from ega_ray.tune.space import NONE_SUFFIX, apply_params, effective_params  # noqa: E402
+from ega_ray.worker.common import latest_state  # noqa: E402
 
 DIVERGED = "DIVERGED"  # trials.csv's status of a trial stopped by a non-finite loss
 

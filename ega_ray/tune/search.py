@@ -18,7 +18,7 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 
 from ega_ray.config import Config, ConfigError, parse_config
-from ega_ray.train.launch import connect_ray
+from ega_ray.driver.launch import connect_ray
 from ega_ray.tune.experiment import (
     checked,
     experiment_folder,

@@ -30,7 +30,7 @@ import torch
 
 from ega_ray.disk import write_atomic
 from ega_ray.errors import UsageError
-from ega_ray.train.common import STATE_FILE
+from ega_ray.worker.common import STATE_FILE
 
 SNAPSHOT = "checkpoint_manager_snapshot.json"  # ray.train.v2._internal.constants.CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 CHECKPOINT_PREFIX = "checkpoint_"

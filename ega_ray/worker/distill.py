@@ -36,24 +36,21 @@ from ega_ray.models.heads import EmbeddingHead, StudentClassifier
 from ega_ray.models.precision import compute_dtype
 from ega_ray.models.teachers.base import Teacher
 from ega_ray.teacher_modes import TEACHER_MODES, TeacherMode
-from ega_ray.train.common import (
+from ega_ray.worker.common import (
     Checkpointed,
     Progress,
     StepTimer,
     all_reduce_sum,
-    deterministic_kernels,
+    end_epoch,
     epoch_seed,
-    load_state,
     maybe_compile,
-    maybe_inject_failure,
     peak_gpu_memory_gib,
-    report,
+    restore_run,
     seed_everything,
-    torch_threads,
+    start_worker,
     unwrap,
 )
-from ega_ray.train.divergence import NonFiniteWatch, stop_on_divergence
-from ega_ray.train.tracking import quiet_ray_logs
+from ega_ray.worker.divergence import NonFiniteWatch, stop_on_divergence
 
 EVAL_BATCH = 256
 READ_BATCH = 4096  # rows per batch of the deterministic path's pass over the training split
@@ -286,26 +283,16 @@ def check_finite(p: Parts, watch: NonFiniteWatch, epoch: int) -> None:
 def train_func_per_worker(config: dict[str, Any]) -> None:
     cfg, args = Config.model_validate(config["cfg"]), config["args"]
     o, d, seed = cfg.optim, cfg.distill, cfg.run.seed
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch_threads(cfg.scaling.cpus_per_worker)
-    quiet_ray_logs(cfg.run.verbose)
-    if cfg.run.deterministic:
-        deterministic_kernels(device)
-    seed_everything(seed)  # identical initial weights on every rank
+    rank, world, device = start_worker(cfg, cfg.run.deterministic)
     p = build_parts(cfg, device, args.num_classes, args.teacher_dim, args.num_indices, ray.train.torch.prepare_model)
     p.teacher_servers = args.teacher_servers
     saved = p.checkpointed()
 
     # --- restore
+    run = restore_run(saved)
+    start_epoch, history, restarts = run.epoch, run.history, run.restarts
     # the selected epoch: the best validation top-1 (the test split never selects)
-    start_epoch, history, best, restarts = 0, [], {"validation_top1": -1.0, "epoch": 0}, 0
-    state = load_state(ray.train.get_checkpoint())
-    if state is not None:
-        values = saved.restore(state)
-        start_epoch, history, best = values["epoch"], values["history"], values["best"]
-        restarts = values["restarts"] + 1  # how many times this run was restored from a checkpoint
+    best = run.values.get("best", {"validation_top1": -1.0, "epoch": 0})
 
     train_shard = ray.train.get_dataset_shard("train")
     per_worker = o.batch_size // world
@@ -394,5 +381,4 @@ def train_func_per_worker(config: dict[str, Any]) -> None:
         state = saved.state(
             epoch=epoch + 1, history=history, best=best, num_classes=args.num_classes, restarts=restarts, seed=seed
         )
-        report(metrics, state)
-        maybe_inject_failure(epoch + 1, cfg.run.fail_after_epoch, cfg.output_dir)
+        end_epoch(cfg, epoch + 1, metrics, state)

@@ -24,13 +24,10 @@ from ega_ray.config import Config
 from ega_ray.data.images import decode_images
 from ega_ray.data.parquet import mask_labels, read_decoded, select_rows
 from ega_ray.data.split_files import unreadable_named
-from ega_ray.errors import ConfigError, DivergedError
-from ega_ray.teacher_modes import TEACHER_MODES
-from ega_ray.train.checkpoints import check_resume, remove_unregistered, run_dir
-from ega_ray.train.common import load_state
-from ega_ray.train.nodes import Written, check_cluster, max_failures
-from ega_ray.train.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
-from ega_ray.train.preflight import (
+from ega_ray.driver.checkpoints import check_resume, remove_unregistered, run_dir
+from ega_ray.driver.nodes import Written, check_cluster, max_failures
+from ega_ray.driver.outputs import export_student, plot_curves, write_config, write_json, write_metrics_csv
+from ega_ray.driver.preflight import (
     PreparedData,
     check_batch_rows,
     check_distill,
@@ -40,7 +37,11 @@ from ega_ray.train.preflight import (
     resolve,
     run_folder,
 )
-from ega_ray.train.tracking import RunRecorder, epoch_lines, quiet_ray_logs
+from ega_ray.driver.tracking import RunRecorder, epoch_lines
+from ega_ray.errors import ConfigError, DivergedError
+from ega_ray.ray_logs import quiet_ray_logs
+from ega_ray.teacher_modes import TEACHER_MODES
+from ega_ray.worker.common import load_state
 
 MATERIALIZE_AUTO_BYTES = 2 << 30
 LOCAL_WORKER_START_TIMEOUT_S = 600  # a local Ray's worker-group start (Ray Train's default: 60 s)
@@ -64,7 +65,7 @@ def configure_ray_data() -> None:
 
 def connect_ray(cfg: Config, written: Written | None = None) -> None:
     """Join the cluster named by RAY_ADDRESS (as under ``ray job submit``) and check its nodes (``written``:
-    where they write, default the run's checkpoints; ``ega_ray.train.nodes``), or start a local Ray.
+    where they write, default the run's checkpoints; ``ega_ray.driver.nodes``), or start a local Ray.
 
     A local Ray is told of at least enough logical CPUs for the workers plus one for Ray Data: on a
     2-core machine two 1-CPU workers would otherwise leave Ray Data no CPU and the run would hang. It is
@@ -193,7 +194,7 @@ def fit(
     finally:  # an upload cut short (a full disk, an error) leaves no checkpoint folder behind
         remove_unregistered(run_dir(cfg.checkpoint_root, cfg.output_dir.name))
     diverged = result.return_value.get("diverged") if isinstance(result.return_value, dict) else None
-    if diverged:  # the workers stopped together at a non-finite loss (train.divergence): no output is written
+    if diverged:  # the workers stopped together at a non-finite loss (worker.divergence): no output is written
         raise DivergedError(diverged)
     return result
 
@@ -213,7 +214,7 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
     Returns:
         The run's summary, as written to ``summary.json``.
     """
-    from ega_ray.train.distill import WorkerArgs, train_func_per_worker
+    from ega_ray.worker.distill import WorkerArgs, train_func_per_worker
 
     cfg = resolve(cfg)
     data, teacher_dim = check_distill(cfg)
@@ -361,7 +362,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
     """
     from ega_ray.models.students import build_student
     from ega_ray.models.teachers.ssl_teacher import save_ssl_teacher
-    from ega_ray.train.pretrain import pretrain_func_per_worker, teacher_input_size
+    from ega_ray.worker.pretrain import pretrain_func_per_worker, teacher_input_size
 
     cfg = resolve(cfg, check_teacher_file=False)
     if cfg.pretrain.batch_size % cfg.scaling.num_workers:

@@ -21,20 +21,17 @@ from ega_ray.config import Config
 from ega_ray.data.augment import resize, simclr_view, to_unit_float
 from ega_ray.losses.ntxent import NTXentLoss
 from ega_ray.models import build_student
-from ega_ray.train.common import (
+from ega_ray.worker.common import (
     Checkpointed,
     all_reduce_sum,
+    end_epoch,
     epoch_seed,
-    load_state,
-    maybe_inject_failure,
     peak_gpu_memory_gib,
-    report,
-    seed_everything,
-    torch_threads,
+    restore_run,
+    start_worker,
     unwrap,
 )
-from ega_ray.train.divergence import NonFiniteWatch, stop_on_divergence
-from ega_ray.train.tracking import quiet_ray_logs
+from ega_ray.worker.divergence import NonFiniteWatch, stop_on_divergence
 
 
 class SimCLRNet(nn.Module):
@@ -88,12 +85,7 @@ def knn_top1(backbone: nn.Module, train_data, val_data, cfg: Config, device: tor
 def pretrain_func_per_worker(config: dict[str, Any]) -> None:
     cfg = Config.model_validate(config["cfg"])
     p = cfg.pretrain
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    device = ray.train.torch.get_device()
-    torch_threads(cfg.scaling.cpus_per_worker)
-    quiet_ray_logs(cfg.run.verbose)
-    seed_everything(cfg.run.seed)
+    rank, world, device = start_worker(cfg, deterministic=False)  # SimCLR's views are drawn per worker
 
     net = ray.train.torch.prepare_model(SimCLRNet(build_student(p.arch), p.proj_dim))
     opt = torch.optim.SGD(net.parameters(), lr=p.lr * p.batch_size / 256, momentum=0.9, weight_decay=p.weight_decay)
@@ -102,11 +94,8 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
     gen = torch.Generator(device=device)
 
     saved = Checkpointed({"net": unwrap(net), "opt": opt, "sched": sched})  # what a checkpoint holds
-    start_epoch, history, restarts = 0, [], 0
-    state = load_state(ray.train.get_checkpoint())
-    if state is not None:
-        values = saved.restore(state)
-        start_epoch, history, restarts = values["epoch"], values["history"], values["restarts"] + 1
+    run = restore_run(saved)
+    start_epoch, history, restarts = run.epoch, run.history, run.restarts
 
     shard = ray.train.get_dataset_shard("train")
     knn_train, knn_test = ray.train.get_dataset_shard("knn_train"), ray.train.get_dataset_shard("test")
@@ -154,5 +143,4 @@ def pretrain_func_per_worker(config: dict[str, Any]) -> None:
         if rank == 0 and (last or (epoch + 1) % 5 == 0):
             metrics["knn_top1"] = knn_top1(unwrap(net).backbone, knn_train, knn_test, cfg, device)
         history.append(metrics)
-        report(metrics, saved.state(epoch=epoch + 1, history=history, restarts=restarts))
-        maybe_inject_failure(epoch + 1, cfg.run.fail_after_epoch, cfg.output_dir)
+        end_epoch(cfg, epoch + 1, metrics, saved.state(epoch=epoch + 1, history=history, restarts=restarts))

@@ -1,4 +1,18 @@
-"""Pieces every training loop shares: seeding, checkpoint files, progress lines, metric reduction."""
+"""What every worker loop shares (distillation and teacher pretraining): the skeleton a loop is written in
+(:func:`start_worker`, :func:`restore_run`, :func:`end_epoch`), seeding, checkpoint files, progress lines and
+metric reduction.
+
+A loop reads, top to bottom::
+
+    rank, world, device = start_worker(cfg, deterministic)
+    ...build its models and optimizers...
+    saved = Checkpointed({...})                 # what a checkpoint holds, listed once
+    run = restore_run(saved)                    # epoch 0, or where Ray Train's latest checkpoint left it
+    for epoch in range(run.epoch, epochs):
+        ...train, evaluate, metrics (with "restarts": run.restarts)...
+        run.history.append(metrics)
+        end_epoch(cfg, epoch + 1, metrics, saved.state(epoch=epoch + 1, history=run.history, ...))
+"""
 
 from __future__ import annotations
 
@@ -9,16 +23,22 @@ import random
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray.train
+import ray.train.torch
 import torch
 import torch.distributed as dist
 
 from ega_ray import uris
 from ega_ray.disk import is_no_space, need_space, no_space
+from ega_ray.ray_logs import quiet_ray_logs
+
+if TYPE_CHECKING:
+    from ega_ray.config import Config
 
 STATE_FILE = "state.pt"
 logger = logging.getLogger(__name__)
@@ -120,6 +140,69 @@ class Checkpointed:
             else:
                 obj.load_state_dict(state[name])
         return {k: v for k, v in state.items() if k not in self.objects}
+
+
+def start_worker(cfg: Config, deterministic: bool) -> tuple[int, int, torch.device]:
+    """A worker loop's first lines: this worker's threads (its CPU share), Ray's logs quiet, deterministic
+    kernels when asked, and the global RNGs seeded with ``run.seed``, so every rank builds the same initial
+    weights.
+
+    Args:
+        cfg: the run's config.
+        deterministic: turn on the device's deterministic algorithms (warn-only where none exists).
+
+    Returns:
+        This worker's rank, the world size and its device.
+    """
+    ctx = ray.train.get_context()
+    device = ray.train.torch.get_device()
+    torch_threads(cfg.scaling.cpus_per_worker)
+    quiet_ray_logs(cfg.run.verbose)
+    if deterministic:
+        deterministic_kernels(device)
+    seed_everything(cfg.run.seed)
+    return ctx.get_world_rank(), ctx.get_world_size(), device
+
+
+@dataclass
+class RestoredRun:
+    """Where a loop starts: the next epoch (0-based), the epochs reported so far, how many times the run was
+    restored from a checkpoint (this time included), and the checkpoint's other plain values."""
+
+    epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    restarts: int = 0
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+def restore_run(saved: Checkpointed) -> RestoredRun:
+    """Load ``saved``'s objects from Ray Train's latest checkpoint of this run, if it has one.
+
+    Args:
+        saved: what the loop's checkpoints hold.
+
+    Returns:
+        Where the loop starts: a new run at epoch 0, or a restored one after its last checkpointed epoch.
+    """
+    state = load_state(ray.train.get_checkpoint())
+    if state is None:
+        return RestoredRun()
+    values = saved.restore(state)
+    return RestoredRun(values["epoch"], values["history"], values["restarts"] + 1, values)
+
+
+def end_epoch(cfg: Config, epoch: int, metrics: dict[str, Any], state: dict[str, Any]) -> None:
+    """Report an epoch's metrics with a checkpoint of ``state`` (rank 0 writes it, :func:`report`), then,
+    in tests, fail once after it (``run.fail_after_epoch``).
+
+    Args:
+        cfg: the run's config.
+        epoch: the epoch just finished (1-based).
+        metrics: what every rank reports.
+        state: everything needed to resume after this epoch (:meth:`Checkpointed.state`).
+    """
+    report(metrics, state)
+    maybe_inject_failure(epoch, cfg.run.fail_after_epoch, cfg.output_dir)
 
 
 def state_bytes(state: Any) -> int:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import logging
 import math
 import os
 import sys
@@ -32,30 +31,11 @@ import ray
 import ray.train
 
 from ega_ray.disk import write_atomic
+from ega_ray.ray_logs import quiet_ray_logs
 
 METRICS_CSV = "metrics.csv"
 TENSORBOARD_DIR = "tensorboard"
 LOGGERS = ("tensorboard", "wandb", "mlflow")
-QUIET_LOGGERS = ("ray", "ray.train", "ray.data", "ray.tune")  # their INFO lines are Ray's, not the run's
-
-
-def quiet_ray_logs(verbose: bool) -> None:
-    """Ray's INFO logs (reports, checkpoints, Ray Data's execution plans) off in this process unless
-    ``verbose``; warnings and errors still show (Ray Data's only errors: its warnings are about settings
-    ega-ray makes on purpose, such as its progress bars being off)."""
-    for name in QUIET_LOGGERS:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-    logging.getLogger("ray.data").setLevel(logging.INFO if verbose else logging.ERROR)
-    if not verbose and _in_ray_worker():
-        # Ray Train logs each report through a logger named after its file, not ``ray.train``: at the root
-        logging.getLogger().setLevel(logging.WARNING)
-
-
-def _in_ray_worker() -> bool:
-    worker = ray._private.worker
-    return worker.global_worker.mode == worker.WORKER_MODE
-
-
 def read_rows(path: Path) -> list[dict[str, str]]:
     try:
         with open(path, newline="") as f:

@@ -23,11 +23,11 @@ from ega_ray.data.cache_format import expected_manifest, file_digests, filesyste
 from ega_ray.data.images import decode_images
 from ega_ray.data.teacher_stage import embed_with_actor_pool
 from ega_ray.disk import disk_full, write_atomic
+from ega_ray.driver.launch import connect_ray
+from ega_ray.driver.nodes import Written
+from ega_ray.driver.preflight import PreparedData, check_teacher, prepare_data, resolve
 from ega_ray.errors import ConfigError
 from ega_ray.run_folder import rebuild
-from ega_ray.train.launch import connect_ray
-from ega_ray.train.nodes import Written
-from ega_ray.train.preflight import PreparedData, check_teacher, prepare_data, resolve
 
 
 def build_cache(cfg: Config, views: int, output: str | Path) -> dict[str, Any]:
