@@ -218,8 +218,9 @@ class MultiHostCluster:
         moto = [str(BIN / "python"), "-m", "moto.server", "-H", S3_ADDRESS, "-p", str(S3_PORT)]
         self.s3.spawn(moto, self.env(self.s3), self.logs / "s3.log")
         self._start_head()
-        self.wait_for_nodes(1, restart={self.head: self._start_head})
-        restart = {}
+        # the workers join as soon as the head's GCS answers, while its dashboard still starts
+        self._wait_for_port(self.head.address, HEAD_PORT, restart={self.head: self._start_head})
+        restart = {self.head: self._start_head}
         for name, cpus in self.worker_cpus.items():
             self._start_worker(self.workers[name], cpus)
             restart[self.workers[name]] = partial(self._start_worker, self.workers[name], cpus)
@@ -295,40 +296,53 @@ class MultiHostCluster:
         return done.stdout[1:] if done.stdout.startswith("+") else None
 
     def nodes(self) -> list[dict]:
-        """The cluster's nodes as the head's dashboard lists them (state API, from the client host)."""
+        """The cluster's nodes as the head's dashboard lists them (its state API over HTTP with the token, from
+        the client host; plain urllib, so a poll costs no ``import ray``); empty while the dashboard is down."""
         code = (
-            "import json; from ray.util.state import list_nodes; "
-            "print(json.dumps([{'ip': n.node_ip, 'state': n.state, 'id': n.node_id} for n in list_nodes()]))"
+            "import json, os, urllib.request\n"
+            f"request = urllib.request.Request('{self.dashboard_url}/api/v0/nodes?limit=1000', "
+            "headers={'Authorization': 'Bearer ' + os.environ['RAY_AUTH_TOKEN']})\n"
+            "nodes = json.load(urllib.request.urlopen(request, timeout=10))['data']['result']['result']\n"
+            "print(json.dumps([{'ip': n['node_ip'], 'state': n['state'], 'id': n['node_id']} for n in nodes]))\n"
         )
-        done = self.client_run([str(BIN / "python"), "-c", code], timeout=60)
+        done = self.client.run([str(BIN / "python"), "-c", code], self.env(self.client), 60)
         if done.returncode != 0:
             return []
         return json.loads(done.stdout.strip().splitlines()[-1])
 
+    def _restart_stopped(self, restart: dict, retries: dict) -> None:
+        """Start again each ``ray start`` in ``restart`` (host → how to start it) that gave up: on a loaded
+        machine Ray's own start-up timeouts can expire. ``retries``: how many more each host may have."""
+        for host, start in restart.items():
+            if host.processes and host.processes[-1].poll() is not None and retries[host] > 0:
+                retries[host] -= 1
+                _kill_namespace_processes(host.netns)
+                start()
+
     def wait_for_nodes(self, count: int, timeout: float = 240, restart: dict | None = None) -> None:
-        """Until ``count`` nodes are alive. A ``ray start`` in ``restart`` (host → how to start it again) that
-        gave up (on a loaded machine Ray's own start-up timeouts can expire) is started again, twice at most."""
+        """Until ``count`` nodes are alive, polled every second; a ``ray start`` in ``restart`` that gave up is
+        started again, twice at most."""
         deadline = time.monotonic() + timeout
         retries = dict.fromkeys(restart or {}, 2)
         while time.monotonic() < deadline:
-            if self._dashboard_up() and sum(n["state"] == "ALIVE" for n in self.nodes()) >= count:
+            if sum(n["state"] == "ALIVE" for n in self.nodes()) >= count:
                 return
-            for host, start in (restart or {}).items():
-                if host.processes and host.processes[-1].poll() is not None and retries[host] > 0:
-                    retries[host] -= 1
-                    _kill_namespace_processes(host.netns)
-                    start()
-            time.sleep(2)
+            self._restart_stopped(restart or {}, retries)
+            time.sleep(1)
         logs = {p.name: p.read_text()[-1500:] for p in self.logs.glob("*.log")}
         raise TimeoutError(f"{count} nodes not alive within {timeout:.0f} s; logs: {logs}")
 
-    def _dashboard_up(self) -> bool:
-        probe = (
-            "import urllib.request, urllib.error\n"
-            f"try: urllib.request.urlopen('{self.dashboard_url}/api/version', timeout=5)\n"
-            "except urllib.error.HTTPError: pass\n"
-        )
-        return self.client.run([str(BIN / "python"), "-c", probe], self.env(self.client), 30).returncode == 0
+    def _wait_for_port(self, address: str, port: int, restart: dict, timeout: float = 240) -> None:
+        """Until ``address:port`` accepts a connection from the client host (e.g. the head's GCS)."""
+        probe = f"import socket; socket.create_connection(('{address}', {port}), timeout=5).close()"
+        deadline = time.monotonic() + timeout
+        retries = dict.fromkeys(restart, 2)
+        while time.monotonic() < deadline:
+            if self.client.run([str(BIN / "python"), "-c", probe], self.env(self.client), 30).returncode == 0:
+                return
+            self._restart_stopped(restart, retries)
+            time.sleep(0.5)
+        raise TimeoutError(f"{address}:{port} not open within {timeout:.0f} s; head: {self.logs / 'head.log'}")
 
     def make_bucket(self, bucket: str) -> None:
         code = f"import boto3; boto3.client('s3').create_bucket(Bucket='{bucket}')"

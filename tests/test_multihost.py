@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -37,24 +38,29 @@ def cluster(tmp_path_factory):
         pytest.skip(why)
     root = tmp_path_factory.mktemp("multihost")
     hosts = MultiHostCluster(root, WORKERS, loopback=tuple(WORKERS))
+    digits = root / "digits"
+    prepare = [str(BIN / "ega-ray"), "prepare", "digits", "--out", str(digits)]
+    prepared = subprocess.Popen(prepare, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        hosts.start()
+        hosts.start()  # while the split is prepared
         hosts.make_bucket(BUCKET)
-        digits = root / "digits"
-        done = subprocess.run(
-            [str(BIN / "ega-ray"), "prepare", "digits", "--out", str(digits)], capture_output=True, text=True
-        )
-        assert done.returncode == 0, done.stderr[-2000:]
+        _, errors = prepared.communicate(timeout=300)
+        assert prepared.returncode == 0, errors[-2000:]
         hosts.upload(digits, hosts.s3_uri(f"{BUCKET}/data/digits"))
         yield hosts
     finally:
+        if prepared.poll() is None:
+            prepared.kill()
+            prepared.wait()
         hosts.stop()
 
 
-def job(args: list[str], script: str = "distill") -> list[str]:
-    """``ray job submit`` of ``jobs/<script>.py``, as docs/cluster.md shows."""
+def job(args: list[str], script: str = "distill", submission_id: str | None = None) -> list[str]:
+    """``ray job submit`` of ``jobs/<script>.py``, as docs/cluster.md shows (``submission_id``: the id that
+    ``ray job stop`` takes)."""
+    named = ["--submission-id", submission_id] if submission_id else []
     return [
-        str(BIN / "ray"), "job", "submit", "--working-dir", str(REPO), "--runtime-env",
+        str(BIN / "ray"), "job", "submit", *named, "--working-dir", str(REPO), "--runtime-env",
         str(REPO / "jobs" / "runtime_env.yaml"), "--", "python", f"jobs/{script}.py", *args,
     ]  # fmt: skip
 
@@ -82,17 +88,54 @@ def bucket_data(cluster: MultiHostCluster) -> list[str]:
     return ["--set", f"data.train={uri.replace('?', '/train?')}", "--set", f"data.test={uri.replace('?', '/test?')}"]
 
 
-def train_worker_ips(cluster: MultiHostCluster) -> set[str]:
-    """The addresses of the nodes that hosted Ray Train workers (live or finished), from the head's state API."""
+def train_workers(cluster: MultiHostCluster) -> dict[str, str]:
+    """Every Ray Train worker actor (live or finished) → the address of its node, from the head's state API."""
     code = (
         "import json; from ray.util.state import list_actors, list_nodes\n"
         "ips = {n.node_id: n.node_ip for n in list_nodes()}\n"
         "actors = list_actors(filters=[('class_name', '=', 'RayTrainWorker')], limit=1000)\n"
-        "print(json.dumps(sorted({ips[a.node_id] for a in actors})))\n"
+        "print(json.dumps({a.actor_id: ips[a.node_id] for a in actors}))\n"
     )
     done = cluster.client_run([sys.executable, "-c", code], timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    return set(json.loads(done.stdout.strip().splitlines()[-1]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def train_worker_ips(cluster: MultiHostCluster) -> set[str]:
+    """The addresses of the nodes that hosted Ray Train workers (live or finished)."""
+    return set(train_workers(cluster).values())
+
+
+def trial_states(cluster: MultiHostCluster, trials: str, histories: bool = False) -> dict[str, dict]:
+    """Each trial's latest registered checkpoint under ``trials`` (a search's ``<storage>/<output>/trials``
+    URI), read from the client host as the search's report reads it (``latest_state``): trial id → its
+    epoch, and with ``histories`` its epoch history. Trials without a registered checkpoint are left out."""
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(REPO)!r})\n"
+        "import pyarrow.fs as fs\n"
+        "trials = sys.argv[1]\n"
+        "s3, root = fs.FileSystem.from_uri(trials)\n"
+        "found = s3.get_file_info(fs.FileSelector(root, allow_not_found=True))\n"
+        "names = [i.base_name for i in found if i.type == fs.FileType.Directory]\n"
+        "out = {}\n"
+        "for name in names:\n"
+        "    snapshot = f'{root}/{name}/checkpoint_manager_snapshot.json'\n"
+        "    if s3.get_file_info(snapshot).type != fs.FileType.File:\n"
+        "        continue\n"
+        "    if sys.argv[2] == '1':\n"
+        "        from ega_ray.train.common import latest_state\n"
+        "        state = latest_state(trials, name)\n"
+        "        out[name] = {'epoch': state['epoch'], 'history': state['history']}\n"
+        "    else:\n"
+        "        results = json.loads(s3.open_input_stream(snapshot).read())['checkpoint_results']\n"
+        "        out[name] = {'epoch': max((r['metrics']['epoch'] for r in results), default=0)}\n"
+        "print(json.dumps(out, default=float))\n"
+    )
+    argv = [str(BIN / "python"), "-c", code, trials, "1" if histories else "0"]
+    done = cluster.client.run(argv, cluster.env(cluster.client), 180)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_a_distill_job_on_two_hosts_with_everything_in_the_bucket_survives_a_lost_host(cluster):
@@ -137,6 +180,76 @@ def test_a_distill_job_on_two_hosts_with_everything_in_the_bucket_survives_a_los
         assert not host.outside("/mnt/runs").joinpath("two-hosts").exists()
 
 
+def test_a_search_across_hosts_resumes_from_the_bucket_after_its_driver_is_stopped(cluster):
+    """A 2-trial search with one Train worker per trial and room for one per host, so the trials train on both
+    worker hosts at once, its state and checkpoints under run.storage in the bucket. Once a trial has
+    registered a checkpoint the driver is stopped (``ray job stop`` from the client host, which ends the
+    trials with it); ``--resume`` then finishes the search: every trial has every epoch exactly once, those
+    registered before the stop were not trained again, and trials.csv / best.yaml are on the head."""
+    storage = cluster.s3_uri(f"{BUCKET}/tune")
+    trials = cluster.s3_uri(f"{BUCKET}/tune/tune-hosts/trials")
+    epochs = 3
+    args = [*SMOKE, *bucket_data(cluster), "--num-samples", "2", "--set", f"optim.epochs={epochs}",
+            "--set", "optim.milestones=[2]", "--set", "scaling.num_workers=1", "--set", "tune.max_concurrent=2",
+            "--set", f"tune.grace_period={epochs}", "--set", f"run.storage={storage}",
+            "--output", "/mnt/runs/tune-hosts"]  # fmt: skip
+    workers_before = set(train_workers(cluster))
+    log_file = cluster.logs / "tune-job.log"
+    driver = cluster.client_spawn(job(args, "tune", submission_id="tune-hosts"), log_file)
+    deadline = time.monotonic() + 420
+    before = trial_states(cluster, trials)  # trial id → its registered epoch, polled until one has one
+    while not any(t["epoch"] >= 1 for t in before.values()):
+        assert driver.poll() is None, log_file.read_text()[-4000:]
+        assert time.monotonic() < deadline, "no trial registered a checkpoint within 7 minutes"
+        time.sleep(1)
+        before = trial_states(cluster, trials)
+    stop = cluster.client_run([str(BIN / "ray"), "job", "stop", "tune-hosts"], timeout=120)
+    assert stop.returncode == 0, (stop.stdout + stop.stderr)[-2000:]
+    driver.wait(timeout=120)
+    assert "succeeded" not in log_file.read_text()
+    time.sleep(5)  # the trials end with their driver; what they registered until then is restored
+    at_stop = {name: t["epoch"] for name, t in trial_states(cluster, trials).items()}
+    first_ips = {ip for actor, ip in train_workers(cluster).items() if actor not in workers_before}
+    assert first_ips == {h.address for h in cluster.workers.values()}, first_ips  # the trials used both hosts
+    assert any(1 <= e < epochs for e in at_stop.values()), f"no trial stopped between epochs: {at_stop}"
+
+    done = submit(cluster, ["--resume", "--output", "/mnt/runs/tune-hosts"], script="tune")
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "succeeded" in log, log[-4000:]
+    out = cluster.head.outside("/mnt/runs/tune-hosts")
+    with open(out / "trials.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 and all(r["status"] == "COMPLETED" and int(r["epochs"]) == epochs for r in rows), rows
+    assert (out / "best.yaml").is_file() and (out / "search.png").read_bytes()[:4] == b"\x89PNG"
+    ids = {r["trial_id"] for r in rows}
+    assert set(before) <= ids and set(at_stop) <= ids, (before, at_stop, ids)  # the same trials, resumed
+    final = trial_states(cluster, trials, histories=True)
+    assert set(final) == ids
+    for name, trial in final.items():
+        history = trial["history"]
+        assert [h["epoch"] for h in history] == list(range(1, epochs + 1)), (name, history)  # each epoch once
+        restarts = [h["restarts"] for h in history]
+        done_before = before.get(name, {"epoch": 0})["epoch"]
+        assert restarts[:done_before] == [0] * done_before, (name, restarts)  # not trained again
+        trained_after = at_stop.get(name, 0)
+        if 1 <= trained_after < epochs:  # resumed from its checkpoint, not from zero
+            assert min(restarts[trained_after:]) >= 1, (name, at_stop, restarts)
+    state = cluster.list_bucket(cluster.s3_uri(f"{BUCKET}/tune/tune-hosts/search"))
+    assert any(p.rsplit("/", 1)[1].startswith("experiment_state") for p in state), state  # what --resume restores
+    checkpoints = cluster.list_bucket(trials)
+    for name in ids:
+        assert any(f"/{name}/checkpoint_" in p and p.endswith("state.pt") for p in checkpoints), (name, checkpoints)
+        # the finished run folder: written on the worker host that ran the trial last (none on the head), and
+        # copied beside the trial's checkpoints, where it outlives the host
+        assert any(h.outside(f"/mnt/runs/tune-hosts/trials/{name}/summary.json").is_file()
+                   for h in cluster.workers.values()), name  # fmt: skip
+        copy = cluster.s3_uri(f"{BUCKET}/tune/tune-hosts/trials/{name}/run_folder")
+        metrics = cluster.read_bucket(copy.replace("?", "/metrics.csv?")) or ""
+        assert [int(r["epoch"]) for r in csv.DictReader(metrics.splitlines())] == list(range(1, epochs + 1)), metrics
+        assert json.loads(cluster.read_bucket(copy.replace("?", "/summary.json?")) or "{}").get("epochs") == epochs
+    assert not (out / "trials").exists()
+
+
 def test_a_teacher_cache_built_into_the_bucket_feeds_a_cached_run_on_other_hosts(cluster):
     """``cache-teacher`` as a job: its Ray Data writers run on the worker hosts and write to the bucket; a
     cached-mode run then takes the teacher's embeddings from there, on hosts that never held them on disk."""
@@ -167,11 +280,7 @@ def test_a_teacher_cache_built_into_the_bucket_feeds_a_cached_run_on_other_hosts
 def test_inputs_only_the_driver_sees_and_a_local_storage_are_refused_before_training(cluster):
     """A split on the head's disk only and no run.storage: one line each, naming the field, a worker host and
     the fix, before any training worker starts."""
-    head_digits = cluster.head.outside("/mnt/digits")
-    done = subprocess.run(
-        [str(BIN / "ega-ray"), "prepare", "digits", "--out", str(head_digits)], capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    shutil.copytree(cluster.root / "digits", cluster.head.outside("/mnt/digits"))  # the fixture's split
     t0 = time.monotonic()
     args = [*SMOKE, "--set", "data.train=/mnt/digits/train", "--set", "data.test=/mnt/digits/test",
             "--output", "/mnt/runs/local-only"]  # fmt: skip

@@ -219,3 +219,28 @@ def test_a_trial_is_scored_at_the_epoch_its_validation_split_selected():
         "test_top1_last": 66.0,
     }
     assert all(math.isnan(v) for v in trial_scores(None).values())
+
+
+def test_a_trial_copies_its_run_folder_beside_its_checkpoints_only_when_they_are_remote(tmp_path):
+    from ega_ray.tune.experiment import copy_folder, run_folder_copy, trial_config
+
+    def trial(storage: str | None):
+        base = parse_config({"data": {"train": "t", "test": "v"}, "run": {"storage": storage}})
+        return parse_config(trial_config(base.model_dump(mode="json"), Path("/runs/search"), "41ef5_00000"))
+
+    bucket = "s3://bucket/ega-ray?endpoint_override=10.0.0.5:9000&scheme=http"
+    # beside the trial's checkpoints (<storage>/<search folder>/trials/<id>), the server's query kept
+    assert run_folder_copy(trial(bucket)) == (
+        "s3://bucket/ega-ray/search/trials/41ef5_00000/run_folder?endpoint_override=10.0.0.5:9000&scheme=http"
+    )
+    assert run_folder_copy(trial("/mnt/shared/ckpt")) is None and run_folder_copy(trial(None)) is None
+
+    folder = tmp_path / "run"
+    (folder / "tensorboard").mkdir(parents=True)
+    (folder / "metrics.csv").write_text("epoch\n1\n")
+    (folder / "tensorboard" / "events").write_bytes(b"\0")
+    (tmp_path / "copy").mkdir()
+    (tmp_path / "copy" / "metrics.csv").write_text("an older copy")
+    copy_folder(folder, (tmp_path / "copy").as_uri())  # any pyarrow URI: here a local one
+    assert (tmp_path / "copy" / "metrics.csv").read_text() == "epoch\n1\n"
+    assert (tmp_path / "copy" / "tensorboard" / "events").read_bytes() == b"\0"

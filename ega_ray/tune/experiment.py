@@ -39,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 TRIAL_DRIVER_CPU = 0.1
 STATE_VERSIONS_KEPT = 50  # per file: storage can lag the staging folder by a few uploads
+RUN_FOLDER_COPY = "run_folder"  # a trial's finished run folder, beside its checkpoints in remote storage
 
 
 def trial_storage(storage: str | None, output: Path) -> str:
@@ -63,12 +64,33 @@ def run_trial(raw: dict[str, Any]) -> None:
     """The one trial runner of searches and benchmarks: a full distillation run (a TorchTrainer) with
     ``TuneReportCallback`` forwarding each epoch's metrics to Tune. It resumes from the trial's latest
     checkpoint, if any; a trial rescheduled after an interruption with every epoch already done trains and
-    reports nothing, so its last epoch is reported here."""
+    reports nothing, so its last epoch is reported here. With the checkpoints in remote storage, the
+    finished run folder is copied there too (:func:`run_folder_copy`)."""
     cfg = parse_config(raw)
     finished = finished_history(cfg, cfg.optim.epochs)
     run_distill(cfg, callbacks=[TuneReportCallback()], trial=True)
+    destination = run_folder_copy(cfg)
+    if destination is not None:
+        copy_folder(cfg.output_dir, destination)
     if finished:
         tune.report(finished[-1])
+
+
+def run_folder_copy(cfg: Config) -> str | None:
+    """Where a trial's finished run folder is copied: ``<its checkpoints>/run_folder`` when they are in remote
+    storage (``s3://``, ``gs://``); None otherwise. On a cluster a trial writes its run folder on the disk of
+    the node that runs it, which an autoscaler may remove, and a resumed trial may finish on another node;
+    the copy keeps the finished folder where the checkpoints are."""
+    storage = cfg.run.storage
+    if not storage or not uris.is_uri(storage):
+        return None
+    return uris.join(storage, cfg.output_dir.name, RUN_FOLDER_COPY)
+
+
+def copy_folder(folder: Path, destination: str) -> None:
+    """Copy local ``folder`` (every file, recursively) to the URI ``destination``, replacing same-named files."""
+    fs, path = pyarrow.fs.FileSystem.from_uri(destination)
+    pyarrow.fs.copy_files(str(folder), path, source_filesystem=pyarrow.fs.LocalFileSystem(), destination_filesystem=fs)
 
 
 def finished_history(cfg: Config, epochs: int) -> list[dict[str, Any]] | None:
