@@ -124,7 +124,7 @@ def trial_states(cluster: MultiHostCluster, trials: str, histories: bool = False
         "    if s3.get_file_info(snapshot).type != fs.FileType.File:\n"
         "        continue\n"
         "    if sys.argv[2] == '1':\n"
-        "        from ega_ray.train.common import latest_state\n"
+        "        from ega_ray.worker.common import latest_state\n"
         "        state = latest_state(trials, name)\n"
         "        out[name] = {'epoch': state['epoch'], 'history': state['history']}\n"
         "    else:\n"
