@@ -305,7 +305,8 @@ def _benchmark(args: argparse.Namespace) -> int:
         The exit status.
     """
     from ega_ray.embedded import embedded_with_teacher
-    from ega_ray.tune.benchmark import parse_methods, run_benchmark
+    from ega_ray.tune.benchmark import run_benchmark
+    from ega_ray.tune.methods import parse_methods
 
     methods = parse_methods(args.methods)
     run_benchmark(

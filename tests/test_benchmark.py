@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from ega_ray.config import ConfigError, load_config, parse_config
-from ega_ray.tune.benchmark import best_trial, method_config, method_space, parse_methods, run_benchmark, tuned_choice
+from ega_ray.tune.benchmark import run_benchmark
+from ega_ray.tune.methods import best_trial, method_config, method_space, parse_methods, tuned_choice
 
 REPO = Path(__file__).resolve().parents[1]
 

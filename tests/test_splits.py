@@ -95,7 +95,7 @@ def test_too_few_training_rows_left_for_a_batch(tmp_path, monkeypatch):
 
 
 def test_the_summary_reports_test_at_the_epoch_validation_selected():
-    from ega_ray.driver.launch import selected_scores
+    from ega_ray.driver.outputs import selected_scores
 
     history = [
         {"epoch": e, "validation_top1": v, "test_top1": t, "test_top5": t + 5, "test_teacher_top1": 30.0 + e}

@@ -295,7 +295,7 @@ def test_a_runs_final_outputs_never_leave_a_summary_older_than_its_students(tmp_
     import ray.train
 
     from ega_ray.config import parse_config
-    from ega_ray.driver.launch import write_distill_outputs
+    from ega_ray.driver.outputs import write_distill_outputs
     from ega_ray.driver.preflight import PreparedData
     from ega_ray.worker.common import STATE_FILE
 

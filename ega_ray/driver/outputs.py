@@ -10,6 +10,7 @@ import json
 import logging
 import traceback
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -17,12 +18,19 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import yaml  # noqa: E402
 
+from ega_ray import uris  # noqa: E402
 from ega_ray.config import Config  # noqa: E402
 from ega_ray.data.classes import trained_class_names  # noqa: E402
 from ega_ray.disk import write_atomic, write_with  # noqa: E402
 from ega_ray.errors import UsageError  # noqa: E402
 from ega_ray.export import build_classifier, write_student  # noqa: E402
 from ega_ray.run_folder import record_written  # noqa: E402
+from ega_ray.worker.common import load_state  # noqa: E402
+
+if TYPE_CHECKING:
+    import ray.train
+
+    from ega_ray.driver.preflight import PreparedData
 
 logger = logging.getLogger(__name__)
 
@@ -105,3 +113,91 @@ def export_student(cfg: Config, state: dict, out: Path, stem: str, pt2: bool = T
 
 def write_json(data: dict, path: Path) -> None:
     write_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+SELECTION_METRIC = "validation_top1"  # the best epoch, Ray Train's best checkpoint (Tune's metric: tune.metric)
+
+
+def write_distill_outputs(
+    cfg: Config,
+    data: PreparedData,
+    result: ray.train.Result,
+    out: Path,
+    wall_s: float,
+    deployable: bool = True,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """metrics.csv, learning_curves.png, the exported students and summary.json (with ``extra``: what the
+    teacher mode adds), from the checkpoints; the best student also as a ``.pt2`` program when
+    ``deployable`` (a search's trials skip it: seconds each)."""
+    # summary.json is written last: until then none describes an older epoch than the students beside it
+    (out / "summary.json").unlink(missing_ok=True)
+    last = load_state(result.checkpoint)
+    scored = result.best_checkpoints
+    best_ckpt = max(scored, key=lambda cm: cm[1][SELECTION_METRIC])[0] if scored else None
+    best = load_state(best_ckpt) if best_ckpt is not None else last
+    history = last["history"]
+    write_metrics_csv(history, out / "metrics.csv")
+    plot_curves(
+        history,
+        out / "learning_curves.png",
+        f"{cfg.run.name}: {cfg.distill.method} (β={cfg.distill.beta}) {cfg.teacher.name} → {cfg.student.name}",
+    )
+    export_student(cfg, last, out, "student_last", pt2=False)  # `ega-ray export` makes one when wanted
+    export_student(cfg, best, out, "student_best", pt2=deployable)
+    summary = {
+        "name": cfg.run.name,
+        "method": cfg.distill.method if cfg.distill.beta > 0 else "ce-only",
+        "teacher": cfg.teacher.name,
+        "teacher_mode": cfg.teacher.mode,
+        "student": cfg.student.name,
+        "epochs": history[-1]["epoch"],
+        "num_workers": cfg.scaling.num_workers,
+        "global_batch": cfg.optim.batch_size,
+        "labeled_train_rows": int(data.keep.sum()),
+        "train_rows": data.num_train,
+        "validation_rows": data.num_validation,
+        "validation_split": data.validation["split"],
+        "test_rows": data.num_test,
+        **selected_scores(history, last["best"]["epoch"]),
+        "seed": cfg.run.seed,
+        "wall_time_s": round(wall_s, 1),
+        "output": str(out),
+        "checkpoints": checkpoint_location(cfg, out),
+    } | (extra or {})
+    write_json(summary, out / "summary.json")
+    return summary
+
+
+def checkpoint_location(cfg: Config, out: Path) -> str:
+    """Where Ray Train keeps the run's checkpoints: ``<run.storage>/<run folder name>``, or beside the run
+    folder on the driver's host when ``run.storage`` is unset."""
+    return uris.join(cfg.checkpoint_root, out.name)
+
+
+def selected_scores(history: list[dict[str, Any]], selected_epoch: int) -> dict[str, Any]:
+    """What a run reports, each key naming its split: the epoch the validation split selected (its best
+    validation top-1), the validation score that selected it, and the test split's scores at that epoch and
+    at the last one. The test split's own best epoch is never reported: choosing it would select on test.
+
+    Args:
+        history: the run's metrics, one dict per epoch (``epoch`` from 1).
+        selected_epoch: the epoch with the best validation top-1 (the first of ties).
+
+    Returns:
+        The summary's score fields.
+    """
+    at = next(row for row in history if row["epoch"] == selected_epoch)
+    last = history[-1]
+    return {
+        "selected_epoch": selected_epoch,
+        "selected_by": SELECTION_METRIC,
+        "validation_top1_at_selected": at["validation_top1"],
+        "test_top1_at_selected": at["test_top1"],
+        "test_top5_at_selected": at["test_top5"],
+        "test_teacher_head_top1_at_selected": at["test_teacher_top1"],
+        "validation_top1_last": last["validation_top1"],
+        "test_top1_last": last["test_top1"],
+        "test_top5_last": last["test_top5"],
+        "test_teacher_head_top1_last": last["test_teacher_top1"],
+    }
