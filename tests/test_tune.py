@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import math
 import os
 import signal
 import subprocess
@@ -138,6 +139,21 @@ def test_a_diverged_trial_ends_alone_and_is_never_the_best(tmp_path, local_ray):
     assert best["lr"] == 0.05 and load_config(out / "best.yaml").optim.lr == 0.05
     assert not list((out / "trials" / rows[1]["trial_id"]).glob("student_*"))  # nothing of it exported
     assert (out / "search.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_trial_that_failed_before_reporting_is_an_error_row(tmp_path):
+    """Ray Tune gives such a trial no config and no metrics: trials.csv still lists it, as an error with no
+    epoch and no score, instead of the report failing on it."""
+    from ray.tune import Result
+
+    from ega_ray.tune.report import trial_rows
+
+    cfg = parse_config(_raw(**{"optim.lr": {"type": "loguniform", "low": 0.01, "high": 0.1}}))
+    failed = Result(metrics=None, checkpoint=None, error=RuntimeError("the trial's node died"),
+                    path=str(tmp_path / "search" / "search_trial_ab12cd34_1_optim.lr=0.05"))  # fmt: skip
+    ((row, params, history),) = trial_rows([failed], cfg, tmp_path)
+    assert (row["trial_id"], row["status"], row["epochs"], params, history) == ("ab12cd34_1", "ERROR", 0, {}, None)
+    assert math.isnan(row["validation_top1_at_selected"])
 
 
 def _raw(**space) -> dict:

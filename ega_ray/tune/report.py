@@ -42,7 +42,8 @@ def trial_rows(results, cfg: Config, output: Path) -> list[dict[str, Any]]:
     keys = list(cfg.tune.space)
     rows = []
     for r in results:
-        params = effective_params({k: v for k, v in r.config.items() if k in keys or k.endswith(NONE_SUFFIX)})
+        config = r.config or {}  # None for a trial that failed before its first report
+        params = effective_params({k: v for k, v in config.items() if k in keys or k.endswith(NONE_SUFFIX)})
         trial_id = (r.metrics or {}).get("trial_id") or "_".join(Path(r.path).name.split("_")[2:4])
         history = trial_history(trial_storage(cfg.run.storage, output), trial_id, r.metrics_dataframe)
         epochs = int(history["epoch"].max()) if history is not None and "epoch" in history else 0
