@@ -108,7 +108,8 @@ def main() -> int:
         line = f"   {name}: seed {f.get('seed_img_per_s', float('nan')):.1f} img/s"
         for mode in ("online", "cached", "pipeline"):
             if f"{mode}_img_per_s" in f:
-                line += f", {mode} {f[f'{mode}_img_per_s']:.1f} ({f[f'{mode}_vs_seed']:.2f}×)"
+                ratio = f.get(f"{mode}_vs_seed")  # absent when the run was cut short before its seed loop
+                line += f", {mode} {f[f'{mode}_img_per_s']:.1f}" + (f" ({ratio:.2f}×)" if ratio is not None else "")
         print(
             line
             + ("" if f.get("complete") else "  [cut short]")
