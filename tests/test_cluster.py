@@ -4,12 +4,14 @@ node loss, and the autoscaler config's validation. Each test starts its own clus
 from __future__ import annotations
 
 import csv
+import http.client
 import json
 import os
 import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -292,7 +294,12 @@ def dashboard_get(head: Head, path: str) -> dict:
 
 
 def alive_nodes(head: Head) -> int:
-    nodes = dashboard_get(head, "/api/v0/nodes")["data"]["result"]["result"]
+    """The head's count of alive nodes; -1 while its dashboard does not answer (on a loaded machine it can
+    accept a connection and close it before replying), so a wait goes on instead of failing."""
+    try:
+        nodes = dashboard_get(head, "/api/v0/nodes")["data"]["result"]["result"]
+    except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError):
+        return -1
     return sum(n["state"] == "ALIVE" for n in nodes)
 
 
