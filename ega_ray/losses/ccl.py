@@ -51,6 +51,14 @@ class CCLLoss(NCELoss):
         return cls(d.ccl.temperature, d.ccl.logit_temperature, d.global_graph)
 
     def __init__(self, temperature: float = 0.1, logit_temperature: float = 1.0, global_batch: bool = True) -> None:
+        """The loss as configured; a bad value is a ValueError naming it.
+
+        Args:
+            temperature: temperature of the student–teacher cosine similarities (> 0).
+            logit_temperature: temperature T of the symmetric KL between student and teacher-head logits (> 0).
+            global_batch: gather every rank's rows first (all_gather with gradients), so the loss is the global
+                batch's, as on one process.
+        """
         super().__init__(temperature, global_batch)
         if logit_temperature <= 0:
             raise ValueError(f"CCL logit temperature must be > 0, got {logit_temperature}")

@@ -110,6 +110,21 @@ class CRDLoss(Distiller):
         seed: int = 0,
         negatives_from: str = "other_class",
     ) -> None:
+        """The loss as configured; a bad value is a ValueError naming it.
+
+        Args:
+            embed_dim: the width of both embeddings (the joint space).
+            bank_size: memory slots per side: the training rows (``bank='dataset'``) or the queue's length.
+            negatives: noise rows per anchor (at most ``bank_size - 1``).
+            temperature: temperature of the scores (> 0).
+            momentum: memory update M ← normalize(m·M + (1−m)·z), 0 <= m < 1.
+            bank: ``dataset`` (one slot per training row, the paper) or ``queue`` (the latest rows).
+            global_batch: gather every rank's rows first (all_gather with gradients), so the loss is the global
+                batch's, as on one process.
+            seed: seeds the memory's initial values and, with the step, each step's noise draws (the same on
+                every rank).
+            negatives_from: ``other_class`` (noise from other classes' slots only) or ``any``.
+        """
         super().__init__()
         if bank not in ("dataset", "queue"):
             raise ValueError(f"CRD bank must be 'dataset' or 'queue', got {bank!r}")

@@ -87,6 +87,15 @@ class EGALoss(Distiller):
         global_graph: bool = True,
         graph_size: int | None = None,
     ) -> None:
+        """The loss as configured; a bad value is a ValueError naming it.
+
+        Args:
+            node_weight: weight of the node term ‖N − I‖ (teacher–student correspondences), >= 0.
+            edge_weight: weight of the edge term ‖E_t − E_s‖ (teacher–teacher vs student–student), >= 0.
+            temperature: None for the paper's hard graph (Frobenius norms); τ > 0 for the soft graph.
+            global_graph: one graph over every rank's rows (all_gather with gradients), as on one process.
+            graph_size: instances per graph (>= 2): the batch is cut into graphs of this size; None: one graph.
+        """
         super().__init__()
         if graph_size is not None and graph_size < 2:
             raise ValueError(f"EGA graph_size must be >= 2 or None, got {graph_size}")

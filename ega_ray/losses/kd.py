@@ -22,6 +22,11 @@ if TYPE_CHECKING:
 
 class KDLoss(nn.Module):
     def __init__(self, temperature: float = 4.0) -> None:
+        """The loss as configured; a bad value is a ValueError naming it.
+
+        Args:
+            temperature: the softmax temperature T (> 0); the loss is scaled by T².
+        """
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"KD temperature must be > 0, got {temperature}")
@@ -51,6 +56,11 @@ class LogitKD(Distiller):
         return cls(d.kd_temperature)
 
     def __init__(self, temperature: float = 4.0) -> None:
+        """The loss as configured; a bad value is a ValueError naming it.
+
+        Args:
+            temperature: the softmax temperature T of :class:`KDLoss` (> 0).
+        """
         super().__init__()
         self.kd = KDLoss(temperature)
 

@@ -67,6 +67,13 @@ class NCELoss(Distiller):
         return cls(d.nce.temperature, d.global_graph)
 
     def __init__(self, temperature: float = 0.1, global_batch: bool = True) -> None:
+        """The loss as configured; a bad value is a ValueError naming it.
+
+        Args:
+            temperature: temperature of the student–teacher cosine similarities (> 0).
+            global_batch: gather every rank's rows first (all_gather with gradients), so the loss is the global
+                batch's, as on one process.
+        """
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"NCE temperature must be > 0, got {temperature}")

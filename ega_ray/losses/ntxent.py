@@ -22,6 +22,13 @@ from ega_ray.losses.distributed import gather_global
 
 class NTXentLoss(nn.Module):
     def __init__(self, temperature: float = 0.5, global_batch: bool = True) -> None:
+        """The loss as configured; a bad value is a ValueError naming it.
+
+        Args:
+            temperature: temperature of the cosine similarities between views (> 0).
+            global_batch: gather every rank's rows first (all_gather with gradients), so the loss is the global
+                batch's, as on one process.
+        """
         super().__init__()
         if temperature <= 0:
             raise ValueError(f"NT-Xent temperature must be > 0, got {temperature}")

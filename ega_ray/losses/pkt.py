@@ -43,6 +43,12 @@ class PKTLoss(Distiller):
         return cls(d.global_graph)
 
     def __init__(self, global_batch: bool = True) -> None:
+        """The loss as configured.
+
+        Args:
+            global_batch: gather every rank's rows first (all_gather with gradients), so the loss is the global
+                batch's, as on one process.
+        """
         super().__init__()
         self.global_batch = global_batch
 

@@ -57,6 +57,14 @@ class RKDLoss(Distiller):
         return cls(d.rkd.distance_weight, d.rkd.angle_weight, d.global_graph)
 
     def __init__(self, distance_weight: float = 25.0, angle_weight: float = 50.0, global_batch: bool = True) -> None:
+        """The loss as configured; a bad value is a ValueError naming it.
+
+        Args:
+            distance_weight: weight of the distance term (>= 0).
+            angle_weight: weight of the angle term (>= 0).
+            global_batch: gather every rank's rows first (all_gather with gradients), so the loss is the global
+                batch's, as on one process.
+        """
         super().__init__()
         if distance_weight < 0 or angle_weight < 0:
             raise ValueError(f"RKD weights must be >= 0, got {distance_weight}, {angle_weight}")
