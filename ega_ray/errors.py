@@ -43,9 +43,8 @@ class DivergedError(UsageError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """A Ctrl-C that a library caught and returned from (Ray Tune saves its state and returns its trials as
-    they were): raised so the command stops as a Ctrl-C would (exit 130), its one line saying what was left
-    unfinished and how to continue, instead of going on with what the interruption cut short."""
+    """A Ctrl-C during a search or a benchmark, raised from the KeyboardInterrupt so that the command stops as
+    a Ctrl-C does (exit 130) and its one line says what was left unfinished and how to continue it."""
 
 
 def iter_causes(err: BaseException) -> Iterator[BaseException]:
