@@ -31,7 +31,6 @@ from ega_ray.driver.outputs import (
     write_config,
     write_distill_outputs,
     write_json,
-    write_metrics_csv,
 )
 from ega_ray.driver.preflight import (
     PreparedData,
@@ -43,7 +42,7 @@ from ega_ray.driver.preflight import (
     resolve,
     run_folder,
 )
-from ega_ray.driver.tracking import RunRecorder, epoch_lines
+from ega_ray.driver.tracking import METRICS_CSV, RunRecorder, epoch_lines, write_rows
 from ega_ray.errors import ConfigError, DivergedError
 from ega_ray.ray_logs import quiet_ray_logs
 from ega_ray.teacher_modes import TEACHER_MODES
@@ -305,7 +304,7 @@ def run_pretrain(cfg: Config) -> dict[str, Any]:
         (out / "summary.json").unlink(missing_ok=True)  # written last, as for a distillation
         state = load_state(result.checkpoint)
         history = state["history"]
-        write_metrics_csv(history, out / "metrics.csv")
+        write_rows(out / METRICS_CSV, history)
         plot_curves(history, out / "learning_curves.png", f"{cfg.run.name}: SimCLR {cfg.pretrain.arch}")
         knn = next(row["knn_top1"] for row in reversed(history) if "knn_top1" in row)
         backbone = build_student(cfg.pretrain.arch)

@@ -4,8 +4,6 @@ summary.json. Written by the driver from the checkpoints Ray Train reported, eac
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
 import traceback
@@ -22,6 +20,7 @@ from ega_ray import uris  # noqa: E402
 from ega_ray.config import Config  # noqa: E402
 from ega_ray.data.classes import trained_class_names  # noqa: E402
 from ega_ray.disk import write_atomic, write_with  # noqa: E402
+from ega_ray.driver.tracking import METRICS_CSV, write_rows  # noqa: E402
 from ega_ray.errors import UsageError  # noqa: E402
 from ega_ray.export import build_classifier, write_student  # noqa: E402
 from ega_ray.run_folder import record_written  # noqa: E402
@@ -37,18 +36,6 @@ logger = logging.getLogger(__name__)
 
 def write_config(cfg: Config, out: Path) -> None:
     write_atomic(out / "config.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-
-
-def write_metrics_csv(history: list[dict], path: Path) -> None:
-    """``history`` as CSV (columns: every key, in order of appearance), replacing ``path`` atomically."""
-    keys: list[str] = []
-    for row in history:
-        keys += [k for k in row if k not in keys]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=keys)
-    writer.writeheader()
-    writer.writerows(history)
-    write_atomic(path, buf.getvalue())
 
 
 def plot_curves(history: list[dict], path: Path, title: str) -> None:
@@ -137,7 +124,7 @@ def write_distill_outputs(
     best_ckpt = max(scored, key=lambda cm: cm[1][SELECTION_METRIC])[0] if scored else None
     best = load_state(best_ckpt) if best_ckpt is not None else last
     history = last["history"]
-    write_metrics_csv(history, out / "metrics.csv")
+    write_rows(out / METRICS_CSV, history)
     plot_curves(
         history,
         out / "learning_curves.png",

@@ -42,7 +42,8 @@ from ray.tune.schedulers import ASHAScheduler
 from ega_ray.config import Config, ConfigError, parse_config
 from ega_ray.disk import write_atomic, write_with
 from ega_ray.driver.launch import connect_ray
-from ega_ray.driver.outputs import SELECTION_METRIC, selected_scores, write_json, write_metrics_csv
+from ega_ray.driver.outputs import SELECTION_METRIC, selected_scores, write_json
+from ega_ray.driver.tracking import write_rows
 from ega_ray.errors import DivergedError, find_usage_error
 from ega_ray.tune.experiment import (
     checked,
@@ -328,7 +329,7 @@ def write_results(
     tune_trials: int = 0,
     settings: dict[str, dict[str, Any]] | None = None,
 ) -> None:
-    write_metrics_csv(rows, output / "results.csv")
+    write_rows(output / "results.csv", rows)
     lines = results_lines(rows, cfg, methods, wall_s, tune_trials, settings)
     write_atomic(output / "results.md", "\n".join(lines) + "\n")
     print("\n" + "\n".join(lines) + "\n")

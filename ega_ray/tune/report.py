@@ -16,7 +16,7 @@ import yaml  # noqa: E402
 
 from ega_ray.config import Config  # noqa: E402
 from ega_ray.disk import write_atomic, write_with  # noqa: E402
-from ega_ray.driver.outputs import write_metrics_csv  # noqa: E402
+from ega_ray.driver.tracking import write_rows  # noqa: E402
 from ega_ray.errors import DivergedError, find_usage_error  # noqa: E402
 from ega_ray.tune.experiment import trial_storage  # noqa: E402
 from ega_ray.tune.space import NONE_SUFFIX, apply_params, effective_params  # noqa: E402
@@ -94,7 +94,7 @@ def write_report(results, cfg: Config, output: Path, wall_time_s: float) -> dict
     rows = trial_rows(results, cfg, output)
     if not rows:
         raise RuntimeError("the search produced no trials")
-    write_metrics_csv([r[0] for r in rows], output / "trials.csv")
+    write_rows(output / "trials.csv", [r[0] for r in rows])
     plot_search(rows, cfg, output / "search.png")
     found = best_trial(rows)
     if found is None:
