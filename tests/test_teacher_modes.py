@@ -25,11 +25,6 @@ from ega_ray.models import build_student, build_teacher
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="session")
-def teacher_file(teacher_resnet8) -> Path:
-    return teacher_resnet8
-
-
 def smoke(tmp_path: Path, teacher_file: Path, *overrides: str):
     return load_config(
         REPO / "configs" / "smoke.yaml",
@@ -47,7 +42,7 @@ def test_view_choice_is_deterministic_and_balanced():
 
 
 def test_a_cache_has_every_view_of_every_row_and_a_changed_one_is_refused(
-    tmp_path, teacher_file, teacher_cache_2_views
+    tmp_path, teacher_resnet8, teacher_cache_2_views
 ):
     """The session's 2-view cache (``build_cache``, shared with test_reproducible.py, whose cached-mode runs
     train from it), checked row by row, then changed on a copy: refused by its manifest."""
@@ -63,10 +58,11 @@ def test_a_cache_has_every_view_of_every_row_and_a_changed_one_is_refused(
     assert emb.shape == (2874, 64) and np.isfinite(emb).all()
     first = {v: emb[(index == 0) & (view == v)][0] for v in range(2)}
     assert not np.allclose(first[0], first[1]), "the two views of an image are different augmentations"
-    cached = smoke(tmp_path, teacher_file, "teacher.mode=cached", f"teacher.cache={tmp_path / 'cache'}")
+    cached_overrides = ("teacher.mode=cached", f"teacher.cache={tmp_path / 'cache'}")
+    cached = smoke(tmp_path, teacher_resnet8, *cached_overrides)
 
     # a cache changed after its manifest was written is refused, and so is one that lacks views
-    spec = build_teacher("zoo:resnet8", weights=str(teacher_file)).spec
+    spec = build_teacher("zoo:resnet8", weights=str(teacher_resnet8)).spec
     part = sorted((tmp_path / "cache" / "embeddings").glob("*.parquet"))[0]
     genuine = part.read_bytes()
     changed = pq.read_table(part)
@@ -94,17 +90,15 @@ def test_a_cache_has_every_view_of_every_row_and_a_changed_one_is_refused(
     other = tmp_path / "other.pt"
     torch.save(build_student("resnet8").state_dict(), other)
     with pytest.raises(ConfigError, match=r"teacher.cache: .* weights"):
-        run_distill(smoke(tmp_path, other, "teacher.mode=cached", f"teacher.cache={tmp_path / 'cache'}"))
+        run_distill(smoke(tmp_path, other, *cached_overrides))
     with pytest.raises(ConfigError, match=r"augmentation"):
-        run_distill(
-            smoke(tmp_path, teacher_file, "augment.pad=2", "teacher.mode=cached", f"teacher.cache={tmp_path / 'cache'}")
-        )
+        run_distill(smoke(tmp_path, teacher_resnet8, "augment.pad=2", *cached_overrides))
 
 
-def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_path, teacher_file, local_ray):
+def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_path, teacher_resnet8, local_ray):
     # the streaming path, where the teacher runs as a Ray Data stage (the deterministic path's pipeline runs
     # are in test_reproducible.py)
-    cfg = smoke(tmp_path, teacher_file, "optim.epochs=2", "teacher.mode=pipeline", "run.deterministic=false")
+    cfg = smoke(tmp_path, teacher_resnet8, "optim.epochs=2", "teacher.mode=pipeline", "run.deterministic=false")
     summary = run_distill(cfg)
     assert summary["epochs"] == 2
     # the run's long-lived teacher actors embedded every training row of both epochs (the carved validation
@@ -120,6 +114,6 @@ def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_pat
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"]
     # the teacher head's accuracy comes from embeddings computed by the stage, as in online mode
-    teacher = build_teacher("zoo:resnet8", weights=str(teacher_file))
+    teacher = build_teacher("zoo:resnet8", weights=str(teacher_resnet8))
     assert teacher.spec.embed_dim == 64
     assert 0.0 <= summary["test_teacher_head_top1_last"] <= 100.0
