@@ -42,7 +42,7 @@ test: $(STAMP) $(TOOLS)  ## the whole test suite: every tier (local Ray, cluster
 	$(VENV)/bin/ruff check ega_ray tests jobs bench
 	$(PYTEST) --durations=10 tests
 
-test-fast: $(STAMP)  ## after each edit: ruff + the tests without Ray or heavy models
+test-fast: $(STAMP) $(TOOLS)  ## after each edit: ruff + the tests without Ray or heavy models
 	$(VENV)/bin/ruff check ega_ray tests jobs bench
 	$(PYTEST) -m "$(FAST_TIER)" tests
 
