@@ -7,13 +7,17 @@ import json
 import signal
 import sys
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ega_ray.constants import MAX_PIXELS
 from ega_ray.data.formats import FORMATS
 from ega_ray.disk import disk_full
 from ega_ray.errors import find_usage_error
 from ega_ray.losses import DISTILLERS
+
+if TYPE_CHECKING:
+    from ega_ray.config import Config
 
 
 def _config_args(p: argparse.ArgumentParser, config_help: str, required: bool = False) -> None:
@@ -257,24 +261,30 @@ def _pretrain_teacher(args: argparse.Namespace) -> int:
     return _print_summary(run_pretrain(cfg))
 
 
-def _experiment_config(args: argparse.Namespace, overrides: list[str], embedded: Callable) -> Any:
+def _experiment_config(
+    args: argparse.Namespace, overrides: list[str], command: str, embedded: Callable[[list[str], str], Config]
+) -> Config | None:
     """What ``run_search`` and ``run_benchmark`` take as their config.
 
     Args:
         args: the parsed command line (``--resume``, ``--config``, ``--output``).
         overrides: the ``--set`` values.
-        embedded: makes the embedded default's config from (overrides, output).
+        command: ``tune`` or ``benchmark``: the kind of experiment ``--output`` may hold.
+        embedded: makes the embedded default's config from (overrides, output), its teacher ready.
 
     Returns:
-        None with ``--resume`` (read back from the folder); without ``--config`` a function that makes the
-        embedded default once the folder is claimed (its teacher is pretrained inside it); else the config.
+        None with ``--resume`` (read back from the folder); without ``--config`` the embedded default, once
+        ``--output`` is known to be usable (its teacher may take minutes to pretrain); else the config.
     """
     from ega_ray.config import load_config
 
     if args.resume:
         return None
     if args.config is None:
-        return lambda: embedded(overrides, args.output)
+        from ega_ray.tune.experiment import refuse_earlier_experiment
+
+        refuse_earlier_experiment(Path(args.output).expanduser().resolve(), command)
+        return embedded(overrides, args.output)
     return load_config(args.config, overrides)
 
 
@@ -291,7 +301,7 @@ def _tune(args: argparse.Namespace) -> int:
     from ega_ray.tune.search import run_search
 
     overrides = args.overrides + ([f"tune.num_samples={args.num_samples}"] if args.num_samples else [])
-    run_search(_experiment_config(args, overrides, embedded_tune_config), args.output, resume=args.resume)
+    run_search(_experiment_config(args, overrides, "tune", embedded_tune_config), args.output, resume=args.resume)
     return 0
 
 
@@ -310,7 +320,7 @@ def _benchmark(args: argparse.Namespace) -> int:
 
     methods = parse_methods(args.methods)
     run_benchmark(
-        _experiment_config(args, args.overrides, embedded_with_teacher),
+        _experiment_config(args, args.overrides, "benchmark", embedded_with_teacher),
         methods,
         args.seeds,
         args.output,

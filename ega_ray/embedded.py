@@ -17,10 +17,12 @@ import torch
 import yaml
 
 from ega_ray.config import Config, apply_overrides, parse_config
+from ega_ray.data.digits import cache_dir
 from ega_ray.disk import write_with
 from ega_ray.driver.launch import run_distill, run_pretrain
 from ega_ray.driver.outputs import write_json
 from ega_ray.driver.preflight import clear_run, resolve
+from ega_ray.models.weights import sha256_of
 from ega_ray.run_folder import check_target, claim
 
 
@@ -132,17 +134,40 @@ TUNE_BUDGET = ["optim.epochs=10", "optim.milestones=[7, 9]", "tune.grace_period=
 
 
 def embedded_tune_config(overrides: list[str] | None, output: str) -> Config:
-    """The embedded default as a search (10 epochs per trial)."""
+    """The embedded default as a search (10 epochs per trial), its teacher ready (``embedded_with_teacher``)."""
     return embedded_with_teacher(TUNE_BUDGET + (overrides or []), output)
 
 
+def teacher_cache_folder(base: Config) -> Path:
+    """Where ``embedded_with_teacher`` keeps the embedded default's teacher: ``$EGA_RAY_CACHE/embedded-teacher/
+    <key>`` (``ega_ray.data.digits.cache_dir``), one folder per pretraining settings, data, views and seed, so
+    that a teacher with other settings never replaces the file a paused search or benchmark was started with.
+
+    Args:
+        base: the resolved embedded config.
+
+    Returns:
+        The teacher's run folder (its ``teacher.pt`` once pretrained).
+    """
+    return cache_dir() / "embedded-teacher" / _teacher_key(base)
+
+
 def embedded_with_teacher(overrides: list[str] | None, output: str) -> Config:
-    """The embedded default with its teacher (pretrained, or reused, under ``output``/teacher) and data.
-    Call it once ``output`` is claimed (the teacher is written inside it)."""
+    """The embedded default as a plain config for ``run_search`` and ``run_benchmark``: its data prepared and
+    its SimCLR teacher pretrained on Ray Train, or reused from ``teacher_cache_folder``, named by
+    ``teacher.weights`` and pinned by ``teacher.sha256`` (a resumed experiment refuses a changed file).
+
+    Args:
+        overrides: ``--set`` values, applied to the embedded config.
+        output: the experiment's folder (``run.output``; each trial gets its own under it).
+
+    Returns:
+        The config, every path absolute.
+    """
     base = resolve(embedded_config(overrides, output))
-    teacher_file, _ = ensure_teacher(base, base.output_dir / "teacher")
+    teacher_file, _ = ensure_teacher(base, teacher_cache_folder(base))
     raw = base.model_dump(mode="json")
-    raw["teacher"]["weights"] = str(teacher_file)
+    raw["teacher"] |= {"weights": str(teacher_file), "sha256": sha256_of(teacher_file)}
     return parse_config(raw)
 
 

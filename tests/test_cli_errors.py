@@ -48,6 +48,8 @@ def test_no_command_touches_a_folder_it_did_not_write(tmp_path):
         ["tune", "--config", SMOKE, "--output", str(home)],
         ["benchmark", "--config", SMOKE, "--methods", "kd", "--seeds", "1", "--output", str(home)],
         ["distill", "--output", str(home)],  # the embedded default
+        ["tune", "--output", str(home)],  # the embedded default as a search: refused before its teacher
+        ["benchmark", "--methods", "kd", "--seeds", "1", "--output", str(home)],
         ["prepare", "digits", "--out", str(home)],
     ]
     script = (
@@ -56,11 +58,14 @@ def test_no_command_touches_a_folder_it_did_not_write(tmp_path):
         "codes = [main(argv) for argv in json.loads(sys.argv[1])]\n"
         "print(json.dumps({'codes': codes, 'ray': ray.is_initialized()}))\n"
     )
+    cache = tmp_path / "cache"
     done = subprocess.run(
-        [sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True, timeout=300, cwd=REPO
-    )
+        [sys.executable, "-c", script, json.dumps(runs)], capture_output=True, text=True, timeout=300, cwd=REPO,
+        env=os.environ | {"EGA_RAY_CACHE": str(cache)},
+    )  # fmt: skip
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result == {"codes": [2] * len(runs), "ray": False}, done.stderr
+    assert not (cache / "embedded-teacher").exists(), "a teacher was pretrained for a refused folder"
     lines = [line for line in done.stderr.splitlines() if line.startswith("ega-ray")]
     assert len(lines) == len(runs) and "Traceback" not in done.stderr, done.stderr
     assert all("home: holds files ega-ray did not write (photos/, thesis.txt)" in line for line in lines), lines

@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -73,28 +73,31 @@ TUNED = "benchmark-tuned"
 # what results.csv holds of each run's scores (``selected_scores``), each named after its split
 RESULT_SCORES = ("selected_epoch", "validation_top1_at_selected", "test_top1_at_selected", "test_top1_last",
                  "test_teacher_head_top1_last")  # fmt: skip
-def run_benchmark_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
-    """A seed's run of a method: with its reference weights, or (``tuned`` in ``base``) its best settings."""
-    reference, tuned = base["benchmark_reference_weights"], base.get("benchmark_tuned")
-    base = {k: v for k, v in base.items() if not k.startswith("benchmark_")}
+def run_benchmark_trial(
+    params: dict[str, Any],
+    base: dict[str, Any],
+    root: str,
+    reference_weights: bool,
+    tuned: dict[str, dict[str, Any]] | None = None,
+) -> None:
+    """A seed's run of a method: with its reference weights, or (``tuned``: each method's best settings)
+    with its tuned settings in its ``tuned`` run folder."""
     method, seed = params["method"], params["seed"]
     if tuned is None:
-        run_trial(method_config(base, method, seed, Path(root), reference))
+        run_trial(method_config(base, method, seed, Path(root), reference_weights))
     else:
         name = run_name(method, seed, "tuned")
-        run_trial(method_config(base, method, seed, Path(root), reference, tuned[method], name))
+        run_trial(method_config(base, method, seed, Path(root), reference_weights, tuned[method], name))
 
 
-def tuning_trial(params: dict[str, Any], base: dict[str, Any], root: str) -> None:
+def tuning_trial(params: dict[str, Any], base: dict[str, Any], root: str, method: str, reference_weights: bool) -> None:
     """One trial of a method's search: its reference config on seed 0 with this trial's values."""
-    reference, method = base["benchmark_reference_weights"], base["benchmark_method"]
-    base = {k: v for k, v in base.items() if not k.startswith("benchmark_")}
     name = f"tune-{method}-{tune.get_context().get_trial_id()}"
-    run_trial(method_config(base, method, 0, Path(root), reference, params, name))
+    run_trial(method_config(base, method, 0, Path(root), reference_weights, params, name))
 
 
 def run_benchmark(
-    cfg: Config | Callable[[], Config] | None,
+    cfg: Config | None,
     methods: list[str],
     seeds: int,
     output: str | Path,
@@ -105,8 +108,8 @@ def run_benchmark(
     """Run (or resume) the benchmark: every method (and CE only) on the same data, teacher, student and seeds.
 
     Args:
-        cfg: the base config; or a function that makes it once ``output`` is claimed (the embedded default
-            pretrains its teacher inside it); None with ``resume`` (read back from ``output``).
+        cfg: the base config (the embedded default's: ``ega_ray.embedded.embedded_with_teacher``); None with
+            ``resume`` (read back from ``output``).
         methods: the distillers compared (registry names).
         seeds: runs per method and variant, seeds 0..seeds-1.
         output: results.csv, results.md, results.png, tuned_settings.json and every run's folder.
@@ -123,8 +126,7 @@ def run_benchmark(
             raise ConfigError(f"--seeds: {seeds}; at least 1")
         if tune_trials < 0:
             raise ConfigError(f"--tune-trials: {tune_trials}; 0 (reference weights only) or more")
-        if isinstance(cfg, Config):  # checked before anything is written
-            cfg = checked(cfg)
+        cfg = checked(cfg)  # before anything is written
     with experiment_folder(output, "benchmark", resume):
         if resume:
             state = saved_experiment_config(output, "benchmark_config.yaml", "benchmark")
@@ -132,8 +134,6 @@ def run_benchmark(
             reference_weights, tune_trials = state["reference_weights"], state.get("tune_trials", 0)
             for name in experiments(methods, tune_trials):
                 verify_state(output, experiment_location(output, cfg.run.storage, name))
-        elif not isinstance(cfg, Config):
-            cfg = checked(cfg())
         if CE_ONLY not in methods:
             methods = [*methods, CE_ONLY]
         base = cfg.model_dump(mode="json")
@@ -153,25 +153,25 @@ def run_benchmark(
         connect_ray(cfg)
         base["scaling"]["socket_ifname"] = cfg.scaling.socket_ifname  # what the node checks chose, for every run
 
-        trial_base = base | {"benchmark_reference_weights": reference_weights}
         seeds_grid = {"method": tune.grid_search(methods), "seed": tune.grid_search(list(range(seeds)))}
+        weights = {"reference_weights": reference_weights}
         results = run_experiment(
-            run_benchmark_trial, trial_base, output, cfg.run.storage, EXPERIMENT, resume,
-            grid_tuner(cfg, seeds_grid, EXPERIMENT),
+            run_benchmark_trial, base, output, cfg.run.storage, EXPERIMENT, resume,
+            grid_tuner(cfg, seeds_grid, EXPERIMENT), weights,
         )  # fmt: skip
         rows = collect(cfg, methods, seeds, output, diverged=diverged_runs(results))
         settings = {}
         if tune_trials:
             reference_seed0 = {r["method"]: r["validation_top1_at_selected"] for r in rows if r["seed"] == 0}
-            searched = {m: search_method(cfg, trial_base, m, tune_trials, output, resume) for m in methods}
+            searched = {m: search_method(cfg, base, m, tune_trials, output, resume, reference_weights) for m in methods}
             settings = {m: tuned_choice(*searched[m], reference_seed0[m]) for m in methods}
             retuned = [m for m in methods if settings[m]]
             diverged = {}
             if retuned:  # a method that keeps its reference settings has run them: its reference runs
                 grid = seeds_grid | {"method": tune.grid_search(retuned)}
                 tuned_results = run_experiment(
-                    run_benchmark_trial, trial_base | {"benchmark_tuned": settings}, output, cfg.run.storage, TUNED,
-                    resume, grid_tuner(cfg, grid, TUNED),
+                    run_benchmark_trial, base, output, cfg.run.storage, TUNED, resume, grid_tuner(cfg, grid, TUNED),
+                    weights | {"tuned": settings},
                 )  # fmt: skip
                 diverged = diverged_runs(tuned_results, "tuned")
             rows += tuned_rows(rows, collect(cfg, retuned, seeds, output, "tuned", diverged), methods)
@@ -214,7 +214,7 @@ def diverged_runs(results: Iterable, variant: str = "reference") -> dict[str, st
 
 
 def search_method(
-    cfg: Config, trial_base: dict[str, Any], method: str, trials: int, output: Path, resume: bool
+    cfg: Config, base: dict[str, Any], method: str, trials: int, output: Path, resume: bool, reference_weights: bool
 ) -> tuple[float | None, dict[str, Any]]:
     """``method``'s K-trial search (ASHA over its own knobs and the learning rate, seed 0): the best trial's
     validation top-1 at its selected epoch (read from its registered checkpoint) and its values; a trial that
@@ -238,8 +238,8 @@ def search_method(
             run_config=tune.RunConfig(name=name, storage_path=root, callbacks=callbacks),
         )  # fmt: skip
 
-    base = trial_base | {"benchmark_method": method}
-    results = run_experiment(tuning_trial, base, output, cfg.run.storage, name, resume, new_tuner)
+    trial_args = {"method": method, "reference_weights": reference_weights}
+    results = run_experiment(tuning_trial, base, output, cfg.run.storage, name, resume, new_tuner, trial_args)
     storage, scored = trial_storage(cfg.run.storage, output), []
     for result in results:
         trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name.split("_")[2]

@@ -32,7 +32,7 @@ from ega_ray.disk import write_atomic
 from ega_ray.driver.launch import run_distill
 from ega_ray.driver.preflight import check_distill, resolve
 from ega_ray.errors import ConfigError, Interrupted, OutputFolderError
-from ega_ray.run_folder import claim, read_marker, write_marker
+from ega_ray.run_folder import check_target, claim, read_marker, write_marker
 from ega_ray.worker.common import latest_state
 
 logger = logging.getLogger(__name__)
@@ -202,8 +202,11 @@ class StateRecorder(tune.Callback):
         self._record(trials)
 
 
-def checked(cfg: Config) -> Config:
-    """``cfg`` resolved, with what every trial's run checks checked once on the driver, before any starts."""
+def checked(cfg: Config | None) -> Config:
+    """``cfg`` resolved, with what every trial's run checks checked once on the driver, before any starts; a
+    ConfigError for None (a new search or benchmark needs a config: only --resume reads it back)."""
+    if not isinstance(cfg, Config):
+        raise ConfigError("config: none given; a new search or benchmark needs one (only --resume reads it back)")
     cfg = resolve(cfg)
     check_distill(cfg)
     return cfg
@@ -223,16 +226,24 @@ def saved_experiment_config(output: Path, name: str, command: str) -> dict[str, 
     return yaml.safe_load(text)
 
 
+def refuse_earlier_experiment(output: Path, command: str) -> None:
+    """OutputFolderError when ``output`` holds an earlier ``ega-ray command`` (``tune`` or ``benchmark``): a new
+    experiment needs a new or empty folder, an earlier one is continued with --resume, never overwritten.
+    Checked by :func:`experiment_folder`, and by the CLI before the embedded default pretrains its teacher."""
+    if check_target(output, command) is not None:
+        raise OutputFolderError(
+            f"--output {output}: holds an earlier `ega-ray {command}`; continue it with --resume, or choose "
+            "another folder"
+        )
+
+
 def experiment_folder(output: Path, command: str, resume: bool):
     """Claim ``output`` for an experiment (``tune`` or ``benchmark``): a new one needs a new or empty folder
     (an earlier experiment there is resumed with --resume, never overwritten); --resume needs the earlier one."""
 
     def new_or_resumed(marker: dict[str, Any]) -> None:
         if not resume:
-            raise OutputFolderError(
-                f"--output {output}: holds an earlier `ega-ray {command}`; continue it with --resume, or choose "
-                "another folder"
-            )
+            refuse_earlier_experiment(output, command)
 
     if resume and (not output.is_dir() or read_marker(output) is None):
         raise ConfigError(f"--resume: {str(output)!r} holds no `ega-ray {command}` to resume")
@@ -260,12 +271,28 @@ def run_experiment(
     name: str,
     resume: bool,
     new_tuner: Callable[[Any, str, list], tune.Tuner],
+    trial_args: dict[str, Any] | None = None,
 ) -> tune.ResultGrid:
     """Run (or resume) the experiment ``name`` of ``output``: restored with its finished and unfinished trials
     when ``resume`` finds one (after :func:`verify_state`), else ``new_tuner(trainable, storage_path,
-    callbacks)``. Each trial runs ``fn(params, base, root)`` in an actor that only drives a TorchTrainer: a
-    token CPU share, the workers ask for their own."""
-    trainable = tune.with_resources(tune.with_parameters(fn, base=base, root=str(output)), {"CPU": TRIAL_DRIVER_CPU})
+    callbacks)``. Each trial runs ``fn(params, base, root, **trial_args)`` in an actor that only drives a
+    TorchTrainer: a token CPU share, the workers ask for their own.
+
+    Args:
+        fn: the trial's function; ``params`` are the trial's sampled values.
+        base: the experiment's config as a dict (``Config.model_dump``), every trial's starting point.
+        output: the experiment's folder.
+        storage: ``run.storage``: where Tune keeps its state, or None (inside ``output``).
+        name: the experiment's name (its folder under ``output`` or the storage).
+        resume: restore the experiment when its state is there.
+        new_tuner: makes the Tuner of a new experiment.
+        trial_args: what ``fn`` takes besides the config (the benchmark's method and weights), by keyword.
+
+    Returns:
+        Tune's results, one per trial.
+    """
+    with_args = tune.with_parameters(fn, base=base, root=str(output), **(trial_args or {}))
+    trainable = tune.with_resources(with_args, {"CPU": TRIAL_DRIVER_CPU})
     location = experiment_location(output, storage, name)
     root = uris.join(storage, output.name) if storage else str(output)  # the query of a storage URI kept
     if resume and tune.Tuner.can_restore(location):

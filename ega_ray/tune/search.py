@@ -10,7 +10,6 @@ checkpoint.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -51,12 +50,12 @@ def _searcher(cfg: Config):
     return OptunaSearch()
 
 
-def run_search(cfg: Config | Callable[[], Config] | None, output: str | Path, resume: bool = False) -> dict[str, Any]:
+def run_search(cfg: Config | None, output: str | Path, resume: bool = False) -> dict[str, Any]:
     """Run (or resume) a Ray Tune search over ``cfg.tune.space`` (ASHA, selected on the validation split).
 
     Args:
-        cfg: the base config; or a function that makes it once ``output`` is claimed (the embedded default
-            pretrains its teacher inside it); None with ``resume`` (read back from ``output``).
+        cfg: the base config (the embedded default's: ``ega_ray.embedded.embedded_tune_config``); None with
+            ``resume`` (read back from ``output``).
         output: the search's folder: trials.csv, best.yaml, plots and each trial's run folder.
         resume: continue the interrupted search in ``output`` (finished trials kept).
 
@@ -64,7 +63,7 @@ def run_search(cfg: Config | Callable[[], Config] | None, output: str | Path, re
         The best trial's row of trials.csv.
     """
     output = Path(output).expanduser().resolve()
-    if not resume and isinstance(cfg, Config):  # checked before anything is written
+    if not resume:  # checked before anything is written
         cfg = checked(cfg)
         if cfg.tune.search == "optuna":
             _searcher(cfg)  # fail before Ray starts when the extra is missing
@@ -72,8 +71,6 @@ def run_search(cfg: Config | Callable[[], Config] | None, output: str | Path, re
         if resume:
             cfg = checked(parse_config(saved_experiment_config(output, "search_config.yaml", "tune")))
             verify_state(output, experiment_location(output, cfg.run.storage, SEARCH_DIR))
-        elif not isinstance(cfg, Config):
-            cfg = checked(cfg())
         base = cfg.model_dump(mode="json")
         if not resume:
             save_experiment_config(output, "search_config.yaml", base)
