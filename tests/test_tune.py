@@ -57,9 +57,12 @@ def test_an_interrupted_search_chooses_nothing_and_resumes(tmp_path, local_ray):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = tmp_path / "driver.log"
     with open(log, "w") as stderr:
+        # SIGINT's default action restored for the driver: a suite started in the background (`make test &`)
+        # passes SIGINT ignored to its children, and Python then never raises KeyboardInterrupt
         proc = subprocess.Popen(
-            cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True
-        )
+            cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=stderr, start_new_session=True,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
     try:
         deadline = time.time() + 400
         while not list(out.glob("trials/*/summary.json")):
