@@ -359,21 +359,25 @@ def plot_results(
     width = 0.8 / len(groups)
     fig, ax = plt.subplots(figsize=(1.0 + 0.9 * len(labels), 4))
     lows, highs = [], []
-    for g, (name, table) in enumerate(groups):
+    for g, (_, table) in enumerate(groups):
         means = [statistics.mean(best) if best else 0.0 for _, best, _ in table]
         stds = [statistics.stdev(best) if len(best) > 1 else 0.0 for _, best, _ in table]
         xs = [i + (g - (len(groups) - 1) / 2) * width for i in range(len(labels))]
         colors = ["tab:red" if lab == "ega" else "tab:gray" if lab in (CE_ONLY, "teacher head") else "tab:blue"
                   for lab in labels]  # fmt: skip
-        ax.bar(xs, means, width, yerr=stds, capsize=3, color=colors, alpha=1.0 if g == 0 else 0.55, label=name)
+        ax.bar(xs, means, width, yerr=stds, capsize=3, color=colors, alpha=1.0 if g == 0 else 0.55)
         lows += [m - s for m, s, (_, b, _) in zip(means, stds, table, strict=True) if b]
         highs += [m + s for m, s in zip(means, stds, strict=True)]
     ax.set_xticks(range(len(labels)), labels, rotation=30)
     ax.set_ylim(max(0.0, min(lows, default=0.0) - 5), min(100.0, max(highs, default=100.0) + 2))
     ax.set_ylabel("test top-1 at the selected epoch (%)")
     ax.set_title(title, fontsize=9)
-    if tuned:
-        ax.legend(fontsize=8)
+    if tuned:  # the variants by shade, in a neutral colour (a bar's own colour says which method it is)
+        from matplotlib.patches import Patch
+
+        shades = [Patch(color="tab:blue", alpha=1.0 if g == 0 else 0.55, label=name)
+                  for g, (name, _) in enumerate(groups)]  # fmt: skip
+        ax.legend(handles=shades, fontsize=8)
     fig.tight_layout()
     write_with(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
