@@ -121,8 +121,10 @@ def local_ray():
     """A local Ray started by this test session only, and shut down after it."""
     import ray
 
+    from ega_ray.driver.launch import set_local_train_defaults
+
     os.environ.pop("RAY_ADDRESS", None)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")  # as connect_ray sets it: one actor less
+    set_local_train_defaults()  # as connect_ray sets them before it starts a local Ray
     # a new local Ray, even while another test runs a `ray start` cluster on this machine
     ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

@@ -137,3 +137,19 @@ def test_locations_under_a_storage_uri_keep_its_query_for_an_s3_compatible_serve
     assert uris.join(base, *parts) == joined
     assert uris.basename(joined) == name
     assert uris.is_uri(base) == base.startswith("s3://")
+
+
+def test_a_local_ray_polls_its_workers_often_and_keeps_what_the_user_set(monkeypatch):
+    """The defaults a local Ray starts with (connect_ray), each only where the environment has none."""
+    import os
+
+    from ega_ray.driver.launch import LOCAL_HEALTH_CHECK_INTERVAL_S, set_local_train_defaults
+
+    for name in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
+        monkeypatch.setenv(name, "unset below")  # recorded, so the value set here is undone afterwards
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "42")
+    set_local_train_defaults()
+    assert float(os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"]) == LOCAL_HEALTH_CHECK_INTERVAL_S < 2.0
+    assert os.environ["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] == "0"
+    assert os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] == "42", "a user's setting is kept"

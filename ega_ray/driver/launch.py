@@ -50,6 +50,7 @@ from ega_ray.worker.common import load_state
 
 MATERIALIZE_AUTO_BYTES = 2 << 30
 LOCAL_WORKER_START_TIMEOUT_S = 600  # a local Ray's worker-group start (Ray Train's default: 60 s)
+LOCAL_HEALTH_CHECK_INTERVAL_S = 0.25  # how often a local run's controller polls its workers (Ray's default: 2 s)
 VALIDATION_ROWS = "validation_rows.json"  # the run folder's record of the validation split
 VAL_IN_MEMORY_BYTES = 256 << 20
 
@@ -89,17 +90,26 @@ def connect_ray(cfg: Config, written: Written | None = None) -> None:
     s, t = cfg.scaling, cfg.teacher
     teacher_actor_cpus = 0.0 if s.use_gpu else t.actors * t.actor_cpus
     needed = math.ceil(s.num_workers * s.cpus_per_worker + teacher_actor_cpus) + 1
-    # a preemption watcher is for spot nodes of a cluster; on one machine it only adds an actor (and Ray's
-    # error-looking note about its arguments)
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    # Ray Train gives a worker group 60 s to be placed and started, then tears it down and tries again; on a
-    # busy small machine the start alone can take longer, and every retry starts over (docs/performance.md)
-    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(LOCAL_WORKER_START_TIMEOUT_S))
+    set_local_train_defaults()  # before the start: Ray's processes (a Tune trial's too) inherit them
     # Ray Data's processes (its coordinators, the workers' iterators) warn about settings made on purpose,
     # and Ray's own code about its deprecated internals: not the run's business unless --verbose
     quiet = {"RAY_DATA_LOG_LEVEL": "ERROR", "PYTHONWARNINGS": "ignore::DeprecationWarning"}
     env = {} if cfg.run.verbose else {"runtime_env": {"env_vars": quiet}}
     ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), logging_level=level, **env)
+
+
+def set_local_train_defaults() -> None:
+    """Ray Train's settings for a run on one machine, each only where the user left it unset
+    (docs/performance.md, "A local Ray on a busy machine", says why and what each costs or saves)."""
+    # a preemption watcher is for spot nodes of a cluster; on one machine it only adds an actor (and Ray's
+    # error-looking note about its arguments)
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    # Ray Train gives a worker group 60 s to be placed and started, then tears it down and tries again; on a
+    # busy small machine the start alone can take longer, and every retry starts over
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", str(LOCAL_WORKER_START_TIMEOUT_S))
+    # the controller learns of a started, reporting or finished worker group only when it polls: at Ray's
+    # 2 s each short run and each Tune trial waits idle at every step; a poll of local workers costs little
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(LOCAL_HEALTH_CHECK_INTERVAL_S))
 
 
 EVAL_SPLITS = ("validation", "test")  # evaluated every epoch; only the validation split selects
