@@ -14,3 +14,6 @@ TEACHER_EMB = "teacher_emb"
 # The largest image decoded (pixels): a small file can expand to gigabytes (a 10000×10000 PNG is ~300 KB).
 # ``ega-ray prepare --max-pixels`` refuses larger ones when a dataset is converted; this guards the readers.
 MAX_PIXELS = 50_000_000
+
+# how often a local Ray's Ray Train controller polls its workers (Ray's default: 2 s); docs/performance.md
+LOCAL_HEALTH_CHECK_INTERVAL_S = 0.25

@@ -48,6 +48,16 @@ def _tier_guard(request: pytest.FixtureRequest):
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _ray_train_polls_often() -> None:
+    """Every Ray the tests start (local ones, ``ray start`` clusters, the jobs' drivers) inherits this: its
+    Ray Train controllers poll their workers as a local ``ega-ray`` run's do, not every 2 s, so no test
+    waits idle between a fit's steps (docs/performance.md)."""
+    from ega_ray.constants import LOCAL_HEALTH_CHECK_INTERVAL_S
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(LOCAL_HEALTH_CHECK_INTERVAL_S))
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     cache = tmp_path_factory.mktemp("ega-ray-cache")
     os.environ["EGA_RAY_CACHE"] = str(cache)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+from ega_ray.constants import LOCAL_HEALTH_CHECK_INTERVAL_S
+
 PREFIX = "egaray-mh"
 LOCK_FILE = f"/run/lock/{PREFIX}.lock" if os.path.isdir("/run/lock") else f"/tmp/{PREFIX}.lock"
 SUBNET = "198.18.74"  # a /24 of the test-only range 198.18.0.0/15
@@ -174,6 +176,8 @@ class MultiHostCluster:
             "AWS_REGION": "us-east-1",
             "AWS_EC2_METADATA_DISABLED": "true",
             "PYTHONUNBUFFERED": "1",
+            # the jobs' Ray Train controllers poll as a local run's do (tests/conftest.py: no idle waits)
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": str(LOCAL_HEALTH_CHECK_INTERVAL_S),
         }
 
     # ------------------------------------------------------------------ start / stop

@@ -143,7 +143,8 @@ def test_a_local_ray_polls_its_workers_often_and_keeps_what_the_user_set(monkeyp
     """The defaults a local Ray starts with (connect_ray), each only where the environment has none."""
     import os
 
-    from ega_ray.driver.launch import LOCAL_HEALTH_CHECK_INTERVAL_S, set_local_train_defaults
+    from ega_ray.constants import LOCAL_HEALTH_CHECK_INTERVAL_S
+    from ega_ray.driver.launch import set_local_train_defaults
 
     for name in ("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"):
         monkeypatch.setenv(name, "unset below")  # recorded, so the value set here is undone afterwards

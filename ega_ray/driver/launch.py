@@ -19,6 +19,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ega_ray.config import Config
+from ega_ray.constants import LOCAL_HEALTH_CHECK_INTERVAL_S
 from ega_ray.data.images import decode_images
 from ega_ray.data.parquet import mask_labels, read_decoded, select_rows
 from ega_ray.data.split_files import unreadable_named
@@ -50,7 +51,6 @@ from ega_ray.worker.common import load_state
 
 MATERIALIZE_AUTO_BYTES = 2 << 30
 LOCAL_WORKER_START_TIMEOUT_S = 600  # a local Ray's worker-group start (Ray Train's default: 60 s)
-LOCAL_HEALTH_CHECK_INTERVAL_S = 0.25  # how often a local run's controller polls its workers (Ray's default: 2 s)
 VALIDATION_ROWS = "validation_rows.json"  # the run folder's record of the validation split
 VAL_IN_MEMORY_BYTES = 256 << 20
 
