@@ -55,6 +55,19 @@ def cluster(tmp_path_factory):
         hosts.stop()
 
 
+@pytest.fixture(scope="module")
+def bucket_cache(cluster) -> str:
+    """``cache-teacher`` as a job: its Ray Data writers run on the worker hosts and write the teacher's
+    2-view cache of the bucket's training split to the bucket; its URI. Built once: the cached-mode run of
+    the lost-host test reads it."""
+    cache = cluster.s3_uri(f"{BUCKET}/cache/digits")
+    done = submit(cluster, ["--config", "configs/smoke.yaml", *bucket_data(cluster), "--views", "2",
+                            "--output", cache], script="cache_teacher")  # fmt: skip
+    log = done.stdout + done.stderr
+    assert done.returncode == 0 and "succeeded" in log, log[-4000:]
+    return cache
+
+
 def job(args: list[str], script: str = "distill", submission_id: str | None = None) -> list[str]:
     """``ray job submit`` of ``jobs/<script>.py``, as docs/cluster.md shows (``submission_id``: the id that
     ``ray job stop`` takes)."""
@@ -138,13 +151,16 @@ def trial_states(cluster: MultiHostCluster, trials: str, histories: bool = False
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def test_a_distill_job_on_two_hosts_with_everything_in_the_bucket_survives_a_lost_host(cluster):
-    """Data, checkpoints (run.storage) in the bucket; run.max_failures unset, so the remote storage's default
-    restarts apply. Once the first checkpoint is registered a worker host is lost without grace and a fresh
-    one joins: the run resumes from the bucket on it and finishes every epoch, each counted once."""
+def test_a_cached_distill_job_on_two_hosts_with_everything_in_the_bucket_survives_a_lost_host(cluster, bucket_cache):
+    """Data, the teacher's cache and checkpoints (run.storage) in the bucket; run.max_failures unset, so the
+    remote storage's default restarts apply. Once the first checkpoint is registered a worker host is lost
+    without grace and a fresh one joins: the run resumes from the bucket on it, reading the teacher's
+    embeddings from the bucket on hosts that never held them on disk, and finishes every epoch, each
+    counted once."""
     storage = cluster.s3_uri(f"{BUCKET}/ckpt")
     epochs = 3
     args = [*SMOKE, *bucket_data(cluster), "--set", f"optim.epochs={epochs}", "--set", "optim.milestones=[2]",
+            "--set", "teacher.mode=cached", "--set", f"teacher.cache={bucket_cache}",
             "--set", f"run.storage={storage}", "--output", "/mnt/runs/two-hosts"]  # fmt: skip
     log_file = cluster.logs / "two-hosts-job.log"
     driver = cluster.client_spawn(job(args), log_file)
@@ -167,6 +183,8 @@ def test_a_distill_job_on_two_hosts_with_everything_in_the_bucket_survives_a_los
     assert train_worker_ips(cluster) == {cluster.workers["w1"].address, lost, cluster.workers["w3"].address}
     run = cluster.head.outside("/mnt/runs/two-hosts")  # the run folder: on the head's own disk
     assert json.loads((run / "summary.json").read_text())["train_rows"] > 0
+    recorded = json.loads((run / ".ega-ray.json").read_text())["inputs"]["teacher.cache"]  # what a resume checks
+    assert recorded["path"] == bucket_cache and len(recorded["manifest_sha256"]) == 64, recorded
     with open(run / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # none lost, none twice
@@ -250,31 +268,15 @@ def test_a_search_across_hosts_resumes_from_the_bucket_after_its_driver_is_stopp
     assert not (out / "trials").exists()
 
 
-def test_a_teacher_cache_built_into_the_bucket_feeds_a_cached_run_on_other_hosts(cluster):
-    """``cache-teacher`` as a job: its Ray Data writers run on the worker hosts and write to the bucket; a
-    cached-mode run then takes the teacher's embeddings from there, on hosts that never held them on disk."""
-    cache = cluster.s3_uri(f"{BUCKET}/cache/digits")
-    data = bucket_data(cluster)
-    done = submit(cluster, ["--config", "configs/smoke.yaml", *data, "--views", "2", "--output", cache],
-                  script="cache_teacher")  # fmt: skip
-    log = done.stdout + done.stderr
-    assert done.returncode == 0 and "succeeded" in log, log[-4000:]
-    manifest = json.loads(cluster.read_bucket(cache.replace("?", "/manifest.json?")) or "{}")
+def test_a_teacher_cache_job_writes_every_view_to_the_bucket_and_nothing_to_a_hosts_disk(cluster, bucket_cache):
+    """The cache the ``bucket_cache`` job built: its manifest counts every view of every image, its listing
+    is the manifest's files, and no host kept any of it on disk (the lost-host test trains from it)."""
+    manifest = json.loads(cluster.read_bucket(bucket_cache.replace("?", "/manifest.json?")) or "{}")
     assert manifest["views"] == 2 and manifest["rows"] == 2 * manifest["images"] > 0, manifest
-    listed = cluster.list_bucket(cache)
+    listed = cluster.list_bucket(bucket_cache)
     assert sorted(p.split("/embeddings/", 1)[1] for p in listed if "/embeddings/" in p) == sorted(manifest["files"])
     for host in (cluster.head, *cluster.workers.values()):  # nothing of it on any host's disk
         assert not list(host.outside("/mnt/runs").rglob("*.parquet"))
-
-    cached = [*SMOKE, *data, "--set", "teacher.mode=cached", "--set", f"teacher.cache={cache}",
-              "--set", f"run.storage={cluster.s3_uri(f'{BUCKET}/ckpt')}", "--output", "/mnt/runs/cached"]  # fmt: skip
-    done = submit(cluster, cached)
-    log = done.stdout + done.stderr
-    assert done.returncode == 0 and "succeeded" in log, log[-4000:]
-    run = cluster.head.outside("/mnt/runs/cached")
-    assert (run / "metrics.csv").read_text().count("\n") == 3  # header + 2 epochs
-    recorded = json.loads((run / ".ega-ray.json").read_text())["inputs"]["teacher.cache"]  # what a resume checks
-    assert recorded["path"] == cache and len(recorded["manifest_sha256"]) == 64, recorded
 
 
 def test_inputs_only_the_driver_sees_and_a_local_storage_are_refused_before_training(cluster):
