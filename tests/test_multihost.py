@@ -158,8 +158,8 @@ def test_a_cached_distill_job_on_two_hosts_with_everything_in_the_bucket_survive
     embeddings from the bucket on hosts that never held them on disk, and finishes every epoch, each
     counted once."""
     storage = cluster.s3_uri(f"{BUCKET}/ckpt")
-    epochs = 3
-    args = [*SMOKE, *bucket_data(cluster), "--set", f"optim.epochs={epochs}", "--set", "optim.milestones=[2]",
+    epochs = 4  # a cached epoch takes seconds: the run must still be training when the host is lost
+    args = [*SMOKE, *bucket_data(cluster), "--set", f"optim.epochs={epochs}", "--set", "optim.milestones=[3]",
             "--set", "teacher.mode=cached", "--set", f"teacher.cache={bucket_cache}",
             "--set", f"run.storage={storage}", "--output", "/mnt/runs/two-hosts"]  # fmt: skip
     log_file = cluster.logs / "two-hosts-job.log"
@@ -171,6 +171,8 @@ def test_a_cached_distill_job_on_two_hosts_with_everything_in_the_bucket_survive
         time.sleep(1)
     lost = cluster.workers["w2"].address
     cluster.kill_host("w2")
+    # reading the bucket takes seconds, in which the run may have registered more epochs: what it had then
+    assert (registered_at_loss := registered_epoch(cluster, "two-hosts")) < epochs, "the run ended before the loss"
     cluster.add_worker("w3", WORKERS["w2"])
     assert driver.wait(timeout=480) == 0, log_file.read_text()[-4000:]
     log = log_file.read_text()
@@ -178,7 +180,6 @@ def test_a_cached_distill_job_on_two_hosts_with_everything_in_the_bucket_survive
     # the node checks ran before training and found the loopback hostnames: DDP was told its interface
     assert "[nodes] checked 2 node(s)" in log, log[-4000:]
     assert "DDP binds to interface eth0" in log, log[-4000:]
-    assert lost_after_epoch < epochs, "the run finished before the host was lost"
     # Train workers ran on both first hosts, and after the loss on the replacement
     assert train_worker_ips(cluster) == {cluster.workers["w1"].address, lost, cluster.workers["w3"].address}
     run = cluster.head.outside("/mnt/runs/two-hosts")  # the run folder: on the head's own disk
@@ -189,8 +190,10 @@ def test_a_cached_distill_job_on_two_hosts_with_everything_in_the_bucket_survive
         rows = list(csv.DictReader(f))
     assert [int(r["epoch"]) for r in rows] == list(range(1, epochs + 1))  # none lost, none twice
     restarts = [int(r["restarts"]) for r in rows]
-    assert restarts[:lost_after_epoch] == [0] * lost_after_epoch
-    assert min(restarts[lost_after_epoch:]) >= 1, restarts
+    # the epochs registered before the loss were trained once, by the first workers; the run then resumed (the
+    # epochs between the last poll and the loss may have been reported before it, so only the order is fixed)
+    assert restarts[:lost_after_epoch] == [0] * lost_after_epoch, restarts
+    assert restarts == sorted(restarts) and restarts[-1] >= 1, (lost_after_epoch, registered_at_loss, restarts)
     checkpoints = cluster.list_bucket(cluster.s3_uri(f"{BUCKET}/ckpt/two-hosts"))
     assert any(p.endswith("checkpoint_manager_snapshot.json") for p in checkpoints), checkpoints
     assert any("/checkpoint_" in p and p.endswith("state.pt") for p in checkpoints), checkpoints
