@@ -26,10 +26,23 @@ STARTS_RAY = ("ray", "cluster", "multihost")
 FAST_TIER = " and ".join(f"not {need}" for need in NEEDS)  # the -m expression of make test-fast
 
 
+# the order the tests are handed out in: a multi-host cluster's start (a dozen Ray processes per host) takes
+# 26-28 s on an idle 2-core machine and minutes beside another process's Ray runs, so the suite's other
+# process spends those first minutes on the tests that start no Ray; then the long cluster tests before the
+# many shorter local-Ray ones, so that the two processes end close together (README: the suite's times)
+TIER_ORDER = ("multihost", "fast", "heavy", "gpu", "cluster", "ray")
+
+
+def tier(item: pytest.Item) -> str:
+    """The tier a test belongs to: the first of its markers in :data:`TIER_ORDER`, or ``fast``."""
+    return next((m for m in TIER_ORDER if item.get_closest_marker(m) is not None), "fast")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "local_ray" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None:
             item.add_marker(pytest.mark.ray)
+    items.sort(key=lambda item: TIER_ORDER.index(tier(item)))  # stable: files keep their order within a tier
 
 
 def _ray_running() -> bool:

@@ -147,14 +147,15 @@ def test_only_the_teacher_modes_know_the_modes():
 
 
 def test_the_test_tiers_agree_everywhere():
-    """make test-fast selects conftest's fast tier, and every marker a tier names is declared in pyproject.toml
-    (pytest runs with --strict-markers, so a misspelt marker fails collection)."""
-    from conftest import FAST_TIER, NEEDS
+    """make test-fast selects conftest's fast tier, every marker a tier names is declared in pyproject.toml
+    (pytest runs with --strict-markers, so a misspelt marker fails collection), and every tier is ordered."""
+    from conftest import FAST_TIER, NEEDS, TIER_ORDER
 
     make_tier = re.search(r"^FAST_TIER := (.+)$", (REPO / "Makefile").read_text(), re.M)
     assert make_tier and make_tier.group(1).strip() == FAST_TIER
     markers = (REPO / "pyproject.toml").read_text().split("markers = [", 1)[1].split("]", 1)[0]
     assert sorted(re.findall(r'^\s+"(\w+): ', markers, re.M)) == sorted(NEEDS)
+    assert sorted(TIER_ORDER) == sorted([*NEEDS, "fast"]), "every tier has its place in the suite's order"
 
 
 def test_the_cli_is_a_table_from_verb_to_function():
