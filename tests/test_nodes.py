@@ -4,6 +4,7 @@ tests/test_multihost.py."""
 
 from __future__ import annotations
 
+import os
 import socket
 
 import pytest
@@ -141,8 +142,6 @@ def test_locations_under_a_storage_uri_keep_its_query_for_an_s3_compatible_serve
 
 def test_a_local_ray_polls_its_workers_often_and_keeps_what_the_user_set(monkeypatch):
     """The defaults a local Ray starts with (connect_ray), each only where the environment has none."""
-    import os
-
     from ega_ray.constants import LOCAL_HEALTH_CHECK_INTERVAL_S
     from ega_ray.driver.launch import set_local_train_defaults
 
