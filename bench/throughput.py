@@ -211,19 +211,28 @@ def profile_summary(step, device: torch.device, steps: int = 5, rows: int = 15) 
 
 def connect_local_ray(args: argparse.Namespace) -> None:
     """A local Ray for the Ray paths, as ``ega-ray distill`` starts one but without the dashboard, whose
-    processes would take a share of a small machine's cores from the measured step."""
+    processes would take a share of a small machine's cores from the measured step. Its dashboard address is
+    a free port all the same: at Ray's default another Ray's dashboard could answer for it, and Ray Train's
+    placement-group cleaner would end the measured run (docs/performance.md, "A local Ray on a busy
+    machine")."""
+    import socket
+
     import ray
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        dashboard_port = probe.getsockname()[1]
 
     if not ray.is_initialized():
         # the worker's and the teacher actor's CPUs, plus one for Ray Data (see ega_ray.driver.launch)
         try:
-            ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False)
+            ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False, dashboard_port=dashboard_port)
         except Exception as err:  # noqa: BLE001 - Ray gives its raylet a fixed 30 s, which a loaded machine can miss
             if "timed out during startup" not in str(err):
                 raise
             print(f"[bench] the local Ray did not start in time ({err}); starting it again", flush=True)
             ray.shutdown()
-            ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False)
+            ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False, dashboard_port=dashboard_port)
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 

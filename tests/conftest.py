@@ -143,13 +143,17 @@ def teacher_cache_2_views(shared_outputs: SharedOutputs, teacher_resnet8: Path, 
 def local_ray():
     """A local Ray started by this test session only, and shut down after it."""
     import ray
+    from ray_processes import free_port
 
     from ega_ray.driver.launch import set_local_train_defaults
 
     os.environ.pop("RAY_ADDRESS", None)
     set_local_train_defaults()  # as connect_ray sets them before it starts a local Ray
-    # a new local Ray, even while another test runs a `ray start` cluster on this machine
-    ray.init(address="local", num_cpus=4, include_dashboard=False, configure_logging=False)
+    # a new local Ray, even while another test runs a `ray start` cluster on this machine; without a dashboard,
+    # but with a port of its own for one: Ray's state API is looked up there, and Ray Train's placement-group
+    # cleaner takes "no such actor" from it for a dead controller. At the default port it would ask the
+    # dashboard of another test's `ega-ray` run, and tear down this session's live runs (docs/performance.md)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, dashboard_port=free_port(), configure_logging=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield ray
     ray.shutdown()
