@@ -17,3 +17,9 @@ MAX_PIXELS = 50_000_000
 
 # how often a local Ray's Ray Train controller polls its workers (Ray's default: 2 s); docs/performance.md
 LOCAL_HEALTH_CHECK_INTERVAL_S = 0.25
+
+# the CPUs each task of the run's Ray Data stages asks for (reading, decoding, label masking, the cached mode's
+# lookup): a fraction, so that they run beside the training workers on nodes those leave less than a whole CPU
+# (e.g. 1.5 of 2 per host): every epoch's reads when the splits are not materialized, and, after a lost node,
+# the rebuilding of the materialized blocks it held; at Ray Data's default of 1 CPU both wait forever
+DATA_STAGE_CPUS = 0.25

@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager, nullcontext
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ega_ray.constants import TEACHER_EMB
+from ega_ray.constants import DATA_STAGE_CPUS, TEACHER_EMB
 
 if TYPE_CHECKING:
     import ray.data
@@ -37,7 +37,6 @@ if TYPE_CHECKING:
 # each worker's local shuffle buffer yields its first batch only once it holds this many of its batches:
 # behind a teacher stage a large one would stall every epoch's start
 STAGE_SHUFFLE_BATCHES = 4
-ATTACH_CPUS = 0.25  # the cached mode's per-batch embedding lookup: numpy indexing, a fraction of a CPU
 
 
 class TeacherMode:
@@ -127,10 +126,8 @@ class Cached(TeacherMode):
             for k, v in evals.items()
         }
         table, position = load_cached_embeddings(str(cfg.teacher.cache), data.indices)
-        # a lookup runs during training, beside the workers: with Ray Data's default of a whole CPU it waits
-        # forever on a cluster whose workers leave each node less than one (e.g. 1.5 of 2 CPUs per host)
-        lookup = {"table": table, "position": position}
-        train = train.map_batches(attach_cached, fn_kwargs=lookup, batch_format="numpy", num_cpus=ATTACH_CPUS)
+        lookup = {"table": table, "position": position}  # beside the workers, as every stage: DATA_STAGE_CPUS
+        train = train.map_batches(attach_cached, fn_kwargs=lookup, batch_format="numpy", num_cpus=DATA_STAGE_CPUS)
         return train, evals
 
     def features(self, parts, batch, epoch, seed, train):

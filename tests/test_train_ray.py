@@ -51,6 +51,41 @@ def test_an_undecodable_image_stops_the_run_naming_its_row(tmp_path, local_ray):
     assert str(found).startswith(f"data.train: the image of the row with index {broken} cannot be decoded")
 
 
+def test_a_splits_reading_and_decoding_run_beside_workers_that_leave_less_than_a_cpu(local_ray):
+    """Every task of a split's Ray Data stages asks for a fraction of a CPU: the driver makes the split, then a
+    placement group holds all but half a CPU of the Ray (as Ray Train's does for 1.5-CPU workers on 2-CPU
+    hosts), and the split is still read, its rows selected and decoded. At Ray Data's default of a whole CPU
+    this waits forever, as the rebuilding of a lost host's materialized blocks did (test_multihost.py's lost
+    host, 2026-12-07)."""
+    import threading
+
+    import numpy as np
+    import pyarrow.parquet as pq
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    from ega_ray.data.digits import builtin_split
+    from ega_ray.driver.launch import configure_ray_data, read_split
+
+    configure_ray_data()  # as a run's driver reads its splits
+    path = builtin_split("builtin:digits", "train")
+    index = pq.read_table(path, columns=["index"])["index"].to_numpy()
+    wanted = np.zeros(index.max() + 1, dtype=bool)
+    wanted[index[::3]] = True  # a third of the rows, as a carved split selects them
+    split = read_split(path, 32, "data.train", wanted)
+    held = placement_group([{"CPU": local_ray.cluster_resources()["CPU"] - 0.5}])
+    rows: list[int] = []
+    try:
+        local_ray.get(held.ready(), timeout=120)
+        assert local_ray.available_resources().get("CPU", 0) <= 0.5
+        count = lambda: rows.append(sum(len(batch["label"]) for batch in split.iter_batches()))  # noqa: E731
+        read = threading.Thread(target=count, daemon=True)
+        read.start()
+        read.join(timeout=120)
+    finally:
+        remove_placement_group(held)
+    assert rows == [int(wanted.sum())], "the split was not read beside the held CPUs within 2 minutes"
+
+
 def test_a_non_finite_loss_stops_the_run_with_one_line_and_nothing_saved(tmp_path, local_ray, capsys):
     """An absurd lr through the CLI (in this process, on the test's Ray): exit status 2 and one line naming the
     epoch, step, term and lr; no checkpoint and no student file of the diverged epoch. The workers end the

@@ -19,7 +19,7 @@ from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from ega_ray.config import Config
-from ega_ray.constants import LOCAL_HEALTH_CHECK_INTERVAL_S
+from ega_ray.constants import DATA_STAGE_CPUS, LOCAL_HEALTH_CHECK_INTERVAL_S
 from ega_ray.data.images import decode_images
 from ega_ray.data.parquet import mask_labels, read_decoded, select_rows
 from ega_ray.data.split_files import unreadable_named
@@ -125,11 +125,13 @@ def eval_source(cfg: Config, data: PreparedData, split: str) -> tuple[str, str, 
 
 
 def read_split(path: str, image_size: int, field: str, wanted: np.ndarray | None) -> ray.data.Dataset:
-    """A split read through Ray Data (only the rows ``wanted`` marks, when given) and decoded."""
-    ds = ray.data.read_parquet(path)
+    """A split read through Ray Data (only the rows ``wanted`` marks, when given) and decoded, each task on
+    a fraction of a CPU (:data:`~ega_ray.constants.DATA_STAGE_CPUS`)."""
+    ds = ray.data.read_parquet(path, num_cpus=DATA_STAGE_CPUS)
     if wanted is not None:  # before decoding: the rows left out are never decoded
-        ds = ds.map_batches(select_rows, fn_kwargs={"wanted": wanted}, batch_format="numpy")
-    return ds.map_batches(decode_images, fn_kwargs={"image_size": image_size, "split": field}, batch_format="numpy")
+        ds = ds.map_batches(select_rows, fn_kwargs={"wanted": wanted}, batch_format="numpy", num_cpus=DATA_STAGE_CPUS)
+    decode = {"image_size": image_size, "split": field}
+    return ds.map_batches(decode_images, fn_kwargs=decode, batch_format="numpy", num_cpus=DATA_STAGE_CPUS)
 
 
 def decoded_splits(
@@ -141,7 +143,7 @@ def decoded_splits(
     Ray Data start-up per epoch, more than training on them."""
     size = cfg.data.image_size
     train = read_split(cfg.data.train, size, "data.train", data.trained).map_batches(
-        mask_labels, fn_kwargs={"keep": data.keep}, batch_format="numpy"
+        mask_labels, fn_kwargs={"keep": data.keep}, batch_format="numpy", num_cpus=DATA_STAGE_CPUS
     )
     splits = {}
     for split in evals:
