@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,20 @@ def submit(
 ) -> subprocess.CompletedProcess:
     """A job submitted from the client host, waited for."""
     return cluster.client_run(job(args, script), timeout)
+
+
+@contextmanager
+def stopped_if_left_running(cluster: MultiHostCluster, driver: subprocess.Popen, submission_id: str):
+    """The job ``submission_id`` (its submitting client ``driver``) is stopped when the block fails while it
+    runs: a job left running would hold the worker hosts' CPUs, and the module's next tests would wait."""
+    try:
+        yield
+    except BaseException:
+        if driver.poll() is None:
+            cluster.client_run([str(BIN / "ray"), "job", "stop", submission_id], timeout=120)
+            driver.kill()
+            driver.wait(timeout=30)
+        raise
 
 
 def registered_epoch(cluster: MultiHostCluster, run: str) -> int:
@@ -163,18 +178,20 @@ def test_a_cached_distill_job_on_two_hosts_with_everything_in_the_bucket_survive
             "--set", "teacher.mode=cached", "--set", f"teacher.cache={bucket_cache}",
             "--set", f"run.storage={storage}", "--output", "/mnt/runs/two-hosts"]  # fmt: skip
     log_file = cluster.logs / "two-hosts-job.log"
-    driver = cluster.client_spawn(job(args), log_file)
-    deadline = time.monotonic() + 420
-    while (lost_after_epoch := registered_epoch(cluster, "two-hosts")) < 1:
-        assert driver.poll() is None, log_file.read_text()[-4000:]
-        assert time.monotonic() < deadline, "no registered checkpoint within 7 minutes"
-        time.sleep(1)
-    lost = cluster.workers["w2"].address
-    cluster.kill_host("w2")
-    # reading the bucket takes seconds, in which the run may have registered more epochs: what it had then
-    assert (registered_at_loss := registered_epoch(cluster, "two-hosts")) < epochs, "the run ended before the loss"
-    cluster.add_worker("w3", WORKERS["w2"])
-    assert driver.wait(timeout=480) == 0, log_file.read_text()[-4000:]
+    driver = cluster.client_spawn(job(args, submission_id="two-hosts"), log_file)
+    with stopped_if_left_running(cluster, driver, "two-hosts"):
+        deadline = time.monotonic() + 420
+        while (lost_after_epoch := registered_epoch(cluster, "two-hosts")) < 1:
+            assert driver.poll() is None, log_file.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no registered checkpoint within 7 minutes"
+            time.sleep(1)
+        lost = cluster.workers["w2"].address
+        cluster.kill_host("w2")
+        # reading the bucket takes seconds, in which the run may have registered more epochs: what it had then
+        registered_at_loss = registered_epoch(cluster, "two-hosts")
+        assert registered_at_loss < epochs, "the run ended before the loss"
+        cluster.add_worker("w3", WORKERS["w2"])
+        assert driver.wait(timeout=480) == 0, log_file.read_text()[-4000:]
     log = log_file.read_text()
     assert "succeeded" in log, log[-4000:]
     # the node checks ran before training and found the loopback hostnames: DDP was told its interface
@@ -217,13 +234,14 @@ def test_a_search_across_hosts_resumes_from_the_bucket_after_its_driver_is_stopp
     workers_before = set(train_workers(cluster))
     log_file = cluster.logs / "tune-job.log"
     driver = cluster.client_spawn(job(args, "tune", submission_id="tune-hosts"), log_file)
-    deadline = time.monotonic() + 420
-    before = trial_states(cluster, trials)  # trial id → its registered epoch, polled until one has one
-    while not any(t["epoch"] >= 1 for t in before.values()):
-        assert driver.poll() is None, log_file.read_text()[-4000:]
-        assert time.monotonic() < deadline, "no trial registered a checkpoint within 7 minutes"
-        time.sleep(1)
-        before = trial_states(cluster, trials)
+    with stopped_if_left_running(cluster, driver, "tune-hosts"):
+        deadline = time.monotonic() + 420
+        before = trial_states(cluster, trials)  # trial id → its registered epoch, polled until one has one
+        while not any(t["epoch"] >= 1 for t in before.values()):
+            assert driver.poll() is None, log_file.read_text()[-4000:]
+            assert time.monotonic() < deadline, "no trial registered a checkpoint within 7 minutes"
+            time.sleep(1)
+            before = trial_states(cluster, trials)
     stop = cluster.client_run([str(BIN / "ray"), "job", "stop", "tune-hosts"], timeout=120)
     assert stop.returncode == 0, (stop.stdout + stop.stderr)[-2000:]
     driver.wait(timeout=120)
