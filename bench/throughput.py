@@ -219,11 +219,10 @@ def connect_local_ray(args: argparse.Namespace) -> None:
 
     import ray
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        dashboard_port = probe.getsockname()[1]
-
     if not ray.is_initialized():
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            dashboard_port = probe.getsockname()[1]
         # the worker's and the teacher actor's CPUs, plus one for Ray Data (see ega_ray.driver.launch)
         try:
             ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False, dashboard_port=dashboard_port)

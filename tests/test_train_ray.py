@@ -1,6 +1,7 @@
 """Real 2-worker Ray Train runs on CPU: an undecodable image, a diverged run, the embedded default (SimCLR
-teacher included). An interruption and resume is in test_reproducible.py (it ends as the uninterrupted run);
-what a run writes and retries after a lost node are tested through real clusters in test_cluster.py."""
+teacher included); and a split's Ray Data stages beside workers that hold almost every CPU. An interruption
+and resume is in test_reproducible.py (it ends as the uninterrupted run); what a run writes and retries after
+a lost node are tested through real clusters in test_cluster.py."""
 
 from __future__ import annotations
 
@@ -55,8 +56,7 @@ def test_a_splits_reading_and_decoding_run_beside_workers_that_leave_less_than_a
     """Every task of a split's Ray Data stages asks for a fraction of a CPU: the driver makes the split, then a
     placement group holds all but half a CPU of the Ray (as Ray Train's does for 1.5-CPU workers on 2-CPU
     hosts), and the split is still read, its rows selected and decoded. At Ray Data's default of a whole CPU
-    this waits forever, as the rebuilding of a lost host's materialized blocks did (test_multihost.py's lost
-    host, 2026-12-07)."""
+    this waits forever, as the rebuilding of a lost host's materialized blocks did (docs/data.md)."""
     import threading
 
     import numpy as np
@@ -74,11 +74,14 @@ def test_a_splits_reading_and_decoding_run_beside_workers_that_leave_less_than_a
     split = read_split(path, 32, "data.train", wanted)
     held = placement_group([{"CPU": local_ray.cluster_resources()["CPU"] - 0.5}])
     rows: list[int] = []
+
+    def count() -> None:
+        rows.append(sum(len(batch["label"]) for batch in split.iter_batches()))
+
     try:
         local_ray.get(held.ready(), timeout=120)
         assert local_ray.available_resources().get("CPU", 0) <= 0.5
-        count = lambda: rows.append(sum(len(batch["label"]) for batch in split.iter_batches()))  # noqa: E731
-        read = threading.Thread(target=count, daemon=True)
+        read = threading.Thread(target=count, daemon=True)  # a hang must not hold the suite
         read.start()
         read.join(timeout=120)
     finally:
