@@ -3,11 +3,13 @@ touching any other Ray on this machine (``ray stop`` would end every Ray process
 
 Each cluster gets its own temp dir; stopping it ends the ``ray start --block`` process (which takes its
 node down) and then every process whose command line names that temp dir or its session (raylets of
-nodes added later, workers, the dashboard)."""
+nodes added later, workers, the dashboard). The temp dir, with the cluster's logs, is removed after a clean
+stop and kept when the block inside failed."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -98,9 +100,14 @@ def ray_head(
     try:
         _wait_for_dashboard(head.dashboard_url, time.monotonic() + timeout_s)
         yield head
-    finally:
+    except BaseException:
         stop_cluster(proc, temp_dir)
         log.close()
+        print(f"the test cluster's logs are kept in {temp_dir}", file=sys.stderr)
+        raise
+    stop_cluster(proc, temp_dir)
+    log.close()
+    shutil.rmtree(temp_dir, ignore_errors=True)  # its logs: kept above only when something failed
 
 
 def stop_cluster(proc: subprocess.Popen, temp_dir: Path) -> None:
