@@ -224,14 +224,15 @@ def connect_local_ray(args: argparse.Namespace) -> None:
             probe.bind(("127.0.0.1", 0))
             dashboard_port = probe.getsockname()[1]
         # the worker's and the teacher actor's CPUs, plus one for Ray Data (see ega_ray.driver.launch)
+        local = {"num_cpus": 2 * CPUS + 1, "include_dashboard": False, "dashboard_port": dashboard_port}
         try:
-            ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False, dashboard_port=dashboard_port)
+            ray.init(**local)
         except Exception as err:  # noqa: BLE001 - Ray gives its raylet a fixed 30 s, which a loaded machine can miss
             if "timed out during startup" not in str(err):
                 raise
             print(f"[bench] the local Ray did not start in time ({err}); starting it again", flush=True)
             ray.shutdown()
-            ray.init(num_cpus=2 * CPUS + 1, include_dashboard=False, dashboard_port=dashboard_port)
+            ray.init(**local)
         ray.data.DataContext.get_current().enable_progress_bars = False
 
 

@@ -97,17 +97,18 @@ def ray_head(
     log = open(temp_dir / "ray-start.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(cmd, env=proc_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     head = Head(f"127.0.0.1:{port}", f"http://127.0.0.1:{dash}", client_env, temp_dir)
+    failed = True
     try:
         _wait_for_dashboard(head.dashboard_url, time.monotonic() + timeout_s)
         yield head
-    except BaseException:
+        failed = False
+    finally:
         stop_cluster(proc, temp_dir)
         log.close()
-        print(f"the test cluster's logs are kept in {temp_dir}", file=sys.stderr)
-        raise
-    stop_cluster(proc, temp_dir)
-    log.close()
-    shutil.rmtree(temp_dir, ignore_errors=True)  # its logs: kept above only when something failed
+        if failed:  # its logs: kept for a look
+            print(f"the test cluster's logs are kept in {temp_dir}", file=sys.stderr)
+        else:
+            shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def stop_cluster(proc: subprocess.Popen, temp_dir: Path) -> None:
