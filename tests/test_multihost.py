@@ -20,7 +20,8 @@ import pytest
 from multihost import BIN, MultiHostCluster, missing_privileges
 
 # one cluster of fixed names and addresses per machine: the module's tests share a worker of pytest-xdist
-# (--dist loadgroup) and MultiHostCluster.start waits for any other session's cluster to stop
+# (--dist loadgroup; tests/conftest.py's GROUPED_FILES stops a run where that fails) and MultiHostCluster.start
+# waits for any other session's cluster to stop
 pytestmark = [pytest.mark.multihost, pytest.mark.xdist_group("multihost")]
 
 REPO = Path(__file__).resolve().parents[1]
