@@ -6,6 +6,7 @@ Each mode answers, for every layer that needs to know:
 - ``preflight``: what the driver checks before Ray starts,
 - ``actors``: long-lived actors the run holds while it trains (a context manager),
 - ``wire``: how the teacher's embeddings reach the splits (Ray Data),
+- ``embed_evals``: how they reach the small evaluation splits the driver hands the workers,
 - ``features``: the teacher features of one batch in the training worker (``bench/`` uses it too),
 - ``teacher_in_worker``, ``shuffle_buffer``, ``feed``, ``summary``, ``inputs``: what the worker loop and the run
   folder need.
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from ega_ray.constants import DATA_STAGE_CPUS, TEACHER_EMB
 
 if TYPE_CHECKING:
+    import numpy as np
     import ray.data
     import torch
 
@@ -65,6 +67,13 @@ class TeacherMode:
         """The decoded splits (training, and the evaluation splits that travel through Ray Data, by name) with
         the teacher's embeddings attached where the worker expects them."""
         return train, evals
+
+    def embed_evals(
+        self, cfg: Config, splits: dict[str, dict[str, np.ndarray]], actors: list
+    ) -> dict[str, dict[str, np.ndarray]]:
+        """The small evaluation splits, decoded on the driver (by name: image, label, index), with what the
+        worker needs to score the teacher's head on them (a mode whose worker runs the teacher needs nothing)."""
+        return splits
 
     def shuffle_buffer(self, cfg: Config, per_worker: int) -> int:
         """Rows in each worker's local shuffle buffer."""
@@ -117,10 +126,10 @@ class Cached(TeacherMode):
         return {"teacher.cache": {"path": str(cfg.teacher.cache), "manifest_sha256": sha256_at(manifest)}}
 
     def wire(self, cfg, data, train, evals, actors, materialized):
-        from ega_ray.data.cache_format import load_cached_embeddings
-        from ega_ray.data.teacher_stage import attach_cached, embed_with_actor_pool
+        from ega_ray.data.cache_format import attach_cached, load_cached_embeddings
+        from ega_ray.data.teacher_stage import embed_with_actor_pool
 
-        # the evaluation splits' view, embedded once here, before training holds its resources
+        # large evaluation splits (small ones: ``embed_evals``): their view embedded once, before training
         evals = {
             k: embed_with_actor_pool(v, cfg, views=1, attach=True, augment=False).materialize()
             for k, v in evals.items()
@@ -129,6 +138,13 @@ class Cached(TeacherMode):
         lookup = {"table": table, "position": position}  # beside the workers, as every stage: DATA_STAGE_CPUS
         train = train.map_batches(attach_cached, fn_kwargs=lookup, batch_format="numpy", num_cpus=DATA_STAGE_CPUS)
         return train, evals
+
+    def embed_evals(self, cfg, splits, actors):
+        from ega_ray.data.teacher_stage import embed_rows, teacher_servers
+
+        # teacher actors for the evaluation view only, stopped before training: the cache serves training
+        with teacher_servers(cfg) as servers:
+            return {k: embed_rows(servers, rows, cfg.teacher.batch_size) for k, rows in splits.items()}
 
     def features(self, parts, batch, epoch, seed, train):
         import torch
@@ -155,6 +171,7 @@ class Pipeline(TeacherMode):
         from ega_ray.data.teacher_stage import embed_remotely
 
         # light tasks that hand each batch to a long-lived teacher actor; a few in flight per actor keep it busy
+        # (the evaluation splits here are the large ones: small ones take ``embed_evals``)
         stage = dict(batch_size=cfg.teacher.batch_size, batch_format="numpy", num_cpus=0, concurrency=2 * len(actors))
         evals = {
             k: v.map_batches(embed_remotely, fn_kwargs={"servers": actors, "augment": False}, **stage).materialize()
@@ -172,6 +189,11 @@ class Pipeline(TeacherMode):
         train = train.randomize_block_order() if materialized else train
         train = train.map_batches(embed_remotely, fn_kwargs={"servers": actors, "augment": True}, **stage)
         return train, evals
+
+    def embed_evals(self, cfg, splits, actors):
+        from ega_ray.data.teacher_stage import embed_rows
+
+        return {k: embed_rows(actors, rows, cfg.teacher.batch_size) for k, rows in splits.items()}
 
     def shuffle_buffer(self, cfg: Config, per_worker: int) -> int:
         return min(cfg.data.shuffle_buffer, STAGE_SHUFFLE_BATCHES * per_worker)

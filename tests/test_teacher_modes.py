@@ -117,3 +117,22 @@ def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_pat
     teacher = build_teacher("zoo:resnet8", weights=str(teacher_resnet8))
     assert teacher.spec.embed_dim == 64
     assert 0.0 <= summary["test_teacher_head_top1_last"] <= 100.0
+
+
+def test_small_evaluation_splits_get_the_evaluation_views_embedding_in_row_order(teacher_resnet8, local_ray):
+    """``embed_rows`` (a cached or pipeline run's small evaluation splits): batches spread over two teacher
+    actors come back in the rows' order, each row's embedding that of its evaluation view (no crop, no flip)."""
+    from ega_ray.constants import TEACHER_EMB
+    from ega_ray.data.teacher_stage import TeacherEmbedder, TeacherJob, embed_rows, teacher_servers
+
+    cfg = resolve(smoke(Path("unused"), teacher_resnet8, "teacher.actors=2", "teacher.actor_cpus=0.5"))
+    rng = np.random.default_rng(0)
+    rows = {"image": rng.integers(0, 256, (23, 32, 32, 3), dtype=np.uint8), "index": np.arange(100, 123)}
+    with teacher_servers(cfg) as servers:
+        got = embed_rows(servers, rows, batch_size=5)  # five batches, the last of 3 rows
+    assert set(got) == {"image", "index", TEACHER_EMB} and got[TEACHER_EMB].shape == (23, 1, 64)
+    direct = TeacherEmbedder(TeacherJob.from_config(cfg), views=1, attach=True)
+    for i in (0, 7, 22):  # one row at a time: no batch to mix rows up
+        alone = direct.embed({"image": rows["image"][i : i + 1], "index": rows["index"][i : i + 1]}, augment=False)
+        np.testing.assert_allclose(got[TEACHER_EMB][i], alone[TEACHER_EMB][0], atol=1e-2)
+    assert not np.allclose(got[TEACHER_EMB][0], got[TEACHER_EMB][1]), "rows differ, so their order is checked"

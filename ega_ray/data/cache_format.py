@@ -18,6 +18,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from ega_ray import uris
+from ega_ray.constants import TEACHER_EMB
 from ega_ray.data.parquet import read_columns
 from ega_ray.errors import ConfigError
 from ega_ray.models.weights import is_weights_file, sha256_of
@@ -171,3 +172,10 @@ def load_cached_embeddings(cache: str, indices: np.ndarray) -> tuple[np.ndarray,
     position = np.full(int(max(indices.max(), uniq.max())) + 1, -1, dtype=np.int64)
     position[uniq] = np.arange(len(uniq))
     return dense, position
+
+
+def attach_cached(batch: dict[str, np.ndarray], table: np.ndarray, position: np.ndarray) -> dict[str, Any]:
+    """Ray Data batch transform: the cached (views, D) embeddings of each row, looked up by ``index`` in
+    :func:`load_cached_embeddings`'s table (here, not beside the teacher stage: its tasks import no torch)."""
+    batch[TEACHER_EMB] = table[position[batch["index"]]]
+    return batch

@@ -25,7 +25,7 @@ import random
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import ray
@@ -193,7 +193,16 @@ def embed_remotely(
     return ray.get(random.choice(servers).embed.remote(batch, augment))
 
 
-def attach_cached(batch: dict[str, np.ndarray], table: np.ndarray, position: np.ndarray) -> dict[str, Any]:
-    """Ray Data batch transform: the cached (views, D) embeddings of each row, looked up by ``index``."""
-    batch[TEACHER_EMB] = table[position[batch["index"]]]
-    return batch
+def embed_rows(
+    servers: list[ray.actor.ActorHandle], rows: dict[str, np.ndarray], batch_size: int
+) -> dict[str, np.ndarray]:
+    """``rows`` (a small split decoded on the driver) with ``teacher_emb`` (rows, 1, D) of their evaluation
+    view, embedded by the ``servers`` (:func:`teacher_servers`) in batches of ``batch_size``, spread over them."""
+    starts = range(0, len(rows["index"]), batch_size)
+    refs = [
+        servers[i % len(servers)].embed.remote(
+            {"image": rows["image"][s : s + batch_size], "index": rows["index"][s : s + batch_size]}, False
+        )
+        for i, s in enumerate(starts)
+    ]
+    return rows | {TEACHER_EMB: np.concatenate([out[TEACHER_EMB] for out in ray.get(refs)])}

@@ -246,30 +246,32 @@ def run_distill(cfg: Config, callbacks: list | None = None, trial: bool = False)
         t0 = time.time()
         connect_ray(cfg)
         write_json(data.validation, out / VALIDATION_ROWS)
-        # evaluation splits this small stay in the workers' memory after their first pass; when no teacher
-        # stage must embed them, they are decoded here and handed over through the object store, without a
-        # Ray Data pass (each pass starts a streaming executor: seconds, more than a small split's evaluation)
+        # evaluation splits this small stay in the workers' memory after their first pass; they are decoded here,
+        # given the teacher's embeddings where the mode needs them (its teacher actors), and handed over through
+        # the object store, without a Ray Data pass (each pass starts a streaming executor, and a teacher stage its
+        # own actor pool: seconds, more than a small split's evaluation)
         rows = {"validation": data.num_validation, "test": data.num_test}
         keep_eval = all(n * cfg.data.image_size**2 * 3 <= VAL_IN_MEMORY_BYTES for n in rows.values())
-        on_driver = keep_eval and mode.teacher_in_worker
-        sources = {split: eval_source(cfg, data, split) for split in EVAL_SPLITS}
-        eval_splits = {
-            split: ray.put(read_decoded(path, cfg.data.image_size, field, wanted)) if on_driver else None
-            for split, (path, field, wanted) in sources.items()
-        }
-        args = WorkerArgs(
-            num_classes=data.num_classes,
-            teacher_dim=teacher_dim,
-            num_train=data.num_train,
-            train_indices=data.indices if data.trained is None else data.indices[data.trained[data.indices]],
-            num_indices=int(data.indices.max()) + 1,
-            keep_eval=keep_eval,
-            eval_splits=eval_splits,
-            progress_bar=cfg.run.progress_bar if cfg.run.progress_bar is not None else sys.stderr.isatty(),
-        )
         with mode.actors(cfg) as actors:
-            args.teacher_servers = actors
-            train, evals, materialized = decoded_splits(cfg, data, () if on_driver else EVAL_SPLITS)
+            eval_splits = dict.fromkeys(EVAL_SPLITS)  # None: read through Ray Data by the workers
+            if keep_eval:
+                decoded = {}
+                for split in EVAL_SPLITS:
+                    path, field, wanted = eval_source(cfg, data, split)
+                    decoded[split] = read_decoded(path, cfg.data.image_size, field, wanted)
+                eval_splits = {k: ray.put(v) for k, v in mode.embed_evals(cfg, decoded, actors).items()}
+            args = WorkerArgs(
+                num_classes=data.num_classes,
+                teacher_dim=teacher_dim,
+                num_train=data.num_train,
+                train_indices=data.indices if data.trained is None else data.indices[data.trained[data.indices]],
+                num_indices=int(data.indices.max()) + 1,
+                keep_eval=keep_eval,
+                eval_splits=eval_splits,
+                progress_bar=cfg.run.progress_bar if cfg.run.progress_bar is not None else sys.stderr.isatty(),
+                teacher_servers=actors,
+            )
+            train, evals, materialized = decoded_splits(cfg, data, () if keep_eval else EVAL_SPLITS)
             train, evals = mode.wire(cfg, data, train, evals, actors, materialized)
             datasets, epochs = {"train": train} | evals, cfg.optim.epochs
             result = fit(
