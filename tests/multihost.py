@@ -20,6 +20,7 @@ import fcntl
 import json
 import os
 import secrets
+import select
 import shutil
 import signal
 import subprocess
@@ -84,6 +85,28 @@ def remove_leftovers() -> None:
     """Remove the namespaces (with their processes and links) an earlier, killed run left behind."""
     for netns in _namespaces():
         _kill_namespace(netns)
+
+
+# the client host's snippet runner (MultiHostCluster.client_python): reads one JSON request per line, runs its
+# code as ``python -c code *args`` would, and answers one JSON line; polls then cost no interpreter start and
+# no pyarrow import each (about half a CPU-second that the tests' one-second polls would spend)
+SNIPPET_RUNNER = r"""
+import contextlib, io, json, sys, traceback
+answer = sys.stdout
+for line in sys.stdin:
+    request = json.loads(line)
+    sys.argv = ["-c", *request["args"]]
+    out, err, rc = io.StringIO(), "", 0
+    try:
+        with contextlib.redirect_stdout(out):
+            exec(compile(request["code"], "<snippet>", "exec"), {"__name__": "__main__"})
+    except SystemExit as stop:
+        rc = stop.code if isinstance(stop.code, int) else 1
+    except BaseException:
+        err, rc = traceback.format_exc(), 1
+    answer.write(json.dumps({"rc": rc, "stdout": out.getvalue(), "stderr": err}) + "\n")
+    answer.flush()
+"""
 
 
 @dataclass(eq=False)  # hosts are told apart by identity (dict keys)
@@ -287,6 +310,28 @@ class MultiHostCluster:
         """``argv`` started from the client host without waiting (e.g. a job to interrupt); output to ``log``."""
         return self.client.spawn(argv, self.env(self.client) | {"RAY_ADDRESS": self.dashboard_url}, log)
 
+    def client_python(self, code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        """``python -c code *args`` on the client host, run by one long-lived Python there (started on first
+        use; environment as :meth:`client_run`'s); a snippet that overruns ``timeout`` ends that process."""
+        runner = getattr(self, "_runner", None)
+        if runner is None or runner.poll() is not None:
+            argv = self.client.wrap([str(BIN / "python"), "-u", "-c", SNIPPET_RUNNER])
+            env = self.env(self.client) | {"RAY_ADDRESS": self.dashboard_url}
+            with open(self.logs / "client-python.log", "ab") as log:
+                runner = subprocess.Popen(argv, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log)
+            self.client.processes.append(runner)
+            self._runner = runner
+        runner.stdin.write((json.dumps({"code": code, "args": list(args)}) + "\n").encode())
+        runner.stdin.flush()
+        if not select.select([runner.stdout], [], [], timeout)[0]:
+            runner.kill()
+            raise subprocess.TimeoutExpired(["client_python", *args], timeout)
+        line = runner.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the client host's Python ended; see {self.logs / 'client-python.log'}")
+        done = json.loads(line)
+        return subprocess.CompletedProcess(["client_python", *args], done["rc"], done["stdout"], done["stderr"])
+
     def read_bucket(self, uri: str) -> str | None:
         """The text of the object at ``uri`` (:meth:`s3_uri`), read from the client host; None when absent."""
         code = (
@@ -295,7 +340,7 @@ class MultiHostCluster:
             "if s3.get_file_info(path).type == fs.FileType.File:\n"
             "    sys.stdout.write('+' + s3.open_input_stream(path).read().decode())\n"
         )
-        done = self.client.run([str(BIN / "python"), "-c", code, uri], self.env(self.client), 60)
+        done = self.client_python(code, uri)
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout[1:] if done.stdout.startswith("+") else None
 
@@ -309,7 +354,7 @@ class MultiHostCluster:
             "nodes = json.load(urllib.request.urlopen(request, timeout=10))['data']['result']['result']\n"
             "print(json.dumps([{'ip': n['node_ip'], 'state': n['state'], 'id': n['node_id']} for n in nodes]))\n"
         )
-        done = self.client.run([str(BIN / "python"), "-c", code], self.env(self.client), 60)
+        done = self.client_python(code)
         if done.returncode != 0:
             return []
         return json.loads(done.stdout.strip().splitlines()[-1])
@@ -342,7 +387,7 @@ class MultiHostCluster:
         deadline = time.monotonic() + timeout
         retries = dict.fromkeys(restart, 2)
         while time.monotonic() < deadline:
-            if self.client.run([str(BIN / "python"), "-c", probe], self.env(self.client), 30).returncode == 0:
+            if self.client_python(probe, timeout=30).returncode == 0:
                 return
             self._restart_stopped(restart, retries)
             time.sleep(0.5)
@@ -370,7 +415,7 @@ class MultiHostCluster:
             "sel = fs.FileSelector(path, recursive=True, allow_not_found=True)\n"
             "print('\\n'.join(i.path for i in s3.get_file_info(sel)))\n"
         )
-        done = self.client.run([str(BIN / "python"), "-c", code, uri], self.env(self.client), 60)
+        done = self.client_python(code, uri)
         assert done.returncode == 0, done.stderr[-2000:]
         return done.stdout.split()
 

@@ -11,7 +11,6 @@ import csv
 import json
 import shutil
 import subprocess
-import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -125,7 +124,7 @@ def train_workers(cluster: MultiHostCluster) -> dict[str, str]:
         "actors = list_actors(filters=[('class_name', '=', 'RayTrainWorker')], limit=1000)\n"
         "print(json.dumps({a.actor_id: ips[a.node_id] for a in actors}))\n"
     )
-    done = cluster.client_run([sys.executable, "-c", code], timeout=120)
+    done = cluster.client_python(code, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -141,7 +140,7 @@ def trial_states(cluster: MultiHostCluster, trials: str, histories: bool = False
     epoch, and with ``histories`` its epoch history. Trials without a registered checkpoint are left out."""
     code = (
         "import json, sys\n"
-        f"sys.path.insert(0, {str(REPO)!r})\n"
+        f"sys.path[:0] = [] if {str(REPO)!r} in sys.path else [{str(REPO)!r}]\n"
         "import pyarrow.fs as fs\n"
         "trials = sys.argv[1]\n"
         "s3, root = fs.FileSystem.from_uri(trials)\n"
@@ -161,8 +160,7 @@ def trial_states(cluster: MultiHostCluster, trials: str, histories: bool = False
         "        out[name] = {'epoch': max((r['metrics']['epoch'] for r in results), default=0)}\n"
         "print(json.dumps(out, default=float))\n"
     )
-    argv = [str(BIN / "python"), "-c", code, trials, "1" if histories else "0"]
-    done = cluster.client.run(argv, cluster.env(cluster.client), 180)
+    done = cluster.client_python(code, trials, "1" if histories else "0", timeout=180)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
