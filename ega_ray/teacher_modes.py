@@ -140,11 +140,11 @@ class Cached(TeacherMode):
         return train, evals
 
     def embed_evals(self, cfg, splits, actors):
-        from ega_ray.data.teacher_stage import embed_rows, teacher_servers
+        from ega_ray.data.teacher_stage import embed_splits, teacher_servers
 
         # teacher actors for the evaluation view only, stopped before training: the cache serves training
         with teacher_servers(cfg) as servers:
-            return {k: embed_rows(servers, rows, cfg.teacher.batch_size) for k, rows in splits.items()}
+            return embed_splits(servers, splits, cfg.teacher.batch_size)
 
     def features(self, parts, batch, epoch, seed, train):
         import torch
@@ -191,9 +191,9 @@ class Pipeline(TeacherMode):
         return train, evals
 
     def embed_evals(self, cfg, splits, actors):
-        from ega_ray.data.teacher_stage import embed_rows
+        from ega_ray.data.teacher_stage import embed_splits
 
-        return {k: embed_rows(actors, rows, cfg.teacher.batch_size) for k, rows in splits.items()}
+        return embed_splits(actors, splits, cfg.teacher.batch_size)
 
     def shuffle_buffer(self, cfg: Config, per_worker: int) -> int:
         return min(cfg.data.shuffle_buffer, STAGE_SHUFFLE_BATCHES * per_worker)

@@ -164,6 +164,7 @@ class MultiHostCluster:
         self.client = self._host("client", 3, False)
         self.s3 = self._host("s3", 2, False)
         self._next_address = 11 + len(workers)
+        self._runner: subprocess.Popen | None = None  # client_python's, started on first use
 
     def _host(self, name: str, last_octet: int, loopback: bool) -> Host:
         return Host(name, f"{SUBNET}.{last_octet}", self.root / "hosts" / name, loopback)
@@ -313,7 +314,7 @@ class MultiHostCluster:
     def client_python(self, code: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
         """``python -c code *args`` on the client host, run by one long-lived Python there (started on first
         use; environment as :meth:`client_run`'s); a snippet that overruns ``timeout`` ends that process."""
-        runner = getattr(self, "_runner", None)
+        runner = self._runner
         if runner is None or runner.poll() is not None:
             argv = self.client.wrap([str(BIN / "python"), "-u", "-c", SNIPPET_RUNNER])
             env = self.env(self.client) | {"RAY_ADDRESS": self.dashboard_url}

@@ -140,7 +140,8 @@ def trial_states(cluster: MultiHostCluster, trials: str, histories: bool = False
     epoch, and with ``histories`` its epoch history. Trials without a registered checkpoint are left out."""
     code = (
         "import json, sys\n"
-        f"sys.path[:0] = [] if {str(REPO)!r} in sys.path else [{str(REPO)!r}]\n"
+        f"if {str(REPO)!r} not in sys.path:  # the client's Python runs every poll\n"
+        f"    sys.path.insert(0, {str(REPO)!r})\n"
         "import pyarrow.fs as fs\n"
         "trials = sys.argv[1]\n"
         "s3, root = fs.FileSystem.from_uri(trials)\n"

@@ -120,19 +120,28 @@ def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_pat
 
 
 def test_small_evaluation_splits_get_the_evaluation_views_embedding_in_row_order(teacher_resnet8, local_ray):
-    """``embed_rows`` (a cached or pipeline run's small evaluation splits): batches spread over two teacher
-    actors come back in the rows' order, each row's embedding that of its evaluation view (no crop, no flip)."""
+    """``embed_splits`` (a cached or pipeline run's small evaluation splits): batches of two splits spread over
+    two teacher actors come back in each split's row order, each row's embedding that of its evaluation view
+    (no crop, no flip)."""
     from ega_ray.constants import TEACHER_EMB
-    from ega_ray.data.teacher_stage import TeacherEmbedder, TeacherJob, embed_rows, teacher_servers
+    from ega_ray.data.teacher_stage import TeacherEmbedder, TeacherJob, embed_splits, teacher_servers
 
     cfg = resolve(smoke(Path("unused"), teacher_resnet8, "teacher.actors=2", "teacher.actor_cpus=0.5"))
     rng = np.random.default_rng(0)
-    rows = {"image": rng.integers(0, 256, (23, 32, 32, 3), dtype=np.uint8), "index": np.arange(100, 123)}
+    splits = {
+        name: {"image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), "index": np.arange(start, start + n)}
+        for name, n, start in (("validation", 23, 100), ("test", 9, 500))
+    }
     with teacher_servers(cfg) as servers:
-        got = embed_rows(servers, rows, batch_size=5)  # five batches, the last of 3 rows
-    assert set(got) == {"image", "index", TEACHER_EMB} and got[TEACHER_EMB].shape == (23, 1, 64)
+        got = embed_splits(servers, splits, batch_size=5)  # 5 and 2 batches, the last ones of 3 and 4 rows
+    assert list(got) == ["validation", "test"]
     direct = TeacherEmbedder(TeacherJob.from_config(cfg), views=1, attach=True)
-    for i in (0, 7, 22):  # one row at a time: no batch to mix rows up
-        alone = direct.embed({"image": rows["image"][i : i + 1], "index": rows["index"][i : i + 1]}, augment=False)
-        np.testing.assert_allclose(got[TEACHER_EMB][i], alone[TEACHER_EMB][0], atol=1e-2)
-    assert not np.allclose(got[TEACHER_EMB][0], got[TEACHER_EMB][1]), "rows differ, so their order is checked"
+    for name, rows in splits.items():
+        assert set(got[name]) == {"image", "index", TEACHER_EMB}
+        assert got[name][TEACHER_EMB].shape == (len(rows["index"]), 1, 64)
+        for i in (0, 7, len(rows["index"]) - 1):  # one row at a time: no batch to mix rows up
+            alone = direct.embed({"image": rows["image"][i : i + 1], "index": rows["index"][i : i + 1]}, augment=False)
+            np.testing.assert_allclose(got[name][TEACHER_EMB][i], alone[TEACHER_EMB][0], atol=1e-2)
+    assert not np.allclose(got["validation"][TEACHER_EMB][0], got["validation"][TEACHER_EMB][1]), (
+        "rows differ, so their order is checked"
+    )

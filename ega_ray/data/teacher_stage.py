@@ -193,16 +193,22 @@ def embed_remotely(
     return ray.get(random.choice(servers).embed.remote(batch, augment))
 
 
-def embed_rows(
-    servers: list[ray.actor.ActorHandle], rows: dict[str, np.ndarray], batch_size: int
-) -> dict[str, np.ndarray]:
-    """``rows`` (a small split decoded on the driver) with ``teacher_emb`` (rows, 1, D) of their evaluation
-    view, embedded by the ``servers`` (:func:`teacher_servers`) in batches of ``batch_size``, spread over them."""
-    starts = range(0, len(rows["index"]), batch_size)
-    refs = [
-        servers[i % len(servers)].embed.remote(
-            {"image": rows["image"][s : s + batch_size], "index": rows["index"][s : s + batch_size]}, False
-        )
-        for i, s in enumerate(starts)
-    ]
-    return rows | {TEACHER_EMB: np.concatenate([out[TEACHER_EMB] for out in ray.get(refs)])}
+def embed_splits(
+    servers: list[ray.actor.ActorHandle], splits: dict[str, dict[str, np.ndarray]], batch_size: int
+) -> dict[str, dict[str, np.ndarray]]:
+    """Each split of ``splits`` (small ones, decoded on the driver, by name) with ``teacher_emb`` (rows, 1, D)
+    of their evaluation view, embedded by the ``servers`` (:func:`teacher_servers`) in batches of
+    ``batch_size``: every batch of every split is handed out before any answer is awaited."""
+    refs = {
+        name: [
+            servers[(k + i) % len(servers)].embed.remote(
+                {"image": rows["image"][s : s + batch_size], "index": rows["index"][s : s + batch_size]}, False
+            )
+            for i, s in enumerate(range(0, len(rows["index"]), batch_size))
+        ]
+        for k, (name, rows) in enumerate(splits.items())
+    }
+    return {
+        name: rows | {TEACHER_EMB: np.concatenate([out[TEACHER_EMB] for out in ray.get(refs[name])])}
+        for name, rows in splits.items()
+    }
