@@ -21,6 +21,19 @@ import pytest
 from filelock import FileLock
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def share_cores_between_test_processes() -> None:
+    """Under pytest-xdist, each test process (and what it starts: CLI subprocesses, Ray drivers) computes on its
+    share of the cores, not on one thread per core: torch's OpenMP threads of several processes on the same
+    cores wait for each other (README, the fast tier's time). Set before any test module imports torch, which
+    reads it once; an OMP_NUM_THREADS already set is kept. Ray workers get theirs from their CPU share."""
+    processes = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if processes > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // processes)))
+
+
+share_cores_between_test_processes()
 NEEDS = ("ray", "cluster", "multihost", "heavy", "gpu")
 STARTS_RAY = ("ray", "cluster", "multihost")
 FAST_TIER = " and ".join(f"not {need}" for need in NEEDS)  # the -m expression of make test-fast
