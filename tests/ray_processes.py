@@ -19,7 +19,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -158,3 +158,17 @@ def cluster_processes(temp_dir: Path) -> list[psutil.Process]:
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return found
+
+
+def kill_node(temp_dir: Path, node_id: str) -> int:
+    """Lose one node of this cluster without grace, as a host that dies does: its raylet and agents (their command
+    lines name the node's id) and every process under them (its workers, renamed ``ray::…``) get SIGKILL.
+    Returns how many processes were killed."""
+    node = [p for p in cluster_processes(temp_dir) if any(node_id in arg for arg in p.info["cmdline"] or ())]
+    assert node, f"no process of node {node_id} in the cluster at {temp_dir}"
+    tree = _with_descendants(node)
+    for p in tree:
+        with suppress(psutil.NoSuchProcess):
+            p.kill()
+    psutil.wait_procs(tree, timeout=30)
+    return len(tree)
