@@ -179,6 +179,30 @@ def teacher_cache_2_views(shared_outputs: SharedOutputs, teacher_resnet8: Path, 
 
 
 @pytest.fixture(scope="session")
+def pipeline_run(shared_outputs: SharedOutputs, teacher_resnet8: Path, local_ray) -> tuple[Path, dict]:
+    """A finished smoke run (``ega-ray distill``'s path, not a trial: its students exported, ``.pt2`` included)
+    in the pipeline teacher mode on the streaming data path, 2 epochs, and its summary: test_teacher_modes.py
+    checks what its teacher actors did, test_checkpoints.py resumes a copy whose checkpoint it truncated."""
+
+    def make(folder: Path) -> dict:
+        from ega_ray.driver.launch import run_distill
+
+        return run_distill(pipeline_run_config(folder, teacher_resnet8))
+
+    return shared_outputs.get("pipeline-run", make)
+
+
+def pipeline_run_config(output: Path, teacher_weights: Path, *overrides: str):
+    """The config of :func:`pipeline_run`, written to ``output`` (``overrides`` last)."""
+    from ega_ray.config import load_config
+
+    settings = ["optim.epochs=2", "teacher.mode=pipeline", "run.deterministic=false", *overrides]
+    return load_config(
+        REPO / "configs" / "smoke.yaml", [f"run.output={output}", f"teacher.weights={teacher_weights}", *settings]
+    )
+
+
+@pytest.fixture(scope="session")
 def local_ray():
     """A local Ray started by this test session only, and shut down after it."""
     import ray

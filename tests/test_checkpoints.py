@@ -113,21 +113,21 @@ def test_checkpoint_folders_ray_never_registered_are_removed(tmp_path):
 
 
 @pytest.mark.ray
-def test_a_real_runs_truncated_checkpoint_is_refused_before_ray_starts_naming_it(tmp_path, local_ray):
-    from pathlib import Path
+@pytest.mark.xdist_group("pipeline-run")  # beside the other test of that run: one test process makes it
+def test_a_real_runs_truncated_checkpoint_is_refused_before_ray_starts_naming_it(
+    tmp_path, pipeline_run, teacher_resnet8
+):
+    """A copy of the session's finished run (tests/conftest.py's ``pipeline_run``): what Ray Train wrote, truncated,
+    is refused when the run is resumed with more epochs, before Ray is asked for anything."""
+    import shutil
 
-    from ega_ray.config import load_config
+    from conftest import pipeline_run_config
+
     from ega_ray.driver.launch import run_distill
     from ega_ray.run_folder import written_here
 
-    repo = Path(__file__).resolve().parents[1]
     out = tmp_path / "run"
-
-    def smoke(epochs: int):
-        overrides = [f"run.output={out}", f"optim.epochs={epochs}", "optim.max_steps_per_epoch=4"]
-        return load_config(repo / "configs" / "smoke.yaml", overrides)
-
-    run_distill(smoke(1))
+    shutil.copytree(pipeline_run[0], out)
     snapshot = json.loads((out / SNAPSHOT).read_text())  # as Ray Train 2.60 wrote it
     state = out / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"] / STATE_FILE
     assert state.is_file() and check_resume(str(tmp_path), out.name) is None
@@ -138,9 +138,9 @@ def test_a_real_runs_truncated_checkpoint_is_refused_before_ray_starts_naming_it
     (partial / STATE_FILE).write_bytes(b"half a chec")
     truncate(state, 7919)
     with pytest.raises(CheckpointError, match=rf"^{state}: the run's latest checkpoint does not load"):
-        run_distill(smoke(2))
+        run_distill(pipeline_run_config(out, teacher_resnet8, "optim.epochs=3"))
     assert not partial.exists(), "the unregistered folder is removed by the next run"
-    assert json.loads((out / "summary.json").read_text())["epochs"] == 1, "the finished run's outputs are intact"
+    assert json.loads((out / "summary.json").read_text())["epochs"] == 2, "the finished run's outputs are intact"
 
 
 @pytest.mark.ray

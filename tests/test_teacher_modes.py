@@ -95,11 +95,11 @@ def test_a_cache_has_every_view_of_every_row_and_a_changed_one_is_refused(
         run_distill(smoke(tmp_path, teacher_resnet8, "augment.pad=2", *cached_overrides))
 
 
-def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_path, teacher_resnet8, local_ray):
+@pytest.mark.xdist_group("pipeline-run")  # on the test process whose Ray ran it: its CPUs are checked below
+def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(pipeline_run, teacher_resnet8, local_ray):
     # the streaming path, where the teacher runs as a Ray Data stage (the deterministic path's pipeline runs
-    # are in test_reproducible.py)
-    cfg = smoke(tmp_path, teacher_resnet8, "optim.epochs=2", "teacher.mode=pipeline", "run.deterministic=false")
-    summary = run_distill(cfg)
+    # are in test_reproducible.py): the session's pipeline run (tests/conftest.py)
+    run, summary = pipeline_run
     assert summary["epochs"] == 2
     # the run's long-lived teacher actors embedded every training row of both epochs (the carved validation
     # rows never) and both evaluation splits once: Ray Data did not start actors of its own per epoch, and
@@ -107,7 +107,7 @@ def test_pipeline_mode_feeds_every_epoch_through_the_runs_teacher_actors(tmp_pat
     evaluated = summary["validation_rows"] + summary["test_rows"]
     assert summary["teacher_stage_rows"] == 2 * summary["train_rows"] + evaluated
     assert summary["teacher_stage_device"] == "cpu"  # where the actors ran
-    assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary  # the file says so too
+    assert json.loads((run / "summary.json").read_text()) == summary  # the file says so too
     # and they are gone with the run: every CPU of the cluster is free again
     deadline = time.monotonic() + 120  # Ray frees a finished run's placement groups asynchronously
     while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
