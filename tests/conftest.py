@@ -34,6 +34,19 @@ def share_cores_between_test_processes() -> None:
 
 
 share_cores_between_test_processes()
+
+
+def ray_workers_at_the_tests_priority() -> None:
+    """Every Ray the tests start (local ones, ``ray start`` clusters, the hosts of tests/multihost.py) runs its
+    workers at niceness 0, as the test processes themselves run, not at Ray's default of 15. At 15 a fit's
+    workers get a sliver of a core whenever anything at niceness 0 computes beside them: the other test
+    process, a CLI subprocess, another cluster's raylets and dashboards; the fit then takes many times as
+    long and every Ray process's periodic work goes on all that time (docs/performance.md, the test suite).
+    A value already set is kept."""
+    os.environ.setdefault("RAY_worker_niceness", "0")
+
+
+ray_workers_at_the_tests_priority()
 NEEDS = ("ray", "cluster", "multihost", "heavy", "gpu")
 STARTS_RAY = ("ray", "cluster", "multihost")
 FAST_TIER = " and ".join(f"not {need}" for need in NEEDS)  # the -m expression of make test-fast

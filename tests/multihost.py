@@ -193,6 +193,7 @@ class MultiHostCluster:
             "RAY_AUTH_MODE": "token",
             "RAY_AUTH_TOKEN": self.token,
             "RAY_USAGE_STATS_ENABLED": "0",
+            "RAY_worker_niceness": os.environ.get("RAY_worker_niceness", "15"),  # tests/conftest.py sets 0
             "RAY_agent_register_timeout_ms": "300000",  # a loaded 2-core machine starts agents slowly
             "AWS_ENDPOINT_URL": self.s3_endpoint,  # boto3's (the bucket's creation)
             "AWS_ACCESS_KEY_ID": "testing",  # moto's server accepts any key; none of these is a real secret

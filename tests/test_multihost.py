@@ -226,7 +226,7 @@ def test_a_search_across_hosts_resumes_from_the_bucket_after_its_driver_is_stopp
     registered before the stop were not trained again, and trials.csv / best.yaml are on the head."""
     storage = cluster.s3_uri(f"{BUCKET}/tune")
     trials = cluster.s3_uri(f"{BUCKET}/tune/tune-hosts/trials")
-    epochs = 3
+    epochs = 6  # room for the epochs a trial trains while `ray job stop` reaches it: 2 were seen, at 3 epochs
     args = [*SMOKE, *bucket_data(cluster), "--num-samples", "2", "--set", f"optim.epochs={epochs}",
             "--set", "optim.milestones=[2]", "--set", "scaling.num_workers=1", "--set", "tune.max_concurrent=2",
             "--set", f"tune.grace_period={epochs}", "--set", f"run.storage={storage}",
