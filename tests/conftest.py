@@ -41,7 +41,7 @@ def ray_workers_at_the_tests_priority() -> None:
     workers at niceness 0, as the test processes themselves run, not at Ray's default of 15. At 15 a fit's
     workers get a sliver of a core whenever anything at niceness 0 computes beside them: the other test
     process, a CLI subprocess, another cluster's raylets and dashboards; the fit then takes many times as
-    long and every Ray process's periodic work goes on all that time (docs/performance.md, the test suite).
+    long and every Ray process's periodic work goes on all that time (docs/performance.md, "Ray's worker niceness").
     A value already set is kept."""
     os.environ.setdefault("RAY_worker_niceness", "0")
 
