@@ -4,7 +4,7 @@ PY ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast gpu-dry-run lint clean install-tools lock
+.PHONY: demo test test-fast durations gpu-dry-run lint clean install-tools lock
 
 $(STAMP): pyproject.toml requirements.lock
 	test -x $(VENV)/bin/python || $(PY) -m venv $(VENV)
@@ -33,8 +33,9 @@ install-tools:
 	$(SUDO) apt-get install -y -q $(APT_TOOLS) >/dev/null || \
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_TOOLS); }
 
-# loadgroup: the tests of an xdist_group (one multi-host cluster) share a process; the others are spread
-PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup
+# loadgroup: the tests of an xdist_group (one multi-host cluster) share a process; the others are spread, handed
+# out in tests/conftest.py's order (longest first, from tests/durations.json), which xdist would otherwise reorder
+PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder
 # the tests that need only Python and torch: tests/conftest.py's FAST_TIER, pyproject.toml's markers
 FAST_TIER := not ray and not cluster and not multihost and not heavy and not gpu
 
@@ -45,6 +46,9 @@ test: $(STAMP) $(TOOLS)  ## the whole test suite: every tier (local Ray, cluster
 test-fast: $(STAMP) $(TOOLS)  ## after each edit: ruff + the tests without Ray or heavy models
 	$(VENV)/bin/ruff check ega_ray tests jobs bench
 	$(PYTEST) -m "$(FAST_TIER)" tests
+
+durations: $(STAMP) $(TOOLS)  ## the whole suite, writing each test's seconds to tests/durations.json (its order)
+	$(PYTEST) --write-durations tests
 
 gpu-dry-run: $(STAMP)  ## bench/gpu_check.sh's steps on CPU at tiny sizes, so that the GPU check cannot rot (CI)
 	PYTHON=$(VENV)/bin/python bash bench/gpu_check.sh --dry-run

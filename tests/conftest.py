@@ -52,11 +52,13 @@ STARTS_RAY = ("ray", "cluster", "multihost")
 FAST_TIER = " and ".join(f"not {need}" for need in NEEDS)  # the -m expression of make test-fast
 
 
-# the order the tests are handed out in: a multi-host cluster's start (a dozen Ray processes per host) takes
-# 26-28 s on an idle 2-core machine and minutes beside another process's Ray runs, so the suite's other
-# process spends those first minutes on the tests that start no Ray; then the long cluster tests before the
-# many shorter local-Ray ones, so that the two processes end close together (README: the suite's times)
+# the order of the tiers among the tests without a measured duration (tests/durations.json), and the tier of a
+# test with several marks: the first of them here
 TIER_ORDER = ("multihost", "fast", "heavy", "gpu", "cluster", "ray")
+# what a test without a measured duration is expected to take, by tier, in seconds: a new Ray test is handed out
+# among the other Ray runs, not after the fast tier, where it would run alone at the end
+UNMEASURED_SECONDS = {"multihost": 60.0, "cluster": 60.0, "ray": 30.0, "heavy": 5.0, "gpu": 5.0, "fast": 0.0}
+DURATIONS = Path(__file__).with_name("durations.json")
 
 
 def tier(item: pytest.Item) -> str:
@@ -64,11 +66,77 @@ def tier(item: pytest.Item) -> str:
     return next((m for m in TIER_ORDER if item.get_closest_marker(m) is not None), "fast")
 
 
+def base_nodeid(nodeid: str) -> str:
+    """A test's node id without the ``@group`` suffix pytest-xdist adds to grouped tests."""
+    return nodeid.split("@", 1)[0]
+
+
+def hand_out_order(tests: list[tuple[str, str]], seconds: dict[str, float]) -> list[int]:
+    """The order in which pytest-xdist hands the tests to its processes (``--dist loadgroup`` without
+    reordering), longest expected first, so that the two processes end close together: a long test handed out
+    last runs alone while the other process has nothing left (README, the suite's times).
+
+    Args:
+        tests: each test's (node id, tier), in collection order.
+        seconds: measured seconds per node id (tests/durations.json); a test without one is expected to take
+            its tier's :data:`UNMEASURED_SECONDS`.
+
+    Returns:
+        The indices into ``tests`` in hand-out order: the multi-host tests first (their cluster's start is the
+        longest wait of the suite, and they run one after another on one process), then by expected seconds,
+        longest first; ties keep the order of :data:`TIER_ORDER`, then collection order.
+    """
+
+    def key(i: int) -> tuple[bool, float, int]:
+        nodeid, test_tier = tests[i]
+        expected = seconds.get(base_nodeid(nodeid), UNMEASURED_SECONDS[test_tier])
+        return (test_tier != "multihost", -expected, TIER_ORDER.index(test_tier))
+
+    return sorted(range(len(tests)), key=key)
+
+
+def measured_seconds() -> dict[str, float]:
+    """tests/durations.json: node id → seconds (setup, call and teardown) in a whole-suite run."""
+    return json.loads(DURATIONS.read_text()) if DURATIONS.is_file() else {}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--write-durations", action="store_true",
+        help="write each test's seconds (at least 1 s) to tests/durations.json, the suite's hand-out order",
+    )  # fmt: skip
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if "local_ray" in getattr(item, "fixturenames", ()) and item.get_closest_marker("ray") is None:
             item.add_marker(pytest.mark.ray)
-    items.sort(key=lambda item: TIER_ORDER.index(tier(item)))  # stable: files keep their order within a tier
+    order = hand_out_order([(item.nodeid, tier(item)) for item in items], measured_seconds())
+    items[:] = [items[i] for i in order]
+
+
+class DurationsWriter:
+    """``--write-durations``: the seconds of each test of this run (setup, call and teardown, as its test
+    process spent them) replace its entry in tests/durations.json; tests under a second are left out, and so
+    are the entries of test files that no longer exist."""
+
+    MIN_SECONDS = 1.0
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        nodeid = base_nodeid(report.nodeid)
+        self.seconds[nodeid] = self.seconds.get(nodeid, 0.0) + report.duration
+
+    def pytest_sessionfinish(self) -> None:
+        merged = measured_seconds() | self.seconds
+        kept = {
+            nodeid: round(seconds, 1)
+            for nodeid, seconds in sorted(merged.items())
+            if seconds >= self.MIN_SECONDS and (REPO / nodeid.split("::", 1)[0]).is_file()
+        }
+        DURATIONS.write_text(json.dumps(kept, indent=1) + "\n")
 
 
 # the test files whose tests share one pytest-xdist process (their xdist_group mark, --dist loadgroup), because
@@ -95,6 +163,8 @@ class LoadgroupGuard:
 def pytest_configure(config: pytest.Config) -> None:
     if config.pluginmanager.hasplugin("xdist") and config.getoption("dist", None) == "loadgroup":
         config.pluginmanager.register(LoadgroupGuard())
+    if config.getoption("write_durations") and not os.environ.get("PYTEST_XDIST_WORKER"):
+        config.pluginmanager.register(DurationsWriter())  # in the process that gets every test's reports
 
 
 def _ray_running() -> bool:

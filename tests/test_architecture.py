@@ -4,6 +4,7 @@ whose every entry exists, and teacher modes that each answer for every layer."""
 from __future__ import annotations
 
 import ast
+import json
 import re
 import subprocess
 import sys
@@ -149,13 +150,61 @@ def test_only_the_teacher_modes_know_the_modes():
 def test_the_test_tiers_agree_everywhere():
     """make test-fast selects conftest's fast tier, every marker a tier names is declared in pyproject.toml
     (pytest runs with --strict-markers, so a misspelt marker fails collection), and every tier is ordered."""
-    from conftest import FAST_TIER, NEEDS, TIER_ORDER
+    from conftest import FAST_TIER, NEEDS, TIER_ORDER, UNMEASURED_SECONDS
 
     make_tier = re.search(r"^FAST_TIER := (.+)$", (REPO / "Makefile").read_text(), re.M)
     assert make_tier and make_tier.group(1).strip() == FAST_TIER
     markers = (REPO / "pyproject.toml").read_text().split("markers = [", 1)[1].split("]", 1)[0]
     assert sorted(re.findall(r'^\s+"(\w+): ', markers, re.M)) == sorted(NEEDS)
     assert sorted(TIER_ORDER) == sorted([*NEEDS, "fast"]), "every tier has its place in the suite's order"
+    assert set(UNMEASURED_SECONDS) == set(TIER_ORDER), "every tier has an expected duration"
+
+
+def test_tests_are_handed_out_multihost_first_then_longest_first():
+    """conftest.hand_out_order on made-up tests: the multi-host tests first whatever their length, then the
+    longest expected first (measured seconds, xdist's @group suffix ignored; a test never measured takes its
+    tier's expected seconds), ties in tier order and then in collection order."""
+    from conftest import UNMEASURED_SECONDS, hand_out_order
+
+    tests = [
+        ("t/a.py::fast_one", "fast"),
+        ("t/b.py::ray_short", "ray"),
+        ("t/c.py::ray_new", "ray"),  # never measured: a Ray test's expected seconds
+        ("t/d.py::host_short@multihost", "multihost"),
+        ("t/a.py::fast_two", "fast"),
+        ("t/e.py::cluster_long", "cluster"),
+        ("t/f.py::heavy_tie", "heavy"),
+        ("t/g.py::fast_tie", "fast"),
+    ]
+    seconds = {"t/b.py::ray_short": 2.0, "t/d.py::host_short": 1.0, "t/e.py::cluster_long": 150.0,
+               "t/f.py::heavy_tie": 7.0, "t/g.py::fast_tie": 7.0}  # fmt: skip
+    order = [tests[i][0].split("::")[1] for i in hand_out_order(tests, seconds)]
+    assert UNMEASURED_SECONDS["ray"] > 7.0
+    assert order == ["host_short@multihost", "cluster_long", "ray_new", "fast_tie", "heavy_tie", "ray_short",
+                     "fast_one", "fast_two"]  # fmt: skip
+
+
+def test_the_durations_file_names_tests_that_exist(tmp_path, monkeypatch):
+    """tests/durations.json (the hand-out order's measurements) names only tests of files that exist, with
+    seconds; ``--write-durations`` merges a run's seconds into it, per test across setup, call and teardown."""
+    import conftest
+
+    measured = conftest.measured_seconds()
+    assert measured and all(v >= conftest.DurationsWriter.MIN_SECONDS for v in measured.values())
+    assert all((REPO / nodeid.split("::")[0]).is_file() and "@" not in nodeid for nodeid in measured)
+
+    file = tmp_path / "durations.json"
+    file.write_text('{"tests/test_architecture.py::kept": 5.0, "tests/gone.py::dropped": 9.0}')
+    monkeypatch.setattr(conftest, "DURATIONS", file)
+    writer = conftest.DurationsWriter()
+    for when, seconds in (("setup", 2.0), ("call", 1.5), ("teardown", 0.5)):
+        writer.pytest_runtest_logreport(
+            pytest.TestReport("tests/test_config.py::new@group", (), {}, "passed", None, when, [], seconds)
+        )
+    writer.pytest_runtest_logreport(pytest.TestReport("tests/test_config.py::quick", (), {}, "passed", None,
+                                                      "call", [], 0.2))  # fmt: skip
+    writer.pytest_sessionfinish()
+    assert json.loads(file.read_text()) == {"tests/test_architecture.py::kept": 5.0, "tests/test_config.py::new": 4.0}
 
 
 def test_the_cli_is_a_table_from_verb_to_function():
