@@ -160,10 +160,11 @@ def test_the_test_tiers_agree_everywhere():
     assert set(UNMEASURED_SECONDS) == set(TIER_ORDER), "every tier has an expected duration"
 
 
-def test_tests_are_handed_out_multihost_first_then_longest_first():
+def test_tests_are_handed_out_multihost_first_then_without_ray_then_longest_first():
     """conftest.hand_out_order on made-up tests: the multi-host tests first whatever their length, then the
-    longest expected first (measured seconds, xdist's @group suffix ignored; a test never measured takes its
-    tier's expected seconds), ties in tier order and then in collection order."""
+    tests that start no Ray, then the ones that do; within each, the longest expected first (measured seconds,
+    xdist's @group suffix ignored; a test never measured takes its tier's expected seconds), ties in tier order
+    and then in collection order."""
     from conftest import UNMEASURED_SECONDS, hand_out_order
 
     tests = [
@@ -175,13 +176,16 @@ def test_tests_are_handed_out_multihost_first_then_longest_first():
         ("t/e.py::cluster_long", "cluster"),
         ("t/f.py::heavy_tie", "heavy"),
         ("t/g.py::fast_tie", "fast"),
+        ("t/h.py::cluster_tie", "cluster"),
+        ("t/i.py::ray_tie", "ray"),
     ]
     seconds = {"t/b.py::ray_short": 2.0, "t/d.py::host_short": 1.0, "t/e.py::cluster_long": 150.0,
-               "t/f.py::heavy_tie": 7.0, "t/g.py::fast_tie": 7.0}  # fmt: skip
+               "t/f.py::heavy_tie": 7.0, "t/g.py::fast_tie": 7.0, "t/h.py::cluster_tie": 9.0,
+               "t/i.py::ray_tie": 9.0}  # fmt: skip
     order = [tests[i][0].split("::")[1] for i in hand_out_order(tests, seconds)]
-    assert UNMEASURED_SECONDS["ray"] > 7.0
-    assert order == ["host_short@multihost", "cluster_long", "ray_new", "fast_tie", "heavy_tie", "ray_short",
-                     "fast_one", "fast_two"]  # fmt: skip
+    assert UNMEASURED_SECONDS["ray"] > 9.0
+    assert order == ["host_short@multihost", "fast_tie", "heavy_tie", "fast_one", "fast_two",
+                     "cluster_long", "ray_new", "cluster_tie", "ray_tie", "ray_short"]  # fmt: skip
 
 
 def test_the_durations_file_names_tests_that_exist(tmp_path, monkeypatch):
