@@ -34,7 +34,8 @@ install-tools:
 	  { $(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q $(APT_TOOLS); }
 
 # loadgroup: the tests of an xdist_group (one multi-host cluster) share a process; the others are spread, handed
-# out in tests/conftest.py's order (longest first, from tests/durations.json), which xdist would otherwise reorder
+# out in tests/conftest.py's order (those without Ray first, then the Ray ones longest first by tests/durations.json),
+# which xdist would otherwise change
 PYTEST := $(VENV)/bin/python -m pytest -q -p no:cacheprovider -n 2 --dist loadgroup --no-loadscope-reorder
 # the tests that need only Python and torch: tests/conftest.py's FAST_TIER, pyproject.toml's markers
 FAST_TIER := not ray and not cluster and not multihost and not heavy and not gpu

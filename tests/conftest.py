@@ -76,11 +76,10 @@ def hand_out_order(tests: list[tuple[str, str]], seconds: dict[str, float]) -> l
     reordering).
 
     The multi-host tests come first: their cluster's start is the suite's longest wait, and they run one after
-    another on one process. Meanwhile the other process runs the tests that start no Ray (two test clusters
-    starting side by side slow each other down: in a whole-suite run with every test longest first, the
-    multi-host tests took 493 s instead of 388 s). The tests that start Ray come last, longest first, so that
-    the two processes end close together: a long test handed out last runs alone while the other process has
-    nothing left (README, the suite's times).
+    another on one process. Meanwhile the other process runs the tests that start no Ray: test clusters that
+    run side by side slow each other down. The tests that start Ray come last, longest first, so that the two
+    processes end close together: a long test handed out last runs alone while the other process has nothing
+    left. README ("Tests") has the runs that chose this order.
 
     Args:
         tests: each test's (node id, tier), in collection order.
