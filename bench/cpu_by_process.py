@@ -87,7 +87,8 @@ def read_processes() -> dict[int, tuple[int, int, str]]:
 
 
 class Sampler(threading.Thread):
-    """Charges CPU ticks to process kinds every ``interval_s`` until :meth:`stop`."""
+    """Charges CPU ticks to process kinds every ``interval_s`` until :meth:`stop`, and names each process that
+    appears meanwhile by the actor or task it ran (:attr:`started`)."""
 
     def __init__(self, interval_s: float = 0.5) -> None:
         super().__init__(daemon=True)
@@ -95,6 +96,14 @@ class Sampler(threading.Thread):
         self.seconds: Counter[str] = Counter()
         self._done = threading.Event()
         self._before = read_processes()  # what ran before the command: only its later ticks count
+        self._first = {(pid, started) for pid, (started, _, _) in self._before.items()}
+        self._appeared: dict[tuple[int, int], str] = {}
+
+    @property
+    def started(self) -> Counter[str]:
+        """The processes that appeared while it ran, counted by kind: a ``ray::<name>`` other than
+        ``ray::IDLE`` is kept once seen, since a process loses its name as it ends."""
+        return Counter(self._appeared.values())
 
     def run(self) -> None:
         while not self._done.wait(self.interval_s):
@@ -108,6 +117,9 @@ class Sampler(threading.Thread):
             spent = ticks - earlier[1] if earlier and earlier[0] == started else ticks  # a new (or reused) pid
             if spent > 0:
                 self.seconds[kind] += spent / TICKS
+            named = self._appeared.get((pid, started), "")
+            if (pid, started) not in self._first and not (named.startswith("ray::") and named != "ray::IDLE"):
+                self._appeared[pid, started] = kind
         self._before = now
 
     def stop(self) -> None:

@@ -33,15 +33,33 @@ def machine_cpu_seconds() -> float:
     return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
-def timed_fit(overrides: list[str]) -> tuple[float, float]:
-    """One ``run_distill`` of the smoke config with ``overrides``: (wall seconds, machine CPU-seconds)."""
-    from ega_ray.config import load_config
-    from ega_ray.driver.launch import run_distill
+class ShortFits:
+    """Short fits of the smoke config on one teacher: a randomly initialised resnet8 saved to a new temp folder
+    as the teacher's weights file; each call is one ``run_distill`` there, 2 epochs of ``steps`` steps on
+    ``workers`` Train workers (the first call in a process starts a local Ray)."""
 
-    cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
-    cpu, wall = machine_cpu_seconds(), time.perf_counter()
-    run_distill(cfg, trial=True)
-    return time.perf_counter() - wall, machine_cpu_seconds() - cpu
+    def __init__(self, prefix: str, steps: int, workers: int) -> None:
+        import torch
+
+        from ega_ray.models import build_student
+
+        self.folder = Path(tempfile.mkdtemp(prefix=prefix))
+        self.steps, self.workers = steps, workers
+        torch.manual_seed(1)
+        torch.save(build_student("resnet8").state_dict(), self.folder / "teacher.pt")
+
+    def __call__(self, name: str) -> tuple[float, float]:
+        """The fit into the run folder ``name``: (wall seconds, machine CPU-seconds, every process's)."""
+        from ega_ray.config import load_config
+        from ega_ray.driver.launch import run_distill
+
+        overrides = [f"run.output={self.folder / name}", f"teacher.weights={self.folder / 'teacher.pt'}",
+                     "optim.epochs=2", "optim.milestones=[1]", f"optim.max_steps_per_epoch={self.steps}",
+                     f"scaling.num_workers={self.workers}"]  # fmt: skip
+        cfg = load_config(REPO / "configs" / "smoke.yaml", overrides)
+        cpu, wall = machine_cpu_seconds(), time.perf_counter()
+        run_distill(cfg, trial=True)
+        return time.perf_counter() - wall, machine_cpu_seconds() - cpu
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,23 +79,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, help="a JSON file for the figures")
     args = parser.parse_args(argv)
 
-    import torch
-
-    from ega_ray.models import build_student
-
-    folder = Path(tempfile.mkdtemp(prefix="fit-latency-"))
-    torch.manual_seed(1)
-    torch.save(build_student("resnet8").state_dict(), folder / "teacher.pt")
+    short_fit = ShortFits("fit-latency-", args.steps, args.workers)
     fits = 0
 
     def fit(interval: float) -> tuple[float, float]:
         nonlocal fits
         fits += 1
         os.environ[INTERVAL_VAR] = str(interval)
-        overrides = [f"run.output={folder / f'run-{fits}'}", f"teacher.weights={folder / 'teacher.pt'}",
-                     "optim.epochs=2", "optim.milestones=[1]", f"optim.max_steps_per_epoch={args.steps}",
-                     f"scaling.num_workers={args.workers}"]  # fmt: skip
-        return timed_fit(overrides)
+        return short_fit(f"run-{fits}")
 
     first = fit(args.intervals[0])
     print(f"first fit (Ray starts), {args.intervals[0]} s: {first[0]:.1f} s wall, {first[1]:.1f} CPU-s", flush=True)

@@ -1,12 +1,13 @@
 """The processes a Ray Train fit starts, and what starting a Ray worker process costs.
 
 On one local Ray (after a first fit that starts it): each short smoke fit's new worker processes by the name Ray
-gives them (its controller, its Train workers and Ray Train's helper actors; sampled every 0.1 s), its wall
-seconds, the machine's CPU-seconds and those CPU-seconds by process kind (``bench/cpu_by_process.py``'s kinds:
-``Ray: worker (starting)`` is a process before it is a worker, ``ray::IDLE`` a worker loading its actor's
-class and the modules it imports). Then the start of a bare actor (a Ray worker process that imports nothing
-more) and of one whose class imports torch, each created, called once and killed ``--actors`` times: the
-machine's CPU-seconds per actor. docs/performance.md ("What a fit's CPU goes to") has the measured figures.
+gives them (its controller, its Train workers and Ray Train's helper actors), its wall seconds, the machine's
+CPU-seconds and those CPU-seconds by process kind, the processes and the CPU-seconds both from
+``bench/cpu_by_process.py``'s sampler (its kinds: ``Ray: worker (starting)`` is a process before it is a
+worker, ``ray::IDLE`` a worker loading its actor's class and the modules it imports). Then the start of a bare
+actor (a Ray worker process that imports nothing more) and of one whose class imports torch, each created,
+called once and killed ``--actors`` times: the machine's CPU-seconds per actor. docs/performance.md ("What a
+fit's CPU goes to") has the measured figures.
 
     python bench/fit_processes.py                      # 3 fits, 10 actors of each kind
     python bench/fit_processes.py --fits 5 --output runs/fit-processes.json
@@ -18,40 +19,14 @@ import argparse
 import json
 import statistics
 import sys
-import tempfile
-import threading
 import time
-from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from cpu_by_process import Sampler, read_processes  # noqa: E402
-from fit_latency import machine_cpu_seconds, timed_fit  # noqa: E402
-
-
-class NewProcesses(threading.Thread):
-    """The processes that appear while it runs, each under the name of the actor or task it ran (polled every
-    0.1 s): a ``ray::<name>`` other than ``ray::IDLE`` is kept once seen, since an ending process loses its name."""
-
-    def __init__(self) -> None:
-        super().__init__(daemon=True)
-        self._before = set(read_processes())
-        self.kinds: dict[int, str] = {}
-        self._done = threading.Event()
-
-    def run(self) -> None:
-        while not self._done.wait(0.1):
-            for pid, (_, _, kind) in read_processes().items():
-                named = self.kinds.get(pid, "").startswith("ray::") and self.kinds[pid] != "ray::IDLE"
-                if pid not in self._before and not named:
-                    self.kinds[pid] = kind
-
-    def stop(self) -> Counter[str]:
-        self._done.set()
-        self.join()
-        return Counter(self.kinds.values())
+from cpu_by_process import Sampler  # noqa: E402
+from fit_latency import ShortFits, machine_cpu_seconds  # noqa: E402
 
 
 def actor_start_cpu(imports_torch: bool, count: int) -> float:
@@ -108,30 +83,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, help="a JSON file for the figures")
     args = parser.parse_args(argv)
 
-    import torch
-
-    from ega_ray.models import build_student
-
-    folder = Path(tempfile.mkdtemp(prefix="fit-processes-"))
-    torch.manual_seed(1)
-    torch.save(build_student("resnet8").state_dict(), folder / "teacher.pt")
-
-    def fit(n: int) -> tuple[float, float]:
-        overrides = [f"run.output={folder / f'run-{n}'}", f"teacher.weights={folder / 'teacher.pt'}",
-                     "optim.epochs=2", "optim.milestones=[1]", f"optim.max_steps_per_epoch={args.steps}",
-                     f"scaling.num_workers={args.workers}"]  # fmt: skip
-        return timed_fit(overrides)
-
-    fit(0)  # starts Ray
+    fit = ShortFits("fit-processes-", args.steps, args.workers)
+    fit("run-0")  # starts Ray
     fits = []
     for n in range(1, args.fits + 1):
         time.sleep(2.0)  # the last fit's processes gone
-        watch, sampler = NewProcesses(), Sampler()
-        watch.start()
+        sampler = Sampler()
         sampler.start()
-        wall, cpu = fit(n)
+        wall, cpu = fit(f"run-{n}")
         sampler.stop()
-        started = watch.stop()
+        started = sampler.started
         fits.append({"wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "new_processes": dict(started.most_common()),
                      "cpu_s_by_kind": {k: round(v, 2) for k, v in sampler.seconds.most_common()}})  # fmt: skip
         print(f"fit {n}: {wall:.1f} s, {cpu:.1f} CPU-s; new processes: {dict(started.most_common())}", flush=True)
