@@ -18,7 +18,6 @@ whole test suite's figures.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import subprocess
@@ -30,7 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from fit_latency import machine_cpu_seconds  # noqa: E402
+from fit_latency import machine_cpu_seconds, write_figures  # noqa: E402
 
 TICKS = os.sysconf("SC_CLK_TCK")
 # a command line naming one of these (first match) is that kind; Ray's daemons and its dashboard's processes
@@ -159,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{' '.join(command)}: exit {returncode}, {wall:.0f} s, the machine busy {cpu:.0f} CPU-seconds")
     for kind, seconds in list(kinds.items())[: args.top]:
         print(f"{seconds:9.1f}  {100 * seconds / max(cpu, 1e-9):5.1f}%  {kind}")
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=1) + "\n")
+    write_figures(args.output, result)
     return result
 
 

@@ -33,6 +33,13 @@ def machine_cpu_seconds() -> float:
     return (sum(ticks) - idle) / os.sysconf("SC_CLK_TCK")
 
 
+def write_figures(path: Path | None, figures: object) -> None:
+    """A bench script's ``--output``: ``figures`` as JSON at ``path`` (its folder made), or nothing when None."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(figures, indent=2) + "\n")
+
+
 class ShortFits:
     """Short fits of the smoke config on one teacher: a randomly initialised resnet8 saved to a new temp folder
     as the teacher's weights file; each call is one ``run_distill`` there, 2 epochs of ``steps`` steps on
@@ -103,9 +110,7 @@ def main(argv: list[str] | None = None) -> dict:
         spread = statistics.stdev(walls) if len(walls) > 1 else 0.0
         print(f"interval {interval} s: wall {statistics.mean(walls):.1f} ± {spread:.1f} s (min {min(walls):.1f}), "
               f"CPU {statistics.mean(cpus):.1f} s, over {len(f)} fits", flush=True)  # fmt: skip
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2))
+    write_figures(args.output, result)
     return result
 
 

@@ -16,7 +16,6 @@ fit's CPU goes to") has the measured figures.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -26,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
 from cpu_by_process import Sampler  # noqa: E402
-from fit_latency import ShortFits, machine_cpu_seconds  # noqa: E402
+from fit_latency import ShortFits, machine_cpu_seconds, write_figures  # noqa: E402
 
 
 def actor_start_cpu(imports_torch: bool, count: int) -> float:
@@ -105,9 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {"settings": vars(args) | {"output": str(args.output) if args.output else None}, "fits": fits,
               "cpu_s_per_fit_by_kind": {k: round(v, 2) for k, v in per_kind.items()},
               "actor_start_cpu_s": {"bare": round(bare, 2), "imports_torch": round(with_torch, 2)}}  # fmt: skip
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_figures(args.output, result)
     return result
 
 

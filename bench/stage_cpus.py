@@ -15,7 +15,6 @@ processes, /proc/stat). docs/performance.md has the measured table.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -23,7 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from fit_latency import machine_cpu_seconds
+from fit_latency import machine_cpu_seconds, write_figures
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,9 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     for c, f in figures.items():
         print(f"CPUs per task {c}: {f['wall_mean_s']:.2f} ± {f['wall_sd_s']:.2f} s wall, "
               f"{f['machine_cpu_s_mean']:.1f} machine CPU-s ({args.rounds} rounds, {args.rows} rows)")  # fmt: skip
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"rows": args.rows, "rounds": args.rounds, "figures": figures}, indent=1))
+    write_figures(args.output, {"rows": args.rows, "rounds": args.rounds, "figures": figures})
     return 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 
-from fit_latency import machine_cpu_seconds  # noqa: E402
+from fit_latency import machine_cpu_seconds, write_figures  # noqa: E402
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -89,9 +89,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         print(f"niceness {niceness:2d}, {args.busy} busy loop(s): fit {r['fit_wall_s']:.1f} s wall, "
               f"first fit (Ray starts) {r['first_fit_wall_s']:.1f} s, "
               f"CPU-s less the busy loops {r['cpu_s_less_busy_loops']:.1f}", flush=True)  # fmt: skip
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(results, indent=2))
+    write_figures(args.output, results)
     return results
 
 
